@@ -1,0 +1,1 @@
+"""Named model and run configs, shipped as package data (read them with `importlib.resources`)."""

@@ -1,0 +1,206 @@
+"""Llama in Flax NNX, with parameter names and layouts exactly as Hugging Face's.
+
+Every attention layer computes q, k, v (RoPE applied) and hands them to one swappable callable,
+`LlamaAttention.attention_impl`; dense attention by default, the routed attention of the surgery
+after `surgery.inject_routers`. Its contract:
+
+    attention_impl(q, k, v, *, x, **attention_kwargs) -> (o, aux)
+    q: [batch, seq, heads, head_dim]   k, v: [batch, seq, kv_heads, head_dim]
+    x: [batch, seq, hidden] (the layer's attention input, after input_layernorm)
+    o: [batch, seq, heads, head_dim]   aux: dict of per-layer diagnostics (losses, densities)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_surgery_jax.config import ModelConfig, Precision
+
+AttentionImpl = Callable[..., tuple[jax.Array, dict[str, Any]]]
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    """[head_dim // 2] float32, with Llama 3.1's `llama3` rescaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_medium, interpolated, scaled)
+
+
+def rope_cos_sin(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions: [batch, seq] int → cos, sin: [batch, seq, head_dim] float32 (HF's half layout)."""
+    freqs = positions[..., None].astype(jnp.float32) * rope_inverse_frequencies(config)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [batch, seq, heads, head_dim]; cos, sin: [batch, seq, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, **_) -> tuple[jax.Array, dict]:
+    """Causal grouped-query softmax attention; scores and softmax in float32.
+
+    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] → [batch, seq, heads, head_dim].
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    causal = jnp.tril(jnp.ones((t, k.shape[1]), dtype=bool), k=k.shape[1] - t)
+    scores = jnp.where(causal, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype), {}
+
+
+class Linear(nnx.Module):
+    """y = x Wᵀ with W: [out, in], HF's `nn.Linear(bias=False)` layout."""
+
+    def __init__(self, d_in: int, d_out: int, *, precision: Precision, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.weight = nnx.Param(init(rngs.params(), (d_out, d_in), precision.params))
+        self.compute_dtype = precision.compute
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...].astype(self.compute_dtype)
+        return jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, precision: Precision):
+        self.weight = nnx.Param(jnp.ones((dim,), precision.params))
+        self.eps = eps
+        self.compute_dtype = precision.compute
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As HF: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.compute_dtype) * normed.astype(self.compute_dtype)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, precision: Precision, rngs: nnx.Rngs):
+        d, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, hd)
+        self.q_proj = Linear(d, self.num_heads * hd, precision=precision, rngs=rngs)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, precision=precision, rngs=rngs)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, precision=precision, rngs=rngs)
+        self.o_proj = Linear(self.num_heads * hd, d, precision=precision, rngs=rngs)
+        self.attention_impl: AttentionImpl = dense_attention
+
+    def __call__(self, x, cos, sin, **attention_kwargs):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out, aux = self.attention_impl(q, k, v, x=x, **attention_kwargs)
+        return self.o_proj(out.reshape(b, t, -1)), aux
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, precision: Precision, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = Linear(d, f, precision=precision, rngs=rngs)
+        self.up_proj = Linear(d, f, precision=precision, rngs=rngs)
+        self.down_proj = Linear(f, d, precision=precision, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, precision: Precision, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, precision=precision)
+        self.self_attn = LlamaAttention(config, precision=precision, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, precision=precision)
+        self.mlp = LlamaMLP(config, precision=precision, rngs=rngs)
+
+    def __call__(self, x, cos, sin, **attention_kwargs):
+        attn_out, aux = self.self_attn(self.input_layernorm(x), cos, sin, **attention_kwargs)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), aux
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: ModelConfig, *, precision: Precision, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.embed_tokens = nnx.Param(
+            init(rngs.params(), (config.vocab_size, config.hidden_size), precision.params))
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(config, precision=precision, rngs=rngs)
+             for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, precision=precision)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """`model(tokens) -> (logits, aux)`; tokens: [batch, seq] int → logits: [batch, seq, vocab] float32.
+
+    aux is a tuple with one dict per layer from its `attention_impl` (empty for dense attention).
+    `attention_kwargs` (e.g. the router's temperature and RNG key) reach every `attention_impl`.
+    """
+
+    def __init__(self, config: ModelConfig, *, precision: Precision = Precision(), rngs: nnx.Rngs):
+        self.config = config
+        self.precision = precision
+        self.model = LlamaModel(config, precision=precision, rngs=rngs)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else Linear(config.hidden_size, config.vocab_size, precision=precision, rngs=rngs))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, **attention_kwargs):
+        """tokens: [batch, seq] → final normed hidden states [batch, seq, hidden], aux."""
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        cos, sin = rope_cos_sin(self.config, positions)
+        x = self.model.embed_tokens[...][tokens].astype(self.precision.compute)
+        aux = []
+        for layer in self.model.layers:
+            x, layer_aux = layer(x, cos, sin, **attention_kwargs)
+            aux.append(layer_aux)
+        return self.model.norm(x), tuple(aux)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            w = self.model.embed_tokens[...].astype(self.precision.compute)
+            return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, **attention_kwargs):
+        hidden, aux = self.hidden_states(tokens, positions, **attention_kwargs)
+        return self.logits(hidden), aux
+
+
+def abstract_model(config: ModelConfig, precision: Precision = Precision()) -> LlamaForCausalLM:
+    """The model with ShapeDtypeStruct leaves: shapes and dtypes, no memory (8B builds on a laptop)."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(config, precision=precision, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: nnx.Module, filter=nnx.Param) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, filter)))
