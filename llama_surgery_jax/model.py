@@ -89,6 +89,16 @@ class Linear(nnx.Module):
         return jnp.einsum("...i,oi->...o", x.astype(self.compute_dtype), w)
 
 
+class Embedding(nnx.Module):
+    """Token embedding, weight: [vocab, hidden] (HF's `embed_tokens.weight`)."""
+
+    def __init__(self, vocab: int, dim: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab, dim), precision.params))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.weight[...][tokens]
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, precision: Precision):
         self.weight = nnx.Param(jnp.ones((dim,), precision.params))
@@ -150,9 +160,7 @@ class LlamaDecoderLayer(nnx.Module):
 
 class LlamaModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, precision: Precision, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(0.02)
-        self.embed_tokens = nnx.Param(
-            init(rngs.params(), (config.vocab_size, config.hidden_size), precision.params))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, precision=precision, rngs=rngs)
         self.layers = nnx.List(
             [LlamaDecoderLayer(config, precision=precision, rngs=rngs)
              for _ in range(config.num_hidden_layers)])
@@ -179,7 +187,7 @@ class LlamaForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         cos, sin = rope_cos_sin(self.config, positions)
-        x = self.model.embed_tokens[...][tokens].astype(self.precision.compute)
+        x = self.model.embed_tokens(tokens).astype(self.precision.compute)
         aux = []
         for layer in self.model.layers:
             x, layer_aux = layer(x, cos, sin, **attention_kwargs)
@@ -188,7 +196,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            w = self.model.embed_tokens[...].astype(self.precision.compute)
+            w = self.model.embed_tokens.weight[...].astype(self.precision.compute)
             return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
