@@ -1,0 +1,104 @@
+"""WikiText-2 loading and perplexity: ours against transformers on the same windows and protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from llama_surgery_jax import data
+from llama_surgery_jax.checkpoint import load_model, load_tokenizer
+from llama_surgery_jax.evaluate import main, perplexity
+
+# The issue's bar for the same protocol through both stacks (fp32 on both sides).
+PPL_RTOL = 5e-3
+
+
+def test_detokenizer_undoes_the_tokenized_release():
+    tokenized = 'He had a guest @-@ starring role , in 2 @,@ 000 ( 1 @.@ 5 % ) . " Teddy \'s Story " : it'
+    assert data.detokenize(tokenized) == 'He had a guest-starring role, in 2,000 (1.5%). "Teddy\'s Story": it'
+
+
+def test_missing_and_empty_data_dirs(tmp_path, capsys):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.load_text("test", tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match="holds no wiki"):
+        data.load_text("test", tmp_path)
+    (tmp_path / "wiki.test.raw").write_text("   \n")
+    with pytest.raises(data.DataError, match="is empty"):
+        data.load_text("test", tmp_path)
+    with pytest.raises(data.DataError, match="is missing"):
+        data.load_text("valid", tmp_path)
+
+
+def test_windows_protocol():
+    ids = np.arange(10, dtype=np.int32)
+    np.testing.assert_array_equal(data.windows(ids, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert data.windows(ids, 4, count=1).shape == (1, 4)
+    with pytest.raises(data.DataError, match="make no window"):
+        data.windows(ids, 11)
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llama_surgery_jax.embedded import embedded_gguf
+
+    ids = data.tokenize(load_tokenizer(smollm2_dir), data.load_text("test", wikitext_dir))
+    token_windows = data.windows(ids, 256, count=3)
+    ours = perplexity(load_model(smollm2_dir), token_windows, batch_size=3, progress=False)
+
+    gguf = embedded_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        batch = torch.tensor(token_windows, dtype=torch.long)
+        logits = hf(batch).logits[:, :-1].double()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    theirs = math.exp(nll.item())
+    assert ours["tokens"] == 3 * 255
+    assert abs(ours["ppl"] - theirs) / theirs <= PPL_RTOL, (ours["ppl"], theirs)
+
+
+def test_cli_writes_json_with_the_protocol(tiny_hf_dir, tmp_path, wikitext_dir, capsys):
+    from convert.hf_to_flax import convert
+
+    model_dir = convert(tiny_hf_dir, tmp_path / "tiny", progress=False)
+    # The tiny model has no tokenizer of its own: give it a word-level one so the CLI's whole path runs.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(511)} | {"[UNK]": 511}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
+
+    out = tmp_path / "ppl.json"
+    rc = main(["--model", str(model_dir), "--data-dir", str(wikitext_dir), "--context", "64",
+               "--max-windows", "2", "--json", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] == 2 * 63 and result["protocol"]["bos"] is False
+    assert result["protocol"]["context"] == 64 and math.isfinite(result["ppl"])
+    assert "wikitext-2 test perplexity" in capsys.readouterr().out
+
+
+def test_cli_bad_model_dir(tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
+    assert "is not a converted model" in capsys.readouterr().err
+
+
+def test_dense_logits_are_float32_and_causal(tiny_hf_dir, tmp_path):
+    from convert.hf_to_flax import convert
+
+    model = load_model(convert(tiny_hf_dir, tmp_path / "m", progress=False))
+    ids = np.random.default_rng(0).integers(0, 512, size=(1, 32))
+    changed = ids.copy()
+    changed[0, 20:] = (changed[0, 20:] + 1) % 512
+    a, b = model(jnp.asarray(ids))[0], model(jnp.asarray(changed))[0]
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a[0, :20]), np.asarray(b[0, :20]))
