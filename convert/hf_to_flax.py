@@ -276,9 +276,11 @@ def convert(source_path: str | Path, output_dir: str | Path, *, dtype: str = "au
         (partial / "conversion.json").write_text(json.dumps(
             {"source": str(source_path.absolute()), "description": source.description, "dtype": dtype,
              "parameters": int(sum(np.prod(s) for s in expected.values()))}, indent=2))
-        if output_dir.exists():
+        if force and output_dir.exists():
             shutil.rmtree(output_dir)
-        os.rename(partial, output_dir)
+        elif output_dir.exists() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        os.rename(partial, output_dir)  # fails if another process put a folder there meanwhile
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

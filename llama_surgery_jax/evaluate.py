@@ -59,6 +59,26 @@ def perplexity(model, token_windows: np.ndarray, *, batch_size: int = 1, progres
     return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
 
 
+def transformers_perplexity(model_dir: Path, token_windows: np.ndarray, *, progress: bool = True) -> dict:
+    """The same protocol through transformers (torch, CPU, float32) on the source the model came from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = Path(json.loads((model_dir / "conversion.json").read_text())["source"])
+    if source.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    total = 0.0
+    with torch.no_grad():
+        for window in tqdm(token_windows, desc="transformers", disable=not progress):
+            batch = torch.tensor(window[None], dtype=torch.long)
+            logits = hf.eval()(batch).logits[0, :-1].double()
+            total += torch.nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+    tokens = token_windows.shape[0] * (token_windows.shape[1] - 1)
+    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+
+
 def protocol(context: int, windows: int, data_dir) -> dict:
     return {"dataset": "wikitext-2-raw-v1", "split": "test", "file": "wiki.test.raw",
             "data_dir": str(data_dir) if data_dir else "datasets.load_dataset",
@@ -85,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="parameter and compute dtype")
     parser.add_argument("--surgery", help="'init' (routers at their homotopy initialisation) or a "
                                           "router checkpoint folder written by train")
+    parser.add_argument("--compare-transformers", action="store_true",
+                        help="also score the same windows with transformers (torch) from the original source")
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args(argv)
 
@@ -105,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     result = perplexity(model, token_windows, batch_size=args.batch_size, **attention_kwargs)
     result.update(model=str(model_dir), dtype=args.dtype, surgery=args.surgery or "none",
                   protocol=protocol(args.context, len(token_windows), data.resolve_data_dir(args.data_dir)))
+    if args.compare_transformers:
+        reference = transformers_perplexity(model_dir, token_windows)
+        result["transformers"] = reference | {"relative_difference": result["ppl"] / reference["ppl"] - 1}
+        print(f"transformers perplexity {reference['ppl']:.4f} on the same windows "
+              f"(ours/theirs - 1 = {result['transformers']['relative_difference']:+.2e})")
     print(f"wikitext-2 test perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
           f"({len(token_windows)} windows of {args.context}, no BOS, surgery={result['surgery']})")
     if args.json:
