@@ -1,0 +1,99 @@
+"""The chunked reference attention of the surgery: the training path and the kernels' correctness oracle.
+
+Query rows are processed in chunks of `RouterConfig.query_chunk` (`lax.map`), each under
+`jax.checkpoint`, so neither pass ever holds an N × N array: memory is O(chunk · N) per step, and the
+backward recomputes each chunk's mask and scores. The mask is built per chunk from prefix codes
+(`topology.token_mask`) and, in training, from the soft routes (`router.tree_distance`).
+
+Attention with the straight-through bridge (METHOD.md §5), in float32:
+
+    S = Q Kᵀ / √D, −∞ where the hard mask is 0          E = exp(S − max S)
+    A = (E ⊙ m) / Σ_s (E ⊙ m)                             O = A V
+
+with m = straight_through(hard, soft). This is §5's (P ⊙ m) / (Σ P ⊙ m + ε) with P = E / Σ E: the
+factor Σ E cancels, and no ε is needed because the row maximum is visible (m = 1, E = 1), so the
+denominator is ≥ 1. In the forward pass m equals the hard mask exactly, so A is bit for bit the masked
+softmax (`model.dense_attention`'s arithmetic). Hard-masked pairs have E = 0 and teach the router
+nothing; visible pairs send ∂L/∂m through the soft mask into the router.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from llama_surgery_jax.config import RouterConfig
+from llama_surgery_jax.router import soft_mask, straight_through, tree_distance
+from llama_surgery_jax.topology import token_mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+           multiplier: jax.Array | None = None) -> jax.Array:
+    """Masked softmax attention with an optional straight-through multiplier, GQA native.
+
+    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; visible: bool [b, h, t, s] and multiplier:
+    float [b, h, t, s] with h = heads (per query head) or kv_heads (one route per GQA group)
+    → [b, t, heads, d] in q's dtype. Every row needs at least one visible key.
+    """
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    groups = heads // kv
+
+    def per_group(mask):  # [b, h, t, s] → [b, kv, groups or 1, t, s]
+        return mask.reshape(b, kv, mask.shape[1] // kv, *mask.shape[2:])
+
+    qg = q.reshape(b, t, kv, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(per_group(visible), scores, -jnp.inf)
+    unnormalized = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    if multiplier is not None:
+        unnormalized = unnormalized * per_group(multiplier)
+    probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, heads, d).astype(q.dtype)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
+                     routes: jax.Array | None = None, *, config: RouterConfig) -> tuple[jax.Array, jax.Array]:
+    """Routed causal attention, chunked over queries. Returns (out, visible_pairs).
+
+    q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; codes: [b, h, t] int prefix codes (h = heads or
+    kv_heads); routes: [b, h, t, l, c] float32 or None. With routes, the mask is
+    straight_through(hard, soft) and gradients reach the router; None: the hard mask alone (evaluation).
+    out: [b, t, heads, d] in q's dtype; visible_pairs: float32 scalar, summed over b and h.
+    """
+    t = q.shape[1]
+    chunk = min(config.query_chunk, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    positions_k = jnp.arange(t)
+
+    def pad_tokens(x, axis):
+        return jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+
+    q_chunks = jnp.moveaxis(pad_tokens(q, 1).reshape(q.shape[0], n_chunks, chunk, *q.shape[2:]), 1, 0)
+    codes_padded = pad_tokens(codes, 2)
+    routes_padded = None if routes is None else pad_tokens(routes, 2)
+
+    @jax.checkpoint
+    def one_chunk(index, q_chunk):
+        start = index * chunk
+        positions_q = start + jnp.arange(chunk)
+        codes_q = jax.lax.dynamic_slice_in_dim(codes_padded, start, chunk, axis=2)
+        # Padded query rows (positions ≥ t) see keys causally like real rows, so they stay finite.
+        hard = token_mask(codes_q, codes, positions_q, positions_k, window=config.window, sink=config.sink)
+        multiplier = None
+        if routes_padded is not None:
+            routes_q = jax.lax.dynamic_slice_in_dim(routes_padded, start, chunk, axis=2)
+            soft = soft_mask(tree_distance(routes_q, routes), d_max=config.d_max,
+                             temperature=config.soft_mask_temperature)
+            multiplier = straight_through(hard, soft)
+        out = attend(q_chunk, k, v, hard, multiplier)
+        visible_pairs = jnp.sum(hard & (positions_q < t)[:, None], dtype=jnp.int32)
+        return out, visible_pairs
+
+    outs, visible_pairs = jax.lax.map(lambda args: one_chunk(*args), (jnp.arange(n_chunks), q_chunks))
+    out = jnp.moveaxis(outs, 0, 1).reshape(q.shape[0], n_chunks * chunk, *q.shape[2:])[:, :t]
+    return out, jnp.sum(visible_pairs.astype(jnp.float32))

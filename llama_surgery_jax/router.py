@@ -1,0 +1,234 @@
+"""The Dynamic Topology Router and its straight-through mask (METHOD.md §3–6).
+
+Pure functions over arrays; `TopologyRouter` only holds the parameters (as `RouterParam`, so that
+training can take gradients with respect to the routers alone) and calls `route`.
+
+Axis letters in shapes: b batch, t query tokens, s key tokens, h routing heads (query heads or KV
+heads, `RouterConfig.routing_heads`), l tree levels (level l - 1 is the root side), c the p children.
+
+    params = init_router_params(key, hidden, heads, config)        # homotopy init: exactly dense
+    routing = route(params, x, config=config, tau=tau, rng=rng)      # codes, routes, balance loss
+    d = tree_distance(routes_q, routes_k)                            # [..., t, s]
+    m = straight_through(hard, soft_mask(d, d_max=..., temperature=...))  # forward: hard exactly
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_surgery_jax.config import RouterConfig
+
+PARAM_NAMES = ("backbone_weight", "backbone_bias", "route_weight", "route_bias")
+
+
+class RouterParam(nnx.Param):
+    """A trainable router parameter; the frozen base model's parameters are plain `nnx.Param`."""
+
+
+class Routing(NamedTuple):
+    """One layer's routing. codes: [b, h, t] int32 prefix codes of the hard (sampled or argmax) route;
+    routes: [b, h, t, l, c] float32 per-level child distributions (one-hot forward when hard);
+    load_balance_loss: scalar float32 (1.0 when balanced)."""
+
+    codes: jax.Array
+    routes: jax.Array
+    load_balance_loss: jax.Array
+
+
+def init_router_params(key: jax.Array, hidden_size: int, routing_heads: int, config: RouterConfig, *,
+                       homotopy: bool = True) -> dict[str, jax.Array]:
+    """Float32 router parameters; weights are [in, out].
+
+    backbone_weight: [hidden, hidden], backbone_bias: [hidden],
+    route_weight: [hidden, heads · levels · p], route_bias: [heads · levels · p].
+    `homotopy=True` (§3): route_weight = 0 and route_bias = +init_bias on child 0, −init_bias on the
+    others, so every token takes child 0 at every level and the mask is dense. `homotopy=False`: a
+    random route head (normal, std 1/√hidden, zero bias), tokens spread by content (for measurements).
+    """
+    backbone_key, route_key = jax.random.split(key)
+    out = routing_heads * config.levels * config.p
+    std = 1.0 / math.sqrt(hidden_size)
+    if homotopy:
+        route_weight = jnp.zeros((hidden_size, out), jnp.float32)
+        child_bias = jnp.full((config.p,), -config.init_bias, jnp.float32).at[0].set(config.init_bias)
+        route_bias = jnp.tile(child_bias, routing_heads * config.levels)
+    else:
+        route_weight = std * jax.random.normal(route_key, (hidden_size, out), jnp.float32)
+        route_bias = jnp.zeros((out,), jnp.float32)
+    return {
+        "backbone_weight": std * jax.random.normal(backbone_key, (hidden_size, hidden_size), jnp.float32),
+        "backbone_bias": jnp.zeros((hidden_size,), jnp.float32),
+        "route_weight": route_weight,
+        "route_bias": route_bias,
+    }
+
+
+def router_logits(params: dict[str, jax.Array], features: jax.Array, *, routing_heads: int, levels: int,
+                  p: int) -> jax.Array:
+    """features: [b, t, hidden] → logits [b, h, t, l, c] float32.
+
+    The backbone matmul runs in the features' dtype with float32 accumulation; everything after it in
+    float32, so fp16 activations cannot overflow the logits.
+    """
+    b, t, _ = features.shape
+    w = params["backbone_weight"].astype(features.dtype)
+    pre = jnp.einsum("btd,de->bte", features, w, preferred_element_type=jnp.float32)
+    hidden = jax.nn.gelu(pre + params["backbone_bias"].astype(jnp.float32))
+    logits = hidden @ params["route_weight"].astype(jnp.float32) + params["route_bias"].astype(jnp.float32)
+    return logits.reshape(b, t, routing_heads, levels, p).transpose(0, 2, 1, 3, 4)
+
+
+def pooled_block_features(x: jax.Array, block_size: int) -> jax.Array:
+    """x: [b, t, hidden] → [b, ceil(t / block_size), hidden] float32, causal block features.
+
+    Block n's feature is the mean of the `block_size` tokens that end at its first token n·T (fewer at
+    the start): every token of block n sees only keys in blocks ≤ n, whose features use tokens ≤ n·T,
+    so row i of the mask never depends on a token after i (METHOD.md §9).
+    """
+    b, t, d = x.shape
+    n_blocks = -(-t // block_size)
+    first = jnp.arange(n_blocks) * block_size
+    window = first[:, None] - jnp.arange(block_size)[None, :]  # [n, T]: first token and T - 1 before
+    valid = window >= 0
+    gathered = x.astype(jnp.float32)[:, jnp.maximum(window, 0)]  # [b, n, T, hidden]
+    total = jnp.sum(jnp.where(valid[None, :, :, None], gathered, 0.0), axis=2)
+    return total / jnp.sum(valid, axis=1)[None, :, None].astype(jnp.float32)
+
+
+def sample_routes(logits: jax.Array, *, tau: float | jax.Array, rng: jax.Array | None,
+                  hard: bool) -> tuple[jax.Array, jax.Array]:
+    """Gumbel-Softmax per level, in float32. logits: [b, h, t, l, c] → routes [b, h, t, l, c], choices [b, h, t, l].
+
+    rng None: no noise (evaluation: choices are the argmax). hard: routes are the one-hot choices in the
+    forward pass, with the soft sample's gradient (straight-through).
+    """
+    logits = logits.astype(jnp.float32)
+    if rng is not None:
+        logits = logits + jax.random.gumbel(rng, logits.shape, jnp.float32)
+    choices = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    soft = jax.nn.softmax(logits / tau, axis=-1)
+    if not hard:
+        return soft, choices
+    one_hot = jax.nn.one_hot(choices, logits.shape[-1], dtype=jnp.float32)
+    # `soft - stop_gradient(soft)` is exactly 0, so the forward value is exactly one-hot.
+    return one_hot + (soft - jax.lax.stop_gradient(soft)), choices
+
+
+def prefix_codes(choices: jax.Array, *, p: int, prefix_levels: int) -> jax.Array:
+    """choices: [..., l] int → [...] int32 in [0, p^k): the first k = prefix_levels choices from the root.
+
+    Two tokens have equal codes iff their tree distance is ≤ l − k (= d_max).
+    """
+    root_first = choices[..., ::-1][..., :prefix_levels].astype(jnp.int32)
+    place = p ** jnp.arange(prefix_levels - 1, -1, -1, dtype=jnp.int32)
+    return jnp.sum(root_first * place, axis=-1, dtype=jnp.int32)
+
+
+def load_balance_loss(logits: jax.Array, choices: jax.Array) -> jax.Array:
+    """Switch-style balance per level. logits: [b, h, t, l, c], choices: [b, h, t, l] → scalar float32.
+
+    p · mean over (b, h, l) of Σ_c f·P, with f the fraction of tokens whose hard choice is c (no
+    gradient) and P the mean router probability softmax(logits); 1.0 when balanced, p when collapsed.
+    """
+    p = logits.shape[-1]
+    fraction = jnp.mean(jax.nn.one_hot(choices, p, dtype=jnp.float32), axis=2)
+    probability = jnp.mean(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=2)
+    return p * jnp.mean(jnp.sum(jax.lax.stop_gradient(fraction) * probability, axis=-1))
+
+
+def route(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int,
+          tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True) -> Routing:
+    """x: [b, t, hidden] (the layer's attention input) → Routing with codes [b, h, t], routes [b, h, t, l, c].
+
+    config.mode "token": one route per token from its own features. "block": one route per block of
+    config.block_size tokens from `pooled_block_features` (causal), shared by the block's tokens.
+    """
+    t = x.shape[1]
+    features = x if config.mode == "token" else pooled_block_features(x, config.block_size)
+    logits = router_logits(params, features, routing_heads=routing_heads, levels=config.levels, p=config.p)
+    routes, choices = sample_routes(logits, tau=tau, rng=rng, hard=hard)
+    balance = load_balance_loss(logits, choices)
+    if config.mode == "block":
+        routes = jnp.repeat(routes, config.block_size, axis=2)[:, :, :t]
+        choices = jnp.repeat(choices, config.block_size, axis=2)[:, :, :t]
+    codes = prefix_codes(choices, p=config.p, prefix_levels=config.prefix_levels)
+    return Routing(codes, routes, balance)
+
+
+def tree_distance(routes_q: jax.Array, routes_k: jax.Array) -> jax.Array:
+    """routes_q: [..., t, l, c], routes_k: [..., s, l, c] → [..., t, s] float32 soft tree distance.
+
+    d = l − Σ_ℓ min_{m ≥ ℓ} M[ℓ], M[ℓ] = Σ_c a_q a_k the agreement at level ℓ. For one-hot routes it is
+    the height of the lowest common ancestor. `cummin` rather than `cumprod`: equal for one-hot
+    routes, but the product's backward divides by zero.
+    """
+    # An elementwise product summed over p (not a matmul): exact float32 on every backend.
+    agreement = jnp.sum(routes_q[..., :, None, :, :] * routes_k[..., None, :, :, :], axis=-1)
+    shared = jax.lax.cummin(agreement, axis=agreement.ndim - 1, reverse=True)
+    return routes_q.shape[-2] - jnp.sum(shared, axis=-1)
+
+
+def soft_mask(distance: jax.Array, *, d_max: int, temperature: float) -> jax.Array:
+    """distance: [..., t, s] → σ((d_max − d) / T_m), same shape, float32."""
+    return jax.nn.sigmoid((d_max - distance) / temperature)
+
+
+@jax.custom_vjp
+def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
+    """hard: bool [...], soft: float [...] → float [...]: exactly `hard` forward, the soft mask's gradient backward.
+
+    A custom VJP rather than `stop_gradient(hard − soft) + soft`, whose forward is only `hard` up to
+    rounding: the mask that trains must be bit for bit the mask the kernels run.
+    """
+    return hard.astype(soft.dtype)
+
+
+def _straight_through_fwd(hard, soft):
+    return hard.astype(soft.dtype), None
+
+
+def _straight_through_bwd(_, cotangent):
+    return None, cotangent
+
+
+straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
+
+
+def tau_at(step: int | jax.Array, config: RouterConfig) -> jax.Array:
+    """Gumbel-Softmax temperature at `step`: tau_start → tau_end over tau_steps (linear or cosine), then flat."""
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(config.tau_steps, 1), 0.0, 1.0)
+    if config.tau_schedule == "cosine":
+        progress = 0.5 * (1.0 - jnp.cos(jnp.pi * progress))
+    return config.tau_start + (config.tau_end - config.tau_start) * progress
+
+
+def lambda_at(step: int | jax.Array, config: RouterConfig) -> jax.Array:
+    """Load-balancing weight λ at `step`: 0 → lambda_max linearly over lambda_steps, then flat."""
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(config.lambda_steps, 1), 0.0, 1.0)
+    return config.lambda_max * progress
+
+
+class TopologyRouter(nnx.Module):
+    """Holds one layer's router parameters (`RouterParam`, float32) and calls `route`."""
+
+    def __init__(self, hidden_size: int, routing_heads: int, config: RouterConfig, *, rngs: nnx.Rngs,
+                 homotopy: bool = True):
+        self.config = config
+        self.routing_heads = routing_heads
+        params = init_router_params(rngs.params(), hidden_size, routing_heads, config, homotopy=homotopy)
+        for name in PARAM_NAMES:
+            setattr(self, name, RouterParam(params[name]))
+
+    def parameters(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in PARAM_NAMES}
+
+    def __call__(self, x: jax.Array, *, tau: float | jax.Array = 1.0, rng: jax.Array | None = None,
+                 hard: bool = True) -> Routing:
+        """x: [b, t, hidden] → Routing (see `route`)."""
+        return route(self.parameters(), x, config=self.config, routing_heads=self.routing_heads,
+                     tau=tau, rng=rng, hard=hard)

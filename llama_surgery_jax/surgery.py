@@ -1,0 +1,122 @@
+"""The surgery: a Dynamic Topology Router in every attention layer of a frozen Llama (METHOD.md §1–6).
+
+    model = inject_routers(model, RouterConfig(), nnx.Rngs(0))   # step 0: the base model's function
+    logits, aux = model(tokens, train=True, tau=tau, rng=key)     # routed; gradients reach the routers
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, RouterParam))(model, ...)  # the base never differentiated
+
+attention_kwargs of `RoutedAttention` (the model passes them to every layer; dense attention ignores them):
+    train: bool = False      True: the straight-through mask of §4–5, gradients reach the routers.
+                             False: the hard mask only (evaluation; no soft mask is built).
+    tau: float | Array = 1.0 Gumbel-Softmax temperature (`router.tau_at(step, config)`).
+    rng: key | None = None   Gumbel noise, folded with the layer index so layers draw independently.
+                             None: no noise, every route is the argmax (evaluation).
+    hard: bool = True        one-hot routes forward with soft gradients (straight-through); False: the
+                             soft mask uses the soft routes. The hard mask is the sampled codes' either way.
+    return_codes: bool = False  also return each layer's prefix codes in aux.
+
+aux, one dict per layer (float32 scalars unless said):
+    load_balance_loss   §6's L_bal for this layer (1.0 balanced, p collapsed); the train step sums them.
+    token_density       visible causal pairs / causal pairs of the hard mask.
+    block_density       computed causal tiles / causal tiles at tile = config.block_size, original order.
+    codes               [batch, heads, seq] int32, only with return_codes=True.
+
+At the homotopy initialisation every code is 0 and the mask is all causal pairs, so with train=False
+(or train=True, hard=True) the logits equal the base model's bit for bit on the same backend.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from llama_surgery_jax.config import ModelConfig, RouterConfig
+from llama_surgery_jax.masked_attention import masked_attention
+from llama_surgery_jax.model import LlamaForCausalLM, dense_attention
+from llama_surgery_jax.router import RouterParam, TopologyRouter
+from llama_surgery_jax.topology import HardTopology, block_density, causal_pairs, tile_mask
+
+__all__ = ["RoutedAttention", "RouterParam", "inject_routers", "remove_routers", "routed_layers",
+           "hard_topology"]
+
+
+def routing_head_count(router_config: RouterConfig, model_config: ModelConfig) -> int:
+    """Query heads (the preprint) or KV heads (one route per GQA group)."""
+    if router_config.routing_heads == "query":
+        return model_config.num_attention_heads
+    return model_config.num_key_value_heads
+
+
+class RoutedAttention(nnx.Module):
+    """The `attention_impl` of a routed layer: its router's parameters plus the chunked masked attention."""
+
+    def __init__(self, router_config: RouterConfig, model_config: ModelConfig, layer_index: int, *,
+                 rngs: nnx.Rngs, homotopy: bool = True):
+        self.config = router_config
+        self.layer_index = layer_index
+        self.router = TopologyRouter(model_config.hidden_size, routing_head_count(router_config, model_config),
+                                     router_config, rngs=rngs, homotopy=homotopy)
+
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, x: jax.Array, train: bool = False,
+                 tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True,
+                 return_codes: bool = False, **_) -> tuple[jax.Array, dict]:
+        """q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; x: [b, t, hidden] → out [b, t, heads, d], aux."""
+        if rng is not None:
+            rng = jax.random.fold_in(rng, self.layer_index)
+        routing = self.router(x, tau=tau, rng=rng, hard=hard)
+        out, visible_pairs = masked_attention(q, k, v, routing.codes, routing.routes if train else None,
+                                              config=self.config)
+        batch, heads, t = routing.codes.shape
+        tiles = tile_mask(routing.codes, tile=self.config.block_size, window=self.config.window,
+                          sink=self.config.sink)
+        aux = {
+            "load_balance_loss": routing.load_balance_loss,
+            "token_density": visible_pairs / (batch * heads * causal_pairs(t)),
+            "block_density": block_density(tiles),
+        }
+        if return_codes:
+            aux["codes"] = routing.codes
+        return out, aux
+
+
+def routed_layers(model: LlamaForCausalLM) -> list[RoutedAttention]:
+    """The RoutedAttention of every layer, in order (empty for a model without routers)."""
+    impls = [layer.self_attn.attention_impl for layer in model.model.layers]
+    return [impl for impl in impls if isinstance(impl, RoutedAttention)]
+
+
+def inject_routers(model: LlamaForCausalLM, router_config: RouterConfig, rngs: nnx.Rngs, *,
+                   homotopy: bool = True) -> LlamaForCausalLM:
+    """Gives every attention layer a fresh router (in place; returns the model).
+
+    homotopy=True: the §3 initialisation, so the model still computes the base model's function.
+    Router parameters are float32 `RouterParam`s whatever the base model's dtype.
+    """
+    for index, layer in enumerate(model.model.layers):
+        # nnx.data: the attribute held a plain function (static) until now; a module is pytree data.
+        layer.self_attn.attention_impl = nnx.data(
+            RoutedAttention(router_config, model.config, index, rngs=rngs, homotopy=homotopy))
+    return model
+
+
+def remove_routers(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Back to dense attention in every layer (in place; returns the model): the dense baseline."""
+    for layer in model.model.layers:
+        layer.self_attn.attention_impl = nnx.static(dense_attention)
+    return model
+
+
+def hard_topology(model: LlamaForCausalLM, tokens: jax.Array, *, tile: int | None = None,
+                  positions: jax.Array | None = None, rng: jax.Array | None = None) -> tuple[HardTopology, ...]:
+    """tokens: [b, t] → per layer HardTopology(codes [b, h, t] int32, tile_mask [b, h, n, n] bool).
+
+    The evaluation routes (argmax; Gumbel-sampled when rng is given) that the kernels must execute;
+    tile defaults to the router config's block_size.
+    """
+    layers = routed_layers(model)
+    if not layers:
+        raise ValueError("the model has no routers: call inject_routers first")
+    config = layers[0].config
+    tile = config.block_size if tile is None else tile
+    _, aux = model(tokens, positions, train=False, rng=rng, return_codes=True)
+    return tuple(HardTopology(a["codes"], tile_mask(a["codes"], tile=tile, window=config.window,
+                                                    sink=config.sink)) for a in aux)

@@ -1,0 +1,257 @@
+"""The router (METHOD.md §3–6): homotopy init, Gumbel-Softmax, tree distance, straight-through mask, losses."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from llama_surgery_jax.config import ConfigError, RouterConfig
+from llama_surgery_jax.masked_attention import attend
+from llama_surgery_jax.router import (
+    init_router_params,
+    lambda_at,
+    load_balance_loss,
+    pooled_block_features,
+    prefix_codes,
+    route,
+    router_logits,
+    sample_routes,
+    soft_mask,
+    straight_through,
+    tau_at,
+    tree_distance,
+)
+
+HIDDEN, HEADS = 16, 3
+PROPERTY = settings(deadline=None, max_examples=30)
+
+
+def random_x(key, t=24, b=2, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(key), (b, t, HIDDEN), dtype)
+
+
+def one_hot_routes(choices, p):
+    return jax.nn.one_hot(jnp.asarray(choices), p, dtype=jnp.float32)
+
+
+def lca_height(path_a, path_b):
+    """Height of the lowest common ancestor of two leaves; paths are per level, index L − 1 = root side."""
+    levels = len(path_a)
+    agree = 0
+    for level in reversed(range(levels)):
+        if path_a[level] != path_b[level]:
+            break
+        agree += 1
+    return levels - agree
+
+
+@pytest.mark.parametrize("p", [2, 3, 5, 7])
+def test_homotopy_init_routes_every_token_to_child_zero(p):
+    config = RouterConfig(p=p, levels=4, d_max=2)
+    params = init_router_params(jax.random.key(0), HIDDEN, HEADS, config)
+    routing = route(params, random_x(1), config=config, routing_heads=HEADS)
+    assert routing.routes.shape == (2, HEADS, 24, 4, p)
+    assert np.all(routing.codes == 0)
+    np.testing.assert_array_equal(routing.routes, one_hot_routes(jnp.zeros((2, HEADS, 24, 4), int), p))
+    # Collapsed routing costs p (all tokens on one child with probability ≈ 1).
+    np.testing.assert_allclose(routing.load_balance_loss, p, rtol=1e-3)
+
+
+def test_noise_and_hard_options():
+    config = RouterConfig(p=3, levels=4, d_max=2)
+    params = init_router_params(jax.random.key(0), HIDDEN, HEADS, config, homotopy=False)
+    logits = router_logits(params, random_x(2), routing_heads=HEADS, levels=4, p=3)
+    routes, choices = sample_routes(logits, tau=0.5, rng=None, hard=True)
+    np.testing.assert_array_equal(choices, jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(routes, one_hot_routes(choices, 3))  # exactly one-hot forward
+    soft, _ = sample_routes(logits, tau=0.5, rng=None, hard=False)
+    np.testing.assert_allclose(soft, jax.nn.softmax(logits / 0.5), rtol=1e-6)
+    noisy_a, choices_a = sample_routes(logits, tau=0.5, rng=jax.random.key(3), hard=True)
+    _, choices_b = sample_routes(logits, tau=0.5, rng=jax.random.key(4), hard=True)
+    assert not np.array_equal(choices_a, choices_b)
+    np.testing.assert_array_equal(noisy_a, one_hot_routes(choices_a, 3))
+
+
+def test_straight_through_routes_pass_the_soft_gradient():
+    logits = jax.random.normal(jax.random.key(0), (1, 2, 5, 3, 2))
+    weights = jax.random.normal(jax.random.key(1), logits.shape)
+
+    def through(hard):
+        return lambda z: jnp.sum(weights * sample_routes(z, tau=0.7, rng=None, hard=hard)[0])
+
+    np.testing.assert_allclose(jax.grad(through(True))(logits), jax.grad(through(False))(logits), rtol=1e-6)
+
+
+@PROPERTY
+@given(st.integers(2, 7).filter(lambda p: p in (2, 3, 5, 7)), st.integers(1, 6), st.data())
+def test_hard_distance_is_lca_height_and_ultrametric(p, levels, data):
+    paths = data.draw(st.lists(st.lists(st.integers(0, p - 1), min_size=levels, max_size=levels),
+                               min_size=3, max_size=6))
+    routes = one_hot_routes(paths, p)
+    distance = np.asarray(tree_distance(routes, routes))
+    n = len(paths)
+    for i, j in itertools.product(range(n), repeat=2):
+        assert distance[i, j] == lca_height(paths[i], paths[j])
+    for x, y, z in itertools.product(range(n), repeat=3):
+        assert distance[x, z] <= max(distance[x, y], distance[y, z])
+
+
+@PROPERTY
+@given(st.sampled_from([2, 3, 5, 7]), st.integers(1, 6), st.data())
+def test_prefix_codes_equal_iff_distance_within_d_max(p, levels, data):
+    d_max = data.draw(st.integers(0, levels))
+    paths = data.draw(st.lists(st.lists(st.integers(0, p - 1), min_size=levels, max_size=levels),
+                               min_size=2, max_size=8))
+    codes = np.asarray(prefix_codes(jnp.asarray(paths), p=p, prefix_levels=levels - d_max))
+    assert codes.min() >= 0 and codes.max() < p ** (levels - d_max)
+    distance = np.asarray(tree_distance(one_hot_routes(paths, p), one_hot_routes(paths, p)))
+    np.testing.assert_array_equal(codes[:, None] == codes[None, :], distance <= d_max)
+
+
+def test_straight_through_forward_is_the_hard_mask_exactly():
+    soft = jax.random.uniform(jax.random.key(0), (4, 33, 47))
+    hard = jax.random.bernoulli(jax.random.key(1), 0.4, soft.shape)
+    forward = straight_through(hard, soft)
+    assert forward.dtype == soft.dtype
+    np.testing.assert_array_equal(forward, hard.astype(jnp.float32))
+    # The naive `stop_gradient(hard − soft) + soft` is only hard up to rounding; ours must be exact.
+    assert jnp.all((forward == 0) | (forward == 1))
+
+
+def test_straight_through_backward_is_the_soft_masks_gradient():
+    config = RouterConfig(p=2, levels=5, d_max=2)
+    params = init_router_params(jax.random.key(0), HIDDEN, HEADS, config, homotopy=False)
+    x = random_x(3, t=12)
+    cotangent_weights = jax.random.normal(jax.random.key(4), (2, HEADS, 12, 12))
+
+    def masks(params):
+        routing = route(params, x, config=config, routing_heads=HEADS, tau=0.8, rng=jax.random.key(5))
+        soft = soft_mask(tree_distance(routing.routes, routing.routes), d_max=config.d_max, temperature=0.5)
+        hard = routing.codes[..., :, None] == routing.codes[..., None, :]
+        return hard, soft
+
+    def loss_of_mask(m):  # nonlinear, so the gradient depends on where it is evaluated
+        return jnp.sum(cotangent_weights * m**2)
+
+    hard, soft = masks(params)
+    grad_ste = jax.grad(lambda params: loss_of_mask(straight_through(*masks(params))))(params)
+    # Backward: the soft mask's VJP with ∂L/∂m evaluated at the forward value m = hard.
+    _, soft_vjp = jax.vjp(lambda params: masks(params)[1], params)
+    (expected,) = soft_vjp(jax.grad(loss_of_mask)(hard.astype(jnp.float32)))
+    for name in params:
+        np.testing.assert_allclose(grad_ste[name], expected[name], rtol=1e-6, atol=1e-12)
+    assert any(np.any(grad_ste[name] != 0) for name in params)
+    del soft
+
+
+def test_check_grads_on_the_soft_path():
+    """Finite differences agree with jax.grad on soft routes → tree distance → soft mask → attention."""
+    config = RouterConfig(p=3, levels=3, d_max=1)
+    params = init_router_params(jax.random.key(0), 4, 2, config, homotopy=False)
+    x = jax.random.normal(jax.random.key(1), (1, 5, 4))
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 5, 2, 4)) for i in (2, 3, 4))
+    visible = jnp.broadcast_to(jnp.tril(jnp.ones((5, 5), bool)), (1, 2, 5, 5))
+
+    def soft_path(route_weight, q, k, v):
+        logits = router_logits({**params, "route_weight": route_weight}, x, routing_heads=2, levels=3, p=3)
+        routes, _ = sample_routes(logits, tau=0.7, rng=None, hard=False)
+        m = soft_mask(tree_distance(routes, routes), d_max=config.d_max, temperature=0.5)
+        return attend(q, k, v, visible, m)
+
+    # float32 finite differences: check_grads' own dtype-based tolerances (eps 1e-3 → ~1e-2 relative).
+    check_grads(soft_path, (params["route_weight"], q, k, v), order=1, modes=["rev"], eps=1e-3)
+
+
+def test_load_balance_loss_is_one_when_balanced_and_p_when_collapsed():
+    p = 3
+    balanced_choices = jnp.tile(jnp.arange(p), 4)[None, None, :, None]  # [1, 1, 12, 1]
+    uniform = jnp.zeros((1, 1, 12, 1, p))
+    np.testing.assert_allclose(load_balance_loss(uniform, balanced_choices), 1.0, rtol=1e-6)
+    collapsed = jnp.zeros((1, 1, 12, 1, p)).at[..., 0].set(100.0)
+    np.testing.assert_allclose(load_balance_loss(collapsed, jnp.zeros((1, 1, 12, 1), int)), p, rtol=1e-6)
+    # Gradient reaches the logits only through P (f is a count).
+    grad = jax.grad(lambda z: load_balance_loss(z, balanced_choices))(uniform + 0.1)
+    assert np.all(np.isfinite(grad))
+
+
+def test_schedules():
+    linear = RouterConfig(tau_start=1.0, tau_end=0.1, tau_steps=100, lambda_max=2.0, lambda_steps=50)
+    np.testing.assert_allclose([tau_at(s, linear) for s in (0, 50, 100, 150)], [1.0, 0.55, 0.1, 0.1],
+                               rtol=1e-6)
+    np.testing.assert_allclose([lambda_at(s, linear) for s in (0, 25, 50, 80)], [0.0, 1.0, 2.0, 2.0],
+                               rtol=1e-6)
+    cosine = RouterConfig(tau_schedule="cosine", tau_start=1.0, tau_end=0.1, tau_steps=100)
+    np.testing.assert_allclose([tau_at(s, cosine) for s in (0, 50, 100, 200)], [1.0, 0.55, 0.1, 0.1],
+                               rtol=1e-6)
+    assert tau_at(25, cosine) > tau_at(25, linear)  # cosine stays hot longer at first
+    assert jnp.asarray(jax.jit(tau_at, static_argnums=1)(jnp.int32(30), cosine)).shape == ()
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError):
+        RouterConfig(p=4)
+    with pytest.raises(ConfigError):
+        RouterConfig(levels=5, d_max=6)
+    with pytest.raises(ConfigError):
+        RouterConfig(routing_heads="group")
+    assert [RouterConfig.for_context(8192, p).levels for p in (2, 3, 5, 7)] == [13, 9, 6, 5]
+    assert RouterConfig.for_context(8192, 2).d_max == 6 and RouterConfig.for_context(8192, 2).num_codes == 128
+
+
+@PROPERTY
+@given(st.integers(1, 40), st.sampled_from([1, 4, 8]), st.data())
+def test_pooled_block_features_are_causal(t, block_size, data):
+    x = jax.random.normal(jax.random.key(t), (1, t, 3))
+    token = data.draw(st.integers(0, t - 1))
+    later = x.at[:, token + 1:].set(1e3)
+    features, perturbed = pooled_block_features(x, block_size), pooled_block_features(later, block_size)
+    visible_blocks = token // block_size + 1  # blocks whose keys token i may see
+    np.testing.assert_array_equal(features[:, :visible_blocks], perturbed[:, :visible_blocks])
+    np.testing.assert_allclose(features[0, 0], x[0, 0], rtol=1e-6)
+
+
+def test_block_mode_shares_one_route_per_block():
+    config = RouterConfig(p=2, levels=4, d_max=1, mode="block", block_size=8)
+    params = init_router_params(jax.random.key(0), HIDDEN, HEADS, config, homotopy=False)
+    routing = route(params, random_x(1, t=30), config=config, routing_heads=HEADS, rng=jax.random.key(2))
+    codes = np.asarray(routing.codes)
+    assert codes.shape == (2, HEADS, 30)
+    for start in range(0, 30, 8):
+        assert np.all(codes[..., start:start + 8] == codes[..., start:start + 1])
+
+
+def test_fp16_routing_and_scores_stay_finite_where_the_naive_version_overflows():
+    # Logits of a few thousand are within fp16 range, but divided by τ = 0.1 they are not.
+    logits16 = jnp.full((1, 1, 4, 2, 2), -7000.0, jnp.float16).at[..., 0].set(7000.0)
+    naive = jax.nn.softmax((logits16 + jax.random.gumbel(jax.random.key(0), logits16.shape, jnp.float16))
+                           / jnp.float16(0.1), axis=-1)
+    assert not np.all(np.isfinite(naive))
+    routes, _ = sample_routes(logits16, tau=0.1, rng=jax.random.key(0), hard=True)
+    grad = jax.grad(lambda z: jnp.sum(sample_routes(z, tau=0.1, rng=jax.random.key(0), hard=True)[0] ** 2))(
+        logits16.astype(jnp.float32))
+    assert np.all(np.isfinite(routes)) and np.all(np.isfinite(grad))
+
+    # Q·K of head dim 16 with entries 100 is 1.6e5 > fp16's 65504.
+    q = jnp.full((1, 6, 2, 16), 100.0, jnp.float16)
+    k = jnp.full((1, 6, 1, 16), 100.0, jnp.float16)
+    v = jax.random.normal(jax.random.key(1), (1, 6, 1, 16), jnp.float16)
+    assert not np.all(np.isfinite(jnp.einsum("bthd,bskd->bhts", q, k)))
+    visible = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (1, 2, 6, 6))
+    multiplier = straight_through(visible, jnp.full(visible.shape, 0.7))
+    out = attend(q, k, v, visible, multiplier)
+    grads = jax.grad(lambda q, k, m: jnp.sum(attend(q, k, v, visible, m).astype(jnp.float32)),
+                     argnums=(0, 1, 2))(q, k, jnp.full(visible.shape, 0.7))
+    assert out.dtype == jnp.float16 and np.all(np.isfinite(out))
+    assert all(np.all(np.isfinite(g.astype(jnp.float32))) for g in grads)
+
+    # Router backbone on fp16 activations near the top of the range: float32 accumulation.
+    config = RouterConfig(p=2, levels=3, d_max=1)
+    params = init_router_params(jax.random.key(2), HIDDEN, HEADS, config, homotopy=False)
+    x16 = jnp.full((1, 5, HIDDEN), 3e4, jnp.float16)
+    routing = route(params, x16, config=config, routing_heads=HEADS, tau=0.1, rng=jax.random.key(3))
+    assert np.all(np.isfinite(routing.routes)) and np.isfinite(routing.load_balance_loss)
