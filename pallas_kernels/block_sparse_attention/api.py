@@ -1,0 +1,173 @@
+"""Public entry points: tile-mask attention, and exact token-level routing through code sorting."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .forward import Rule, sparse_attention_forward
+from .schedule import build_schedule, causal_tiles, sink_window_tiles
+
+DEFAULT_TILE = 128
+
+
+def _default_interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def _check_shapes(q, k, v, tile):
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"expected q [B, N, Hq, D], k = v [B, N, Hkv, D]; got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share dtype bfloat16 or float16; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
+    if q.shape[3] not in (64, 128):
+        raise ValueError(f"head dim must be 64 or 128, got {q.shape[3]}")
+    if tile & (tile - 1) or tile < 16:
+        raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+
+
+def _pad_tokens(x, n_pad, axis, value=0):
+    if n_pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, n_pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+@functools.partial(jax.jit, static_argnames=("tile", "window", "sink", "sm_scale", "return_lse",
+                                             "interpret", "num_warps", "num_stages"))
+def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: jax.Array, *,
+                           tile: int = DEFAULT_TILE, codes: jax.Array | None = None,
+                           window: int | None = 0, sink: bool = True, sm_scale: float | None = None,
+                           return_lse: bool = False, interpret: bool | None = None,
+                           num_warps: int | None = None, num_stages: int = 2):
+    """Causal attention over the tiles of `tile_mask`, with an optional exact token rule inside.
+
+    q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim] (GQA, never
+    repeated); bf16 or fp16; head_dim 64 or 128; any token count (padded inside to the tile).
+    tile_mask: [batch, routing_heads, n_tiles, n_tiles] bool, n_tiles = ceil(tokens / tile),
+    routing_heads = q_heads or kv_heads. Tiles above the diagonal are ignored (causal).
+    codes: optional [batch, routing_heads, tokens] int. Key j is visible to query i iff
+    j <= i, the tile (i // tile, j // tile) is on, and (codes is None, or codes[i] == codes[j], or
+    (sink and j == 0), or (window is not None and i - j <= window), or i == j). The sink / window
+    / diagonal rules act only inside tiles that are on: OR in `sink_window_tiles` for them.
+    Returns o: [batch, tokens, q_heads, head_dim] in q's dtype, and with return_lse the
+    log-sum-exp lse: [batch, q_heads, tokens] float32 (-inf, with o = 0, on rows that see no key).
+    """
+    _check_shapes(q, k, v, tile)
+    b, n, hq, _ = q.shape
+    nt = -(-n // tile)
+    if tile_mask.shape[-2:] != (nt, nt) or tile_mask.shape[1] not in (hq, k.shape[2]):
+        raise ValueError(f"tile_mask {tile_mask.shape} must be [{b}, {hq} or {k.shape[2]}, {nt}, {nt}]")
+    pad = nt * tile - n
+    # Padding keys sit after every real query, so causality alone hides them.
+    q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
+    if codes is not None:
+        codes = _pad_tokens(codes.astype(jnp.int32), pad, 2, value=-1)
+    o, lse = sparse_attention_forward(
+        q, k, v, build_schedule(tile_mask), tile=tile,
+        rule=Rule.TILE if codes is None else Rule.CODES, codes=codes, window=window, sink=sink,
+        sm_scale=sm_scale, interpret=_default_interpret(interpret), num_warps=num_warps,
+        num_stages=num_stages)
+    o, lse = o[:, :n], lse[..., :n]
+    return (o, lse) if return_lse else o
+
+
+def merge_partials(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array,
+                   out_dtype=None):
+    """Exact softmax merge of two attentions over disjoint key sets.
+
+    o*: [batch, tokens, heads, head_dim]; lse*: [batch, heads, tokens] (natural log, -inf = empty).
+    Returns (o, lse) as if one softmax had run over the union of the keys.
+    """
+    lse = jnp.logaddexp(lse1, lse2)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w1 = jnp.swapaxes(jnp.exp(lse1 - safe), 1, 2)[..., None]
+    w2 = jnp.swapaxes(jnp.exp(lse2 - safe), 1, 2)[..., None]
+    o = w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)
+    return o.astype(out_dtype or o1.dtype), lse
+
+
+def _gather_tokens(x, perm, group):
+    """x: [B, N, H, D] gathered per routing head along tokens by perm: [B, R, N].
+    With R == H / group (per-KV-head routing) each routing head permutes its `group` heads."""
+    b, n, h, d = x.shape
+    r = perm.shape[1]
+    if r * group != h:  # per-query-head routing of K/V: one permuted copy per routing head
+        x = jnp.repeat(x, r * group // h, axis=2)
+    x = x.reshape(b, n, r, group, d)
+    idx = jnp.swapaxes(perm, 1, 2)[:, :, :, None, None]
+    return jnp.take_along_axis(x, idx, axis=1).reshape(b, n, r * group, d)
+
+
+def bucket_tiles(sorted_codes: jax.Array, tile: int) -> jax.Array:
+    """[B, R, nt, nt] bool: causal tile pairs of a code-sorted sequence that share a code.
+
+    In sorted order a tile's codes form a contiguous run of the code values present, so two tiles
+    share a code iff their [min, max] code ranges overlap: O((N / tile)^2), no N x N array.
+    """
+    b, r, n = sorted_codes.shape
+    c = sorted_codes.reshape(b, r, n // tile, tile)
+    lo, hi = c.min(-1), c.max(-1)
+    overlap = (lo[..., :, None] <= hi[..., None, :]) & (lo[..., None, :] <= hi[..., :, None])
+    return overlap & causal_tiles(n // tile, n // tile)
+
+
+@functools.partial(jax.jit, static_argnames=("tile", "window", "sink", "sm_scale", "return_lse",
+                                             "interpret", "num_warps", "num_stages"))
+def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *,
+                           tile: int = DEFAULT_TILE, window: int | None = 0, sink: bool = True,
+                           sm_scale: float | None = None, return_lse: bool = False,
+                           interpret: bool | None = None, num_warps: int | None = None,
+                           num_stages: int = 2):
+    """Exact token-level routing, fast (METHOD.md §9): the same function as
+    `block_sparse_attention(q, k, v, all_tiles_on, codes=codes, ...)`.
+
+    Per routing head, tokens are sorted by (code, position); the bucket pass runs over the
+    permuted sequence, where each code is a contiguous run and its tiles are near-dense; the
+    sink / window / diagonal pass runs banded in original order; the two (disjoint key sets) merge
+    by log-sum-exp and the bucket result is un-permuted. Work follows token density, not the
+    coherence of codes inside a tile.
+
+    q: [B, N, Hq, D]; k, v: [B, N, Hkv, D]; codes: [B, R, N] int, R = Hq or Hkv. Routing per KV
+    head keeps one permutation for the GQA group and never copies K/V per query head; routing
+    per query head needs one permuted K/V copy per query head for the bucket pass.
+    """
+    _check_shapes(q, k, v, tile)
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    r = codes.shape[1]
+    if codes.shape != (b, r, n) or r not in (hq, hkv):
+        raise ValueError(f"codes {codes.shape} must be [{b}, {hq} or {hkv}, {n}]")
+    interpret = _default_interpret(interpret)
+    kw = dict(tile=tile, window=window, sink=sink, sm_scale=sm_scale, interpret=interpret,
+              num_warps=num_warps, num_stages=num_stages)
+    nt = -(-n // tile)
+    pad = nt * tile - n
+    q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
+    # Padding tokens get a code of their own, sorted last: no real token shares it.
+    codes = _pad_tokens(codes.astype(jnp.int32), pad, 2, value=jnp.iinfo(jnp.int32).max)
+
+    perm = jnp.argsort(codes, axis=-1, stable=True).astype(jnp.int32)  # (code, position) order
+    sorted_codes = jnp.take_along_axis(codes, perm, axis=-1)
+    q_group = hq // r
+    qs = _gather_tokens(q, perm, q_group)
+    ks, vs = (_gather_tokens(x, perm, 1) for x in (k, v))
+    o1, lse1 = sparse_attention_forward(qs, ks, vs, build_schedule(bucket_tiles(sorted_codes, tile)),
+                                        rule=Rule.BUCKET, codes=sorted_codes, positions=perm, **kw)
+    # Un-permute: the inverse permutation gathers each token back to its position.
+    inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
+    o1 = _gather_tokens(o1, inv, q_group)
+    lse1 = jnp.take_along_axis(lse1, jnp.repeat(inv, q_group, axis=1), axis=-1)
+
+    local = build_schedule(sink_window_tiles(nt, tile, window, sink)[None, None])
+    o2, lse2 = sparse_attention_forward(q, k, v, local, rule=Rule.LOCAL, **kw)
+    o, lse = merge_partials(o1, lse1, o2, lse2)
+    o, lse = o[:, :n], lse[..., :n]
+    return (o, lse) if return_lse else o
