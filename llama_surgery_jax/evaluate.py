@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         token_windows = data.windows(ids, args.context, args.max_windows)
         attention_kwargs = {}
         if args.surgery:
-            from llama_surgery_jax.surgery import prepare_for_evaluation
+            from llama_surgery_jax.router_checkpoint import prepare_for_evaluation
 
             model, attention_kwargs = prepare_for_evaluation(model, args.surgery)
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:

@@ -1,0 +1,157 @@
+"""What a training run writes: metrics as it goes (JSONL, TensorBoard), and the final report.
+
+The report scores the dense baseline and the surgery through the same pipeline (evaluate.perplexity,
+same windows, same protocol), and measures the realised hard topology per layer and head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_surgery_jax import data
+from llama_surgery_jax.checkpoint import load_tokenizer
+from llama_surgery_jax.evaluate import perplexity, protocol, write_json_atomic
+from llama_surgery_jax.surgery import hard_topology, remove_routers
+from llama_surgery_jax.topology import band_tiles, bucket_tiles, causal_pairs, token_density
+
+DENSITY_TILES = (64, 128)
+DENSITY_WINDOWS = 2  # evaluation windows over which densities are measured
+
+
+class MetricsLogger:
+    """One JSON line per step in DIR/metrics.jsonl and TensorBoard scalars in DIR/tensorboard."""
+
+    def __init__(self, out: Path, *, resume_step: int, is_primary: bool = True):
+        self.enabled = is_primary
+        if not self.enabled:
+            return
+        path = out / "metrics.jsonl"
+        # On resume, drop lines past the checkpoint: those steps are computed again.
+        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                if json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.writer.close()
+
+
+def topology_densities(model, tokens: jax.Array, config) -> dict:
+    """Hard topology of the evaluation routes on tokens [b, t]: densities per layer × head."""
+    router = config.router
+    tiles = sorted({*DENSITY_TILES, router.block_size})
+    per_layer = {"token": [], **{f"block_{t}": [] for t in tiles}, **{f"block_{t}_sorted": [] for t in tiles}}
+    for tile in tiles:
+        for topo in hard_topology(model, tokens, tile=tile):
+            n = topo.tile_mask.shape[-1]
+            per_head = jnp.sum(topo.tile_mask, axis=(0, 2, 3)) / (topo.tile_mask.shape[0] * causal_pairs(n))
+            per_layer[f"block_{tile}"].append(np.asarray(per_head))
+            sorted_tiles = bucket_tiles(topo.codes, tile=tile) | band_tiles(
+                n, tile=tile, window=router.window, sink=router.sink)
+            sorted_per_head = jnp.sum(sorted_tiles, axis=(0, 2, 3)) / (sorted_tiles.shape[0] * causal_pairs(n))
+            per_layer[f"block_{tile}_sorted"].append(np.asarray(sorted_per_head))
+            if tile == tiles[0]:
+                heads = jax.vmap(lambda c: token_density(c, window=router.window, sink=router.sink),
+                                 in_axes=1)(topo.codes)
+                per_layer["token"].append(np.asarray(heads))
+    return {k: np.stack(v).tolist() for k, v in per_layer.items()}  # [layers][heads]
+
+
+def final_report(run, out: Path, config) -> dict:
+    """Dense vs surgery perplexity on wiki.test.raw and realised densities → report.json/.md, PNGs."""
+    ids = data.tokenize(load_tokenizer(run.model_dir), data.load_text("test", config.data_dir or None, "raw"))
+    windows = data.windows(ids, config.eval_context, config.eval_windows)
+    model = nnx.merge(run.graphdef, run.routers, run.frozen)
+    surgery = perplexity(model, windows, batch_size=config.eval_batch, train=False, rng=None)
+    densities = topology_densities(model, jnp.asarray(windows[:DENSITY_WINDOWS]), config)
+    dense = perplexity(remove_routers(model), windows, batch_size=config.eval_batch)
+    mean = {k: float(np.mean(v)) for k, v in densities.items()}
+    result = {
+        "dense_ppl": dense["ppl"], "surgery_ppl": surgery["ppl"],
+        "ppl_gap": surgery["ppl"] / dense["ppl"] - 1,
+        "token_density": mean["token"], "block_density": mean[f"block_{config.router.block_size}"],
+        "block_size": config.router.block_size,
+        "block_density_by_tile": {k: v for k, v in mean.items() if k.startswith("block")},
+        "density_per_layer_head": densities,
+        "tokens_scored": dense["tokens"], "steps": config.steps,
+        "protocol": protocol(config.eval_context, len(windows), data.resolve_data_dir(config.data_dir or None))
+        | {"density_windows": DENSITY_WINDOWS, "routes": "argmax (no noise), hard mask"},
+        "model": str(run.model_dir), "config": config.to_dict(),
+    }
+    if jax.process_index() == 0:
+        write_json_atomic(out / "report.json", result)
+        (out / "report.md").write_text(markdown(result))
+        plot(out, densities)
+    return result
+
+
+def markdown(r: dict) -> str:
+    p = r["protocol"]
+    lines = [
+        "# Llama Surgery run report", "",
+        f"Model: `{r['model']}`; {r['steps']} router-training steps.", "",
+        f"Perplexity on WikiText-2 `{p['file']}`: {p['windows']} windows of {p['context']} tokens, "
+        f"no BOS, every token after a window's first scored ({r['tokens_scored']} tokens), same pipeline for both.",
+        "", "| | perplexity |", "| --- | --- |",
+        f"| dense baseline | {r['dense_ppl']:.4f} |",
+        f"| surgery (hard mask, argmax routes) | {r['surgery_ppl']:.4f} |",
+        f"| gap | {100 * r['ppl_gap']:+.2f} % |", "",
+        f"Realised density (first {p['density_windows']} windows, mean over layers and heads):", "",
+        "| measure | density |", "| --- | --- |",
+        f"| token density | {r['token_density']:.4f} |",
+        *[f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in r["block_density_by_tile"].items()],
+        "", "Block density: computed causal tiles / causal tiles (tile OR in original order; "
+        "'sorted': bucket pass over tokens sorted by (code, position) plus the sink/window band).",
+        "", "![loss](loss.png)", "", "![density](density.png)", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(out: Path, densities: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key, label in zip(axes, ("ce", "load_balance", "token_density"),
+                              ("cross-entropy", "load-balancing loss", "token density (train)")):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_xlabel("step")
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    block = next(k for k in densities if k.startswith("block_") and not k.endswith("sorted"))
+    for ax, key, title in zip(axes, ("token", block), ("token density", f"block density ({block})")):
+        image = ax.imshow(np.asarray(densities[key]), aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "density.png", dpi=110)
+    plt.close(fig)

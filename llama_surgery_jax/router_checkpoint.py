@@ -1,0 +1,125 @@
+"""Router checkpoints of a training run: router params, optimizer state, step, RNG seed, data position.
+
+The frozen base is referenced (its folder and a fingerprint of its config and source), never copied.
+    RUN/checkpoints/<step>/{routers,optimizer,meta}   orbax CheckpointManager, the last k kept
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from llama_surgery_jax.checkpoint import CheckpointError
+from llama_surgery_jax.config import RouterConfig
+
+
+def model_fingerprint(model_dir: Path) -> dict:
+    """What identifies the frozen base: its folder, and a hash of its config and conversion record."""
+    model_dir = Path(model_dir).absolute()
+    digest = hashlib.sha256()
+    for name in ("config.json", "conversion.json"):
+        path = model_dir / name
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return {"dir": str(model_dir), "sha256": digest.hexdigest()}
+
+
+def abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class RouterCheckpoints:
+    """An orbax CheckpointManager over (routers, optimizer, meta), asynchronous saves, last `keep` kept."""
+
+    def __init__(self, directory: Path, keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def check_compatible(self, fingerprint: dict, router: RouterConfig) -> None:
+        """Refuses to resume checkpoints of another base model or router shape."""
+        for step in reversed(self.steps()):
+            try:
+                meta = self.read_meta(step)
+            except Exception:  # unreadable: restore_latest reports and skips it
+                continue
+            if meta["model"]["sha256"] != fingerprint["sha256"]:
+                raise CheckpointError(
+                    f"{self.directory} holds router checkpoints of another model ({meta['model']['dir']}), "
+                    f"not {fingerprint['dir']}: use another --out folder")
+            if meta["router"] != dataclasses.asdict(router):
+                raise CheckpointError(
+                    f"{self.directory} holds routers trained with {meta['router']}, not {dataclasses.asdict(router)}: "
+                    "use another --out folder, or the same router settings to resume")
+            return
+
+    def save(self, step: int, routers, opt_state, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            routers=ocp.args.StandardSave(routers), optimizer=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, step: int, routers_like, opt_state_like=None):
+        args = {"routers": ocp.args.StandardRestore(abstract(routers_like)), "meta": ocp.args.JsonRestore()}
+        if opt_state_like is not None:
+            args["optimizer"] = ocp.args.StandardRestore(abstract(opt_state_like))
+        return self.manager.restore(step, args=ocp.args.Composite(**args))
+
+    def restore_latest(self, routers_like, opt_state_like):
+        """(routers, opt_state, meta) of the newest readable checkpoint, or None; a damaged one is
+        reported and skipped in favour of the one before it."""
+        for step in reversed(self.steps()):
+            try:
+                restored = self.restore(step, routers_like, opt_state_like)
+                return restored.routers, restored.optimizer, restored.meta
+            except Exception as e:  # orbax raises many types for damaged files
+                print(f"warning: checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: "
+                      f"{str(e)[:200]}); falling back to the one before it", file=sys.stderr)
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+
+def load_trained_routers(model, run_or_checkpoints: str | Path):
+    """Injects routers into `model` and loads the newest checkpoint of a training run folder
+    (or its `checkpoints/` folder). Returns (model, router config, step)."""
+    from llama_surgery_jax.router import RouterParam
+    from llama_surgery_jax.surgery import inject_routers
+
+    path = Path(run_or_checkpoints).absolute()
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    checkpoints = RouterCheckpoints(path)
+    steps = checkpoints.steps()
+    if not steps:
+        raise CheckpointError(f"{path} holds no router checkpoints: give a training run's --out folder")
+    meta = checkpoints.read_meta(steps[-1])
+    router_config = RouterConfig(**meta["router"])
+    inject_routers(model, router_config, nnx.Rngs(0))
+    graphdef, routers, rest = nnx.split(model, RouterParam, ...)
+    restored = checkpoints.restore(steps[-1], routers)
+    return nnx.merge(graphdef, restored.routers, rest), router_config, steps[-1]
+
+
+def prepare_for_evaluation(model, surgery: str):
+    """`--surgery init` (homotopy routers) or a run folder → (model, attention kwargs for evaluation)."""
+    from llama_surgery_jax.surgery import inject_routers
+
+    if surgery == "init":
+        inject_routers(model, RouterConfig(), nnx.Rngs(0))
+    else:
+        model, _, step = load_trained_routers(model, surgery)
+        print(f"routers from {surgery} (step {step})")
+    return model, {"train": False, "rng": None}
+
