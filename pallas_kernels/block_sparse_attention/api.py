@@ -41,12 +41,12 @@ def _pad_tokens(x, n_pad, axis, value=0):
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "window", "sink", "sm_scale", "return_lse",
-                                             "interpret", "num_warps", "num_stages"))
+                                             "interpret", "num_warps", "num_stages", "poison"))
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: jax.Array, *,
                            tile: int = DEFAULT_TILE, codes: jax.Array | None = None,
                            window: int | None = 0, sink: bool = True, sm_scale: float | None = None,
                            return_lse: bool = False, interpret: bool | None = None,
-                           num_warps: int | None = None, num_stages: int = 2):
+                           num_warps: int | None = None, num_stages: int = 2, poison: bool = False):
     """Causal attention over the tiles of `tile_mask`, with an optional exact token rule inside.
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim] (GQA, never
@@ -59,6 +59,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: 
     / diagonal rules act only inside tiles that are on: OR in `sink_window_tiles` for them.
     Returns o: [batch, tokens, q_heads, head_dim] in q's dtype, and with return_lse the
     log-sum-exp lse: [batch, q_heads, tokens] float32 (-inf, with o = 0, on rows that see no key).
+    num_warps / num_stages: Triton launch parameters; poison: NaN-fill the outputs first (tests).
     """
     _check_shapes(q, k, v, tile)
     b, n, hq, _ = q.shape
@@ -74,7 +75,7 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: 
         q, k, v, build_schedule(tile_mask), tile=tile,
         rule=Rule.TILE if codes is None else Rule.CODES, codes=codes, window=window, sink=sink,
         sm_scale=sm_scale, interpret=_default_interpret(interpret), num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, poison=poison)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o
 

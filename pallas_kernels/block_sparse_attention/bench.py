@@ -84,7 +84,7 @@ def correctness(rows, log):
         nt = -(-n // 128)
         tm = random_tile_mask(km, 1, r, nt, dens)
         codes = jax.random.randint(kc, (1, r, n), 0, 4) if use_codes else None
-        o = block_sparse_attention(q, k, v, tm, codes=codes, window=window)
+        o = block_sparse_attention(q, k, v, tm, codes=codes, window=window, poison=True)
         npad = -(-n // 512) * 512
         pad = npad - n
         ref = chunked_reference_attention(

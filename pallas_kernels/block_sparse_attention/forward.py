@@ -60,7 +60,7 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
-    o_ref, lse_ref = refs
+    o_ref, lse_ref = refs[-2:]  # poisoned (aliased) output buffers, if any, sit in between
 
     qi = num_q_tiles - 1 - pl.program_id(2)  # heaviest query tiles are launched first
     count = counts_ref[qi]
@@ -77,7 +77,7 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
         k = k_ref[pl.ds(start, tile), :]
         v = v_ref[pl.ds(start, tile), :]
         # Scores in float32 (fp16 Q.K overflows otherwise), in the log2 domain for exp2.
-        sc = pl.dot(q, k, trans_b=True) * (scale * LOG2E)
+        sc = pltriton.dot(q, k, trans_b=True) * (scale * LOG2E)
         if masked:
             if has_pos:
                 kpos = kp_ref[pl.ds(start, tile)][None, :]
@@ -91,7 +91,7 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(sc - m_use[:, None])
         l = l * alpha + p.sum(axis=-1)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     d = q.shape[-1]
@@ -114,13 +114,14 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
 @functools.partial(
     jax.jit,
     static_argnames=("tile", "rule", "window", "sink", "sm_scale", "out_dtype", "interpret",
-                     "num_warps", "num_stages"))
+                     "num_warps", "num_stages", "poison"))
 def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Schedule, *,
                              tile: int, rule: Rule = Rule.TILE, codes: jax.Array | None = None,
                              positions: jax.Array | None = None, window: int | None = 0,
                              sink: bool = True, sm_scale: float | None = None, out_dtype=None,
                              interpret: bool = False, num_warps: int | None = None,
-                             num_stages: int = 2) -> tuple[jax.Array, jax.Array]:
+                             num_stages: int = 2, poison: bool = False
+                             ) -> tuple[jax.Array, jax.Array]:
     """Run the kernel over a prebuilt schedule. Tokens must be a multiple of `tile`.
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim].
@@ -128,6 +129,7 @@ def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
     R' in {1, routing heads}: a size-1 axis is shared by all batches / heads).
     codes: [B', R', tokens] int32 (rules CODES, BUCKET). positions: [B', R', tokens] int32, the
     original position of each token when the sequence is permuted (BUCKET); iota otherwise.
+    poison: write into NaN-filled output buffers (tests: every row must be written).
     Returns o: [batch, tokens, q_heads, head_dim] (out_dtype, default q.dtype) and
     lse: [batch, q_heads, tokens] float32 (natural log; -inf on rows with no visible key).
     """
@@ -169,17 +171,25 @@ def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
                          pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0))]
             args += [extra.astype(jnp.int32)] * 2
 
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    out_shape = [jax.ShapeDtypeStruct(q.shape, out_dtype), jax.ShapeDtypeStruct((b, hq, n), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, tile, None, d), lambda h, bi, i: (bi, nq - 1 - i, h, 0)),
+                 pl.BlockSpec((None, None, tile), lambda h, bi, i: (bi, h, nq - 1 - i))]
+    aliases = {}
+    if poison:
+        aliases = {len(args): 0, len(args) + 1: 1}
+        args += [jnp.full(x.shape, jnp.nan, x.dtype) for x in out_shape]
+        in_specs += out_specs
+
     kernel = functools.partial(_kernel, rule=rule, window=window, sink=sink, tile=tile,
                                num_q_tiles=nq, scale=scale, has_codes=has_codes, has_pos=has_pos)
-    out_dtype = q.dtype if out_dtype is None else out_dtype
     return pl.pallas_call(
         kernel,
         grid=(hq, b, nq),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, tile, None, d), lambda h, bi, i: (bi, nq - 1 - i, h, 0)),
-                   pl.BlockSpec((None, None, tile), lambda h, bi, i: (bi, h, nq - 1 - i))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, out_dtype),
-                   jax.ShapeDtypeStruct((b, hq, n), jnp.float32)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(
             num_warps=num_warps if num_warps is not None else (4 if d <= 64 else 8),
             num_stages=num_stages),

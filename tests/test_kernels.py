@@ -1,0 +1,210 @@
+"""Block-sparse attention kernels vs the float32 dense reference (CPU: Pallas interpret mode).
+
+Interpret mode fills Pallas outputs with NaN before the kernel runs, and `poison=True` aliases
+NaN-filled buffers on GPU too, so an unwritten row fails the finiteness check.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_sparse_attention import (
+    Rule, block_density, block_sparse_attention, bucket_tiles, build_schedule,
+    chunked_reference_attention, codes_tile_mask, merge_partials, reference_attention,
+    sink_window_tiles, sparse_attention_forward, token_mask, token_routed_attention,
+    validate_schedule)
+
+# Relative Frobenius error bounds (the issue's): the kernel accumulates in float32, so the error
+# is the rounding of P (before P.V) and of O to the input type: 8 mantissa bits for bf16, 11 for
+# fp16. The float32 reference runs at highest matmul precision.
+TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+
+
+def qkv(seed, b, n, hq, hkv, d, dtype):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (jax.random.normal(kq, (b, n, hq, d), dtype), jax.random.normal(kk, (b, n, hkv, d), dtype),
+            jax.random.normal(kv, (b, n, hkv, d), dtype))
+
+
+def rel_err(out, ref):
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), "unwritten (NaN) or non-finite output"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def random_tiles(seed, b, r, nt, density):
+    on = jax.random.bernoulli(jax.random.PRNGKey(seed), density, (b, r, nt, nt))
+    return on | jnp.eye(nt, dtype=bool)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_schedule_lists_exactly_the_causal_active_tiles():
+    mask = jax.random.bernoulli(jax.random.PRNGKey(0), 0.3, (2, 3, 9, 9))
+    validate_schedule(build_schedule(mask), mask)
+    validate_schedule(build_schedule(jnp.zeros((1, 1, 4, 4), bool)), np.zeros((1, 1, 4, 4), bool))
+
+
+@pytest.mark.parametrize("tile,window,sink", [(16, 0, True), (16, 40, True), (8, 17, False),
+                                              (16, None, True), (16, None, False)])
+def test_sink_window_tiles_is_or_of_token_rule(tile, window, sink):
+    n = 7 * tile
+    nt = n // tile
+    rule = token_mask(jnp.ones((1, 1, nt, nt), bool), n, tile, codes=jnp.arange(n)[None, None] + 1,
+                      window=window, sink=sink)[0, 0]  # unique codes: only sink/window/diagonal
+    want = np.asarray(rule).reshape(nt, tile, nt, tile).any(axis=(1, 3))
+    np.testing.assert_array_equal(np.asarray(sink_window_tiles(nt, tile, window, sink)), want)
+
+
+def test_codes_tile_mask_is_or_of_token_mask():
+    n, tile, num_codes = 128, 16, 6
+    codes = jax.random.randint(jax.random.PRNGKey(3), (2, 2, n), 0, num_codes)
+    nt = n // tile
+    tm = codes_tile_mask(codes, tile, num_codes, window=20)
+    tok = token_mask(jnp.ones((2, 2, nt, nt), bool), n, tile, codes=codes, window=20)
+    want = np.asarray(tok).reshape(2, 2, nt, tile, nt, tile).any(axis=(3, 5))
+    np.testing.assert_array_equal(np.asarray(tm), want)
+
+
+def test_bucket_tiles_is_or_of_same_code_pairs():
+    n, tile = 96, 16
+    codes = jnp.sort(jax.random.randint(jax.random.PRNGKey(4), (1, 2, n), 0, 5), axis=-1)
+    same = (codes[..., :, None] == codes[..., None, :]) & jnp.tril(jnp.ones((n, n), bool))
+    want = np.asarray(same).reshape(1, 2, n // tile, tile, n // tile, tile).any(axis=(3, 5))
+    np.testing.assert_array_equal(np.asarray(bucket_tiles(codes, tile)), want)
+
+
+def test_block_density():
+    nt = 8
+    assert float(block_density(jnp.ones((1, 1, nt, nt), bool))) == 1.0
+    assert float(block_density(jnp.eye(nt, dtype=bool)[None, None])) == pytest.approx(nt / 36)
+
+
+# ---------------------------------------------------------------- forward kernel
+
+CASES = [
+    # b, n, hq, hkv, d, dtype, routing, tile, density, codes, window, sink
+    (2, 128, 4, 1, 64, jnp.bfloat16, "kv", 32, 0.4, False, 0, True),  # aligned, GQA 4:1
+    (1, 200, 8, 1, 64, jnp.float16, "q", 32, 0.5, False, 0, True),  # ragged, GQA 8:1, per q head
+    (1, 96, 4, 1, 128, jnp.bfloat16, "kv", 32, 1.0, False, 0, True),  # fully dense, d 128
+    (2, 160, 4, 2, 64, jnp.float16, "kv", 32, 0.6, True, 24, True),  # codes + window + sink
+    (1, 150, 2, 2, 64, jnp.bfloat16, "q", 16, 0.5, True, None, False),  # codes, no window/sink
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_forward_matches_reference(case):
+    b, n, hq, hkv, d, dtype, routing, tile, density, use_codes, window, sink = case
+    q, k, v = qkv(hash(case) % 1000, b, n, hq, hkv, d, dtype)
+    r = hkv if routing == "kv" else hq
+    nt = -(-n // tile)
+    tm = random_tiles(n, b, r, nt, density)
+    codes = jax.random.randint(jax.random.PRNGKey(7), (b, r, n), 0, 3) if use_codes else None
+    o, lse = block_sparse_attention(q, k, v, tm, tile=tile, codes=codes, window=window, sink=sink,
+                                    return_lse=True, poison=True)
+    mask = token_mask(tm, n, tile, codes=codes, window=window, sink=sink)
+    ref, ref_lse = reference_attention(q, k, v, mask, return_lse=True)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    assert rel_err(o, ref) <= TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
+
+
+def test_rows_seeing_only_sink_and_window():
+    """Codes that never match: every row sees exactly key 0, its window and itself."""
+    b, n, hq, hkv, d, tile, window = 1, 128, 4, 1, 64, 32, 20
+    q, k, v = qkv(11, b, n, hq, hkv, d, jnp.bfloat16)
+    nt = n // tile
+    tm = sink_window_tiles(nt, tile, window)[None, None]
+    codes = jnp.arange(n, dtype=jnp.int32)[None, None]  # all distinct
+    o = block_sparse_attention(q, k, v, tm, tile=tile, codes=codes, window=window, poison=True)
+    ref = reference_attention(q, k, v, token_mask(tm, n, tile, codes=codes, window=window))
+    assert rel_err(o, ref) <= TOLERANCE[jnp.bfloat16]
+
+
+def test_rows_with_no_visible_key_give_zero_and_minus_inf():
+    """Diagonal tile off: the first query tile sees nothing; the rule defines o = 0, lse = -inf."""
+    b, n, hq, hkv, d, tile = 1, 64, 2, 1, 64, 32
+    q, k, v = qkv(12, b, n, hq, hkv, d, jnp.float16)
+    tm = jnp.array([[False, False], [True, False]])[None, None]
+    o, lse = block_sparse_attention(q, k, v, tm, tile=tile, return_lse=True, poison=True)
+    assert np.all(np.asarray(o[:, :tile]) == 0) and np.all(np.isneginf(np.asarray(lse[..., :tile])))
+    ref = reference_attention(q, k, v, token_mask(tm, n, tile))
+    assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
+
+
+def test_partial_attentions_merge_exactly():
+    """Two disjoint tile masks, merged by lse, equal their union in one pass."""
+    b, n, hq, hkv, d, tile = 1, 128, 2, 1, 64, 32
+    q, k, v = qkv(13, b, n, hq, hkv, d, jnp.float16)
+    nt = n // tile
+    a = random_tiles(1, b, hkv, nt, 0.5)
+    bmask = ~a & jnp.tril(jnp.ones((nt, nt), bool))
+    oa, la = block_sparse_attention(q, k, v, a, tile=tile, return_lse=True)
+    ob, lb = block_sparse_attention(q, k, v, bmask, tile=tile, return_lse=True)
+    o, lse = merge_partials(oa, la, ob, lb, out_dtype=jnp.float32)
+    ref, ref_lse = reference_attention(q, k, v, token_mask(a | bmask, n, tile), return_lse=True)
+    assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
+
+
+def test_local_and_bucket_rules_split_the_codes_rule():
+    """BUCKET (codes, minus local) and LOCAL partition the CODES rule's keys, per token."""
+    b, n, hq, hkv, d, tile, window = 1, 64, 2, 1, 64, 16, 10
+    q, k, v = qkv(14, b, n, hq, hkv, d, jnp.float16)
+    codes = jax.random.randint(jax.random.PRNGKey(2), (b, hkv, n), 0, 3)
+    nt = n // tile
+    sched = build_schedule(jnp.ones((b, hkv, nt, nt), bool))
+    kw = dict(tile=tile, codes=codes, window=window, interpret=True, out_dtype=jnp.float32)
+    ob, lb = sparse_attention_forward(q, k, v, sched, rule=Rule.BUCKET, **kw)
+    ol, ll = sparse_attention_forward(q, k, v, sched, rule=Rule.LOCAL, **kw)
+    o, _ = merge_partials(ob, lb, ol, ll)
+    ref = reference_attention(q, k, v, token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile,
+                                                  codes=codes, window=window))
+    assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
+
+
+# ---------------------------------------------------------------- token-level routing (sorted)
+
+
+@pytest.mark.parametrize("routing,n,window,sink,dtype", [
+    ("kv", 128, 16, True, jnp.bfloat16),  # per KV head, GQA 4:1, aligned
+    ("q", 100, 0, True, jnp.float16),  # per query head, ragged
+    ("kv", 96, None, False, jnp.float16),  # no window, no sink: codes + diagonal only
+])
+def test_token_routed_attention_is_exact(routing, n, window, sink, dtype):
+    b, hq, hkv, d, tile = 2, 4, 1, 64, 16
+    q, k, v = qkv(n, b, n, hq, hkv, d, dtype)
+    r = hkv if routing == "kv" else hq
+    codes = jax.random.randint(jax.random.PRNGKey(n), (b, r, n), 0, 4)
+    o, lse = token_routed_attention(q, k, v, codes, tile=tile, window=window, sink=sink,
+                                    return_lse=True)
+    nt = -(-n // tile)
+    ref, ref_lse = reference_attention(
+        q, k, v, token_mask(jnp.ones((b, r, nt, nt), bool), n, tile, codes=codes, window=window,
+                            sink=sink), return_lse=True)
+    assert o.shape == q.shape
+    assert rel_err(o, ref) <= TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_reference_matches_dense_reference():
+    b, n, hq, hkv, d, tile = 1, 128, 4, 2, 64, 16
+    q, k, v = qkv(21, b, n, hq, hkv, d, jnp.bfloat16)
+    nt = n // tile
+    tm = random_tiles(5, b, hkv, nt, 0.5)
+    codes = jax.random.randint(jax.random.PRNGKey(8), (b, hkv, n), 0, 3)
+    o = chunked_reference_attention(q, k, v, tm, tile=tile, codes=codes, window=9, chunk=32)
+    ref = reference_attention(q, k, v, token_mask(tm, n, tile, codes=codes, window=9))
+    np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=1e-6)
+
+
+def test_shape_checks():
+    q, k, v = qkv(0, 1, 64, 4, 1, 64, jnp.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        block_sparse_attention(q, k, v, jnp.ones((1, 1, 2, 2), bool), tile=32)
+    q, k, v = qkv(0, 1, 64, 4, 1, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="tile_mask"):
+        block_sparse_attention(q, k, v, jnp.ones((1, 3, 2, 2), bool), tile=32)
