@@ -1,0 +1,182 @@
+"""Token and block density of the hard mask on a real model and text (METHOD.md §9, §10).
+
+    python -m llama_surgery_jax.density_report [--model DIR] [--data-dir DIR] [--tokens 2048] [--json FILE]
+
+For p ∈ {2, 3, 5, 7} (L = ceil(log_p 8192)) and every d_max, with routers at their homotopy
+initialisation and with random route heads (`init_router_params(homotopy=False)`, seed 0), it routes
+each layer's attention input of the dense model on the first `--tokens` tokens of wiki.valid.tokens
+(no BOS) and reports, averaged over layers and routing heads (window and sink as in RouterConfig):
+
+    token density      visible causal pairs / causal pairs
+    tile T, original   computed causal tiles / causal tiles: the tile OR of the token mask
+    tile T, sorted     tokens sorted by (code, position) per head: bucket-pass tiles (a tile the band
+                       also covers still counts) + band-pass tiles (window, sink, diagonal)
+    block mode         the block-level router (routes from pooled causal block features, block = tile)
+
+At initialisation the router is dense, so its rows read 1.0 everywhere. The routes are computed on the
+dense model's activations (identical to the surgery's at initialisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_surgery_jax.config import RouterConfig
+from llama_surgery_jax.model import dense_attention
+from llama_surgery_jax.router import init_router_params, prefix_codes, route, router_logits, sample_routes
+from llama_surgery_jax.topology import (
+    band_tiles,
+    block_density,
+    bucket_tiles,
+    causal_pairs,
+    tile_mask,
+    token_density,
+)
+
+PRIMES = (2, 3, 5, 7)
+TILES = (64, 128)
+N_REF = 8192
+
+
+def attention_inputs(model, tokens: jax.Array) -> jax.Array:
+    """tokens: [1, t] → [layers, t, hidden]: every layer's attention input in the dense model."""
+    captured = []
+
+    def capture(q, k, v, *, x, **kwargs):
+        captured.append(x[0])
+        return dense_attention(q, k, v, x=x, **kwargs)
+
+    for layer in model.model.layers:
+        layer.self_attn.attention_impl = capture
+    try:
+        model(tokens)
+    finally:
+        for layer in model.model.layers:
+            layer.self_attn.attention_impl = dense_attention
+    return jnp.stack(captured)
+
+
+def layer_choices(params_per_layer, xs: jax.Array, *, heads: int, config: RouterConfig) -> jax.Array:
+    """[layers, t, hidden] → argmax choices [layers, heads, t, levels] (token mode)."""
+
+    @jax.jit
+    def one(params, x):
+        logits = router_logits(params, x[None], routing_heads=heads, levels=config.levels, p=config.p)
+        return sample_routes(logits, tau=1.0, rng=None, hard=True)[1][0]
+
+    return jnp.stack([one(params, x) for params, x in zip(params_per_layer, xs, strict=True)])
+
+
+def densities(codes: jax.Array, config: RouterConfig) -> dict[str, float]:
+    """codes: [layers, heads, t] → token density and, per tile, original and sorted block densities."""
+    t = codes.shape[-1]
+    row = {"token_density": float(token_density(codes, window=config.window, sink=config.sink))}
+    for tile in TILES:
+        n = -(-t // tile)
+        original = tile_mask(codes, tile=tile, window=config.window, sink=config.sink)
+        band = band_tiles(n, tile=tile, window=config.window, sink=config.sink)
+        bucket = bucket_tiles(codes, tile=tile)
+        sorted_total = (jnp.sum(bucket) + jnp.sum(band) * (codes.size // t)) / (codes.size // t * causal_pairs(n))
+        row[f"tile{tile}_original"] = float(block_density(original))
+        row[f"tile{tile}_sorted"] = float(sorted_total)
+        row[f"tile{tile}_sorted_bucket_pass"] = float(block_density(bucket))
+        row[f"tile{tile}_band_pass"] = float(block_density(band))
+    return row
+
+
+def block_mode_densities(params_per_layer, xs, *, heads: int, config: RouterConfig) -> dict[str, float]:
+    """The block-level router with block = tile, for each tile size."""
+    row = {}
+    for tile in TILES:
+        block_config = dataclasses.replace(config, mode="block", block_size=tile)
+        routed = jax.jit(lambda params, x, c=block_config: route(params, x[None], config=c,
+                                                                routing_heads=heads).codes[0])
+        codes = jnp.stack([routed(params, x) for params, x in zip(params_per_layer, xs, strict=True)])
+        row[f"block{tile}_token_density"] = float(token_density(codes, window=config.window, sink=config.sink))
+        row[f"block{tile}_tile_density"] = float(block_density(
+            tile_mask(codes, tile=tile, window=config.window, sink=config.sink)))
+    return row
+
+
+def report(model, tokens: jax.Array, *, routing_heads: str = "query", seed: int = 0) -> list[dict]:
+    """One row per (p, d_max, router init): the densities above; tokens: [1, t]."""
+    xs = attention_inputs(model, tokens)
+    layers, _, hidden = xs.shape
+    mc = model.config
+    heads = mc.num_attention_heads if routing_heads == "query" else mc.num_key_value_heads
+    rows = []
+    for p in PRIMES:
+        base = RouterConfig.for_context(N_REF, p, routing_heads=routing_heads)
+        for router in ("init", "random"):
+            keys = jax.random.split(jax.random.key(seed), layers)
+            params = [init_router_params(key, hidden, heads, base, homotopy=router == "init") for key in keys]
+            choices = layer_choices(params, xs, heads=heads, config=base)
+            for d_max in range(base.levels):
+                config = dataclasses.replace(base, d_max=d_max)
+                codes = prefix_codes(choices, p=p, prefix_levels=config.prefix_levels)
+                row = {"p": p, "levels": config.levels, "d_max": d_max, "codes": config.num_codes,
+                       "router": router, **densities(codes, config)}
+                row.update(block_mode_densities(params, xs, heads=heads, config=config))
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = ("| p | L | d_max | p^k | router | token | tile64 orig | tile64 sorted | tile128 orig | tile128 sorted "
+          "| block64 token | block64 tiles | block128 token | block128 tiles |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def format_row(row: dict) -> str:
+    values = [row["token_density"], row["tile64_original"], row["tile64_sorted"], row["tile128_original"],
+              row["tile128_sorted"], row["block64_token_density"], row["block64_tile_density"],
+              row["block128_token_density"], row["block128_tile_density"]]
+    return (f"| {row['p']} | {row['levels']} | {row['d_max']} | {row['codes']} | {row['router']} | "
+            + " | ".join(f"{v:.3f}" for v in values) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Token and block density of the surgery's hard mask on "
+                                                 "WikiText-2 (wiki.valid.tokens) for p in {2,3,5,7} and every d_max.")
+    parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--data-dir", help="WikiText-2 folder (default: $WIKITEXT2_DIR, else datasets)")
+    parser.add_argument("--tokens", type=int, default=2048, help="sequence length (the first window)")
+    parser.add_argument("--routing-heads", default="query", choices=["query", "kv"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random router weights")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+
+    from llama_surgery_jax import data
+    from llama_surgery_jax.checkpoint import CheckpointError, load_model, load_tokenizer
+    from llama_surgery_jax.embedded import default_model_dir
+
+    try:
+        model_dir = Path(args.model) if args.model else default_model_dir()
+        model = load_model(model_dir)
+        ids = data.tokenize(load_tokenizer(model_dir), data.load_text("valid", args.data_dir, "tokens"))
+        tokens = jnp.asarray(data.windows(ids, args.tokens, 1))
+    except (CheckpointError, data.DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    window, sink = RouterConfig().window, RouterConfig().sink
+    print(f"{model_dir.name}: {args.tokens} tokens of wiki.valid.tokens, routing per {args.routing_heads} head, "
+          f"window {window}, sink {sink}, means over {model.config.num_hidden_layers} layers and heads")
+    print(HEADER)
+    rows = report(model, tokens, routing_heads=args.routing_heads, seed=args.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": str(model_dir), "tokens": args.tokens,
+                                               "routing_heads": args.routing_heads, "window": window,
+                                               "sink": sink, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
