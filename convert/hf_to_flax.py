@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_surgery_jax.checkpoint import parameter_shapes, save_params
-from llama_surgery_jax.config import ConfigError, ModelConfig, RopeScaling
+from llama_surgery_jax.config import ConfigError, ModelConfig
 
 
 class ConversionError(ValueError):

@@ -136,7 +136,7 @@ def plot(out: Path, densities: dict) -> None:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, key, label in zip(axes, ("ce", "load_balance", "token_density"),
-                              ("cross-entropy", "load-balancing loss", "token density (train)")):
+                              ("cross-entropy", "load-balancing loss", "token density (train)"), strict=True):
         ax.plot(steps, [r[key] for r in rows])
         ax.set_xlabel("step")
         ax.set_title(label)
@@ -146,7 +146,7 @@ def plot(out: Path, densities: dict) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     block = next(k for k in densities if k.startswith("block_") and not k.endswith("sorted"))
-    for ax, key, title in zip(axes, ("token", block), ("token density", f"block density ({block})")):
+    for ax, key, title in zip(axes, ("token", block), ("token density", f"block density ({block})"), strict=True):
         image = ax.imshow(np.asarray(densities[key]), aspect="auto", vmin=0, vmax=1, cmap="viridis")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")

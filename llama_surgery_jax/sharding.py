@@ -47,7 +47,7 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
         if any(s in parts for s in suffixes) and len(shape) == len(rule):
             placement = rule
     return PartitionSpec(*(axis if axis and dim % mesh.shape[axis] == 0 else None
-                           for axis, dim in zip(placement, shape)))
+                           for axis, dim in zip(placement, shape, strict=True)))
 
 
 def shard_state(state, mesh: Mesh):
@@ -73,3 +73,15 @@ def global_batch(local_rows: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Ar
     """One global [batch, seq] array from each process's own rows (multi-process runs)."""
     sharding = batch_sharding(mesh)
     return jax.make_array_from_process_local_data(sharding, local_rows, (global_rows, *local_rows.shape[1:]))
+
+
+def put(tree, shardings):
+    """Places host-identical values on (possibly multi-process) shardings; device_put where one process."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def place(value, target):
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    return jax.tree.map(place, tree, shardings)

@@ -92,17 +92,17 @@ def lm_loss(model, tokens: jax.Array, **attention_kwargs):
 
 
 def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.GradientTransformation):
-    """The pure step: (routers, opt_state, frozen, tokens, step, key) → (routers, opt_state, metrics).
+    """The pure step: (routers, opt_state, frozen, tokens, step, seed) → (routers, opt_state, metrics).
 
     Gradients are taken with respect to the router parameters alone: the frozen base enters as a
     constant, so no weight gradient of the base is ever computed. A step whose loss or gradients are
     not finite leaves routers and optimizer state unchanged (metrics say so).
     """
 
-    def step_fn(routers, opt_state, frozen, tokens, step, key):
+    def step_fn(routers, opt_state, frozen, tokens, step, seed):
         tau = tau_at(step, router_config)
         lam = lambda_at(step, router_config)
-        rng = jax.random.fold_in(key, step)
+        rng = jax.random.fold_in(jax.random.key(seed), step)
 
         def loss_fn(routers):
             model = nnx.merge(graphdef, routers, frozen)
@@ -115,7 +115,7 @@ def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.Grad
 
         (loss, (ce, balance, (token_density, block_density))), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(routers)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, routers)
         new_routers = optax.apply_updates(routers, updates)
@@ -160,10 +160,11 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
     router_shardings = sharding.shard_state(routers, mesh)
     frozen_shardings = sharding.shard_state(frozen, mesh)
-    routers = jax.device_put(routers, router_shardings)
-    frozen = jax.device_put(frozen, frozen_shardings)
-    opt_state = jax.jit(optimizer.init)(routers)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, opt_state)
+    routers = sharding.put(routers, router_shardings)
+    frozen = sharding.put(frozen, frozen_shardings)
+    # Adam's moments have the routers' names and shapes, so the same rules place them.
+    opt_shardings = sharding.shard_state(jax.eval_shape(optimizer.init, routers), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(routers)
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
         make_train_step(graphdef, config.router, optimizer),
@@ -196,7 +197,8 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     tokens = load_training_tokens(config, model_dir)
     batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed)
     run = build_run(config, model_dir)
-    key = jax.random.key(config.seed)
+    replicated = sharding.replicated(run.mesh)
+    seed = sharding.put(np.int32(config.seed), replicated)
     start = 0
     restored = checkpoints.restore_latest(run.routers, run.opt_state)
     if restored is not None:
@@ -217,7 +219,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         mine = rows[jax.process_index() * process_rows:(jax.process_index() + 1) * process_rows]
         batch = sharding.global_batch(mine, run.mesh, config.batch_size)
         run.routers, run.opt_state, metrics = run.step_fn(
-            run.routers, run.opt_state, run.frozen, batch, jnp.asarray(step, jnp.int32), key)
+            run.routers, run.opt_state, run.frozen, batch, sharding.put(np.int32(step), replicated), seed)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["tokens_per_s"] = config.batch_size * config.seq_len / (now - last_time)
@@ -253,10 +255,6 @@ def _default_model_dir() -> Path:
     from llama_surgery_jax.embedded import default_model_dir
 
     return default_model_dir()
-
-
-def config_digest(config: TrainConfig) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def main(argv: list[str] | None = None) -> int:

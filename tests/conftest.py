@@ -53,3 +53,28 @@ def wikitext_dir() -> Path:
     if not (path / "wiki.test.raw").is_file():
         pytest.skip(f"WikiText-2 not found at {path}; set WIKITEXT2_DIR")
     return path
+
+
+def train_tiny_tokenizer(folder: Path, wikitext: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE of the tiny model's vocabulary size, trained on a slice of WikiText-2 valid."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = (wikitext / "wiki.valid.tokens").read_text()[:200_000]
+    tokenizer.train_from_iterator([text], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_hf_dir, wikitext_dir, tmp_path_factory) -> Path:
+    """The tiny Llama converted, with a 512-token BPE tokenizer: the whole training path in seconds."""
+    from convert.hf_to_flax import convert
+
+    out = convert(tiny_hf_dir, tmp_path_factory.mktemp("converted") / "tiny", progress=False)
+    train_tiny_tokenizer(out, wikitext_dir)
+    return out

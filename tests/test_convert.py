@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import fresh_seed, make_hf_llama
+
 from convert.hf_to_flax import ConversionError, convert
 from llama_surgery_jax.checkpoint import load_model
 from llama_surgery_jax.config import ModelConfig, Precision

@@ -1,0 +1,168 @@
+"""Router training: exact resume, device-count invariance, multi-process, bad input, the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llama_surgery_jax.config import ConfigError, TrainConfig
+from llama_surgery_jax.train import PackedSequences, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+# The same float32 step on 1 and on 4 devices differs only by the order of cross-device sums.
+DEVICE_COUNT_RTOL = 1e-6
+
+
+def tiny_config(model_dir, wikitext_dir, *extra) -> TrainConfig:
+    return TrainConfig.preset("smoke").override([
+        f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=6",
+        "checkpoint_every=1", "eval_context=64", "eval_windows=2", "eval_batch=2",
+        # A small homotopy margin and a large rate, so that routes move within a few steps.
+        "router.init_bias=1.0", "learning_rate=0.05", *extra])
+
+
+def router_params(out: Path, like_run_config: TrainConfig, model_dir: Path):
+    from llama_surgery_jax.router_checkpoint import RouterCheckpoints
+    from llama_surgery_jax.train import build_run
+
+    run = build_run(like_run_config, model_dir)
+    checkpoints = RouterCheckpoints(out / "checkpoints")
+    restored = checkpoints.restore(checkpoints.steps()[-1], run.routers, run.opt_state)
+    return jax.tree.leaves(restored.routers), jax.tree.leaves(restored.optimizer)
+
+
+def test_packed_sequences_resume_exactly():
+    ids = np.arange(1000, dtype=np.int32)
+    a = PackedSequences(ids, 10, 4, seed=3)
+    straight = [a.next_batch() for _ in range(60)]  # crosses several epochs
+    b = PackedSequences(ids, 10, 4, seed=3)
+    first = [b.next_batch() for _ in range(25)]
+    c = PackedSequences(ids, 10, 4, seed=3)
+    c.restore(b.position)
+    resumed = first + [c.next_batch() for _ in range(35)]
+    for x, y in zip(straight, resumed, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_is_exact(tiny_model_dir, wikitext_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, wikitext_dir)
+    straight = train(config, tmp_path / "straight", progress=False)
+    assert train(config, tmp_path / "killed", progress=False, stop_after=3) == {"stopped_at": 3}
+    resumed = train(config, tmp_path / "killed", progress=False)
+    a_params, a_opt = router_params(tmp_path / "straight", config, tiny_model_dir)
+    b_params, b_opt = router_params(tmp_path / "killed", config, tiny_model_dir)
+    for x, y in zip(a_params + a_opt, b_params + b_opt, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert straight["surgery_ppl"] == resumed["surgery_ppl"]
+    losses = lambda out: [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+    # The routers moved: the run is not a no-op.
+    report = json.loads((tmp_path / "straight" / "report.json").read_text())
+    assert report["token_density"] < 1.0
+    assert {"dense_ppl", "surgery_ppl", "token_density", "block_density", "protocol"} <= set(report)
+    assert (tmp_path / "straight" / "report.md").is_file() and (tmp_path / "straight" / "density.png").is_file()
+
+
+def run_one_step(model_dir, wikitext_dir, out: Path, devices: int, *mesh) -> float:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "llama_surgery_jax.train", "--preset", "smoke", "--out", str(out),
+           f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1",
+           "eval_context=64", "eval_windows=1", "router.init_bias=1.0", *mesh]
+    subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+@pytest.mark.parametrize("mesh", [("mesh_data=4",), ("mesh_data=1", "mesh_fsdp=2", "mesh_tensor=2")],
+                         ids=["data4", "fsdp2xtensor2"])
+def test_same_step_on_one_and_four_devices(tiny_model_dir, wikitext_dir, tmp_path, mesh):
+    one = run_one_step(tiny_model_dir, wikitext_dir, tmp_path / "one", 1)
+    four = run_one_step(tiny_model_dir, wikitext_dir, tmp_path / "four", 4, *mesh)
+    assert abs(four - one) <= DEVICE_COUNT_RTOL * abs(one), (one, four)
+
+
+def test_two_processes_with_jax_distributed(tiny_model_dir, wikitext_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--preset", "smoke", "--out", str(tmp_path / "multi"), f"model={tiny_model_dir}",
+              f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1", "eval_context=64",
+              "eval_windows=1", "router.init_bias=1.0"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-m", "llama_surgery_jax.train", "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *common],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    multi = json.loads((tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    single = run_one_step(tiny_model_dir, wikitext_dir, tmp_path / "single", 1)
+    assert abs(multi - single) <= DEVICE_COUNT_RTOL * abs(single), (single, multi)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_unknown_preset_and_override(capsys):
+    assert main(["--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["--preset", "smoke", "stepz=3"]) == 2
+    assert "unknown override 'stepz'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="wrong type"):
+        TrainConfig().override(["router.p=two"])
+    with pytest.raises(ConfigError, match="must be a prime"):
+        TrainConfig().override(["router.p=4"])
+
+
+def test_unwritable_output_folder(tiny_model_dir, wikitext_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--preset", "smoke", "--out", str(blocker / "run"), f"model={tiny_model_dir}"]) == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_model(tiny_model_dir, wikitext_dir, tmp_path, tiny_hf_dir):
+    from conftest import make_hf_llama, train_tiny_tokenizer
+
+    from convert.hf_to_flax import convert
+    from llama_surgery_jax.checkpoint import CheckpointError
+
+    config = tiny_config(tiny_model_dir, wikitext_dir, "steps=1")
+    train(config, tmp_path / "run", progress=False)
+    other = convert(make_hf_llama(tmp_path / "other-hf", seed=7, intermediate_size=128),
+                    tmp_path / "other", progress=False)
+    train_tiny_tokenizer(other, wikitext_dir)
+    with pytest.raises(CheckpointError, match="another model"):
+        train(tiny_config(other, wikitext_dir, "steps=2"), tmp_path / "run", progress=False)
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous(tiny_model_dir, wikitext_dir, tmp_path, capsys):
+    config = tiny_config(tiny_model_dir, wikitext_dir, "steps=3")
+    train(config, tmp_path / "run", progress=False, stop_after=2)
+    newest = tmp_path / "run" / "checkpoints" / "2" / "routers"
+    for f in newest.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    train(config, tmp_path / "run", progress=False)
+    err = capsys.readouterr()
+    assert "is unreadable" in err.err and "falling back" in err.err
+    assert "resumed from" in err.out and "at step 1" in err.out
+
+
+@pytest.mark.slow
+def test_smoke_preset_on_the_embedded_model(smollm2_dir, wikitext_dir, tmp_path, capsys):
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "smoke"), f"data_dir={wikitext_dir}"]) == 0
+    report = json.loads((tmp_path / "smoke" / "report.json").read_text())
+    assert report["dense_ppl"] > 1 and report["surgery_ppl"] > 1
+    assert "surgery ppl" in capsys.readouterr().out
+    assert "surgery" in (tmp_path / "smoke" / "report.md").read_text()
+    shutil.rmtree(tmp_path / "smoke")
