@@ -76,7 +76,7 @@ def topology_densities(model, tokens: jax.Array, config) -> dict:
     return {k: np.stack(v).tolist() for k, v in per_layer.items()}  # [layers][heads]
 
 
-def final_report(run, out: Path, config) -> dict:
+def final_report(run, out: Path, config, timing: dict | None = None) -> dict:
     """Dense vs surgery perplexity on wiki.test.raw and realised densities → report.json/.md, PNGs."""
     ids = data.tokenize(load_tokenizer(run.model_dir), data.load_text("test", config.data_dir or None, "raw"))
     windows = data.windows(ids, config.eval_context, config.eval_windows)
@@ -95,7 +95,7 @@ def final_report(run, out: Path, config) -> dict:
         "tokens_scored": dense["tokens"], "steps": config.steps,
         "protocol": protocol(config.eval_context, len(windows), data.resolve_data_dir(config.data_dir or None))
         | {"density_windows": DENSITY_WINDOWS, "routes": "argmax (no noise), hard mask"},
-        "model": str(run.model_dir), "config": config.to_dict(),
+        "model": str(run.model_dir), "config": config.to_dict(), "timing": timing or {},
     }
     if jax.process_index() == 0:
         write_json_atomic(out / "report.json", result)
@@ -119,6 +119,8 @@ def markdown(r: dict) -> str:
         "| measure | density |", "| --- | --- |",
         f"| token density | {r['token_density']:.4f} |",
         *[f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in r["block_density_by_tile"].items()],
+        "", "Training speed (this invocation, first step with compilation left out): "
+        + json.dumps(r["timing"]),
         "", "Block density: computed causal tiles / causal tiles (tile OR in original order; "
         "'sorted': bucket pass over tokens sorted by (code, position) plus the sink/window band).",
         "", "![loss](loss.png)", "", "![density](density.png)", "",

@@ -213,7 +213,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     bad_in_a_row = 0
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train",
                disable=not progress or jax.process_index() != 0)
-    last_time, done = time.perf_counter(), 0
+    last_time, done, step_seconds = time.perf_counter(), 0, []
     for step in bar:
         rows = batches.next_batch()
         mine = rows[jax.process_index() * process_rows:(jax.process_index() + 1) * process_rows]
@@ -223,6 +223,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         metrics["tokens_per_s"] = config.batch_size * config.seq_len / (now - last_time)
+        step_seconds.append(now - last_time)
         last_time = now
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lb=f"{metrics['load_balance']:.3f}",
                         tau=f"{metrics['tau']:.2f}", lam=f"{metrics['lambda']:.2f}",
@@ -248,7 +249,18 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
             return {"stopped_at": step + 1}
     checkpoints.wait()
     logger.close()
-    return report.final_report(run, out, config)
+    # The first step of an invocation includes compilation: leave it out of the rate.
+    timing = {"steps_timed": len(step_seconds) - 1,
+              "steps_per_s": (len(step_seconds) - 1) / sum(step_seconds[1:]) if len(step_seconds) > 1 else None,
+              "peak_device_memory_gib": peak_device_memory_gib(), "device": jax.devices()[0].device_kind,
+              "devices": jax.device_count()}
+    return report.final_report(run, out, config, timing)
+
+
+def peak_device_memory_gib() -> float | None:
+    """Peak bytes in use on device 0 (GPU backends report it; the CPU backend does not)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 
 def _default_model_dir() -> Path:
