@@ -9,8 +9,9 @@ each layer's attention input of the dense model on the first `--tokens` tokens o
 
     token density      visible causal pairs / causal pairs
     tile T, original   computed causal tiles / causal tiles: the tile OR of the token mask
-    tile T, sorted     tokens sorted by (code, position) per head: bucket-pass tiles (a tile the band
-                       also covers still counts) + band-pass tiles (window, sink, diagonal)
+    tile T, sorted     tokens sorted by (code, position) per head: bucket-pass tiles (equal codes, in
+                       sorted order) + band-pass tiles (window and sink pairs whose codes differ, in
+                       original order), over causal tiles; each pair is computed by exactly one pass
     block mode         the block-level router (routes from pooled causal block features, block = tile)
 
 At initialisation the router is dense, so its rows read 1.0 everywhere. The routes are computed on the
@@ -27,13 +28,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llama_surgery_jax.config import RouterConfig
 from llama_surgery_jax.model import dense_attention
-from llama_surgery_jax.router import init_router_params, prefix_codes, route, router_logits, sample_routes
+from llama_surgery_jax.router import (
+    init_router_params,
+    pooled_block_features,
+    prefix_codes,
+    router_logits,
+    sample_routes,
+)
 from llama_surgery_jax.topology import (
-    band_tiles,
+    band_pass_tiles,
     block_density,
     bucket_tiles,
     causal_pairs,
@@ -65,12 +71,15 @@ def attention_inputs(model, tokens: jax.Array) -> jax.Array:
 
 
 def layer_choices(params_per_layer, xs: jax.Array, *, heads: int, config: RouterConfig) -> jax.Array:
-    """[layers, t, hidden] → argmax choices [layers, heads, t, levels] (token mode)."""
+    """[layers, t, hidden] → argmax choices [layers, heads, t, levels], per token (token or block mode)."""
 
     @jax.jit
     def one(params, x):
-        logits = router_logits(params, x[None], routing_heads=heads, levels=config.levels, p=config.p)
-        return sample_routes(logits, tau=1.0, rng=None, hard=True)[1][0]
+        t = x.shape[0]
+        features = x[None] if config.mode == "token" else pooled_block_features(x[None], config.block_size)
+        logits = router_logits(params, features, routing_heads=heads, levels=config.levels, p=config.p)
+        choices = sample_routes(logits, tau=1.0, rng=None, hard=True)[1][0]
+        return choices if config.mode == "token" else jnp.repeat(choices, config.block_size, axis=1)[:, :t]
 
     return jnp.stack([one(params, x) for params, x in zip(params_per_layer, xs, strict=True)])
 
@@ -78,36 +87,38 @@ def layer_choices(params_per_layer, xs: jax.Array, *, heads: int, config: Router
 def densities(codes: jax.Array, config: RouterConfig) -> dict[str, float]:
     """codes: [layers, heads, t] → token density and, per tile, original and sorted block densities."""
     t = codes.shape[-1]
+    heads = codes.size // t
     row = {"token_density": float(token_density(codes, window=config.window, sink=config.sink))}
     for tile in TILES:
         n = -(-t // tile)
-        original = tile_mask(codes, tile=tile, window=config.window, sink=config.sink)
-        band = band_tiles(n, tile=tile, window=config.window, sink=config.sink)
+        band = band_pass_tiles(codes, tile=tile, window=config.window, sink=config.sink)
         bucket = bucket_tiles(codes, tile=tile)
-        sorted_total = (jnp.sum(bucket) + jnp.sum(band) * (codes.size // t)) / (codes.size // t * causal_pairs(n))
-        row[f"tile{tile}_original"] = float(block_density(original))
-        row[f"tile{tile}_sorted"] = float(sorted_total)
+        row[f"tile{tile}_original"] = float(block_density(
+            tile_mask(codes, tile=tile, window=config.window, sink=config.sink)))
+        sorted_tiles = jnp.sum(bucket) + jnp.sum(band)
+        row[f"tile{tile}_sorted"] = float(sorted_tiles / (heads * causal_pairs(n)))
         row[f"tile{tile}_sorted_bucket_pass"] = float(block_density(bucket))
         row[f"tile{tile}_band_pass"] = float(block_density(band))
     return row
 
 
-def block_mode_densities(params_per_layer, xs, *, heads: int, config: RouterConfig) -> dict[str, float]:
-    """The block-level router with block = tile, for each tile size."""
+def block_mode_densities(choices_per_tile: dict[int, jax.Array], config: RouterConfig) -> dict[str, float]:
+    """The block-level router with block = tile: its token density and its tile density at that tile."""
     row = {}
-    for tile in TILES:
-        block_config = dataclasses.replace(config, mode="block", block_size=tile)
-        routed = jax.jit(lambda params, x, c=block_config: route(params, x[None], config=c,
-                                                                routing_heads=heads).codes[0])
-        codes = jnp.stack([routed(params, x) for params, x in zip(params_per_layer, xs, strict=True)])
-        row[f"block{tile}_token_density"] = float(token_density(codes, window=config.window, sink=config.sink))
+    for tile, choices in choices_per_tile.items():
+        codes = prefix_codes(choices, p=config.p, prefix_levels=config.prefix_levels)
+        row[f"block{tile}_token_density"] = float(token_density(codes, window=config.window,
+                                                                sink=config.sink))
         row[f"block{tile}_tile_density"] = float(block_density(
             tile_mask(codes, tile=tile, window=config.window, sink=config.sink)))
     return row
 
 
 def report(model, tokens: jax.Array, *, routing_heads: str = "query", seed: int = 0) -> list[dict]:
-    """One row per (p, d_max, router init): the densities above; tokens: [1, t]."""
+    """One row per (p, d_max, router init): the densities above; tokens: [1, t].
+
+    At initialisation every code is 0 whatever d_max, so that router gets one row per p (d_max = L // 2).
+    """
     xs = attention_inputs(model, tokens)
     layers, _, hidden = xs.shape
     mc = model.config
@@ -119,19 +130,21 @@ def report(model, tokens: jax.Array, *, routing_heads: str = "query", seed: int 
             keys = jax.random.split(jax.random.key(seed), layers)
             params = [init_router_params(key, hidden, heads, base, homotopy=router == "init") for key in keys]
             choices = layer_choices(params, xs, heads=heads, config=base)
-            for d_max in range(base.levels):
+            block_choices = {tile: layer_choices(params, xs, heads=heads, config=dataclasses.replace(
+                base, mode="block", block_size=tile)) for tile in TILES}
+            for d_max in [base.d_max] if router == "init" else range(base.levels):
                 config = dataclasses.replace(base, d_max=d_max)
                 codes = prefix_codes(choices, p=p, prefix_levels=config.prefix_levels)
                 row = {"p": p, "levels": config.levels, "d_max": d_max, "codes": config.num_codes,
-                       "router": router, **densities(codes, config)}
-                row.update(block_mode_densities(params, xs, heads=heads, config=config))
+                       "router": router, **densities(codes, config),
+                       **block_mode_densities(block_choices, config)}
                 rows.append(row)
                 print(format_row(row), flush=True)
     return rows
 
 
-HEADER = ("| p | L | d_max | p^k | router | token | tile64 orig | tile64 sorted | tile128 orig | tile128 sorted "
-          "| block64 token | block64 tiles | block128 token | block128 tiles |\n"
+HEADER = ("| p | L | d_max | p^k | router | token | tile64 orig | tile64 sorted | tile128 orig "
+          "| tile128 sorted | block64 token | block64 tiles | block128 token | block128 tiles |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
@@ -145,7 +158,7 @@ def format_row(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Token and block density of the surgery's hard mask on "
-                                                 "WikiText-2 (wiki.valid.tokens) for p in {2,3,5,7} and every d_max.")
+                                     "WikiText-2 (wiki.valid.tokens) for p in {2,3,5,7} and every d_max.")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data-dir", help="WikiText-2 folder (default: $WIKITEXT2_DIR, else datasets)")
     parser.add_argument("--tokens", type=int, default=2048, help="sequence length (the first window)")
@@ -167,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     window, sink = RouterConfig().window, RouterConfig().sink
-    print(f"{model_dir.name}: {args.tokens} tokens of wiki.valid.tokens, routing per {args.routing_heads} head, "
-          f"window {window}, sink {sink}, means over {model.config.num_hidden_layers} layers and heads")
+    print(f"{model_dir.name}: {args.tokens} tokens of wiki.valid.tokens, "
+          f"routing per {args.routing_heads} head, window {window}, sink {sink}, "
+          f"means over {model.config.num_hidden_layers} layers and heads")
     print(HEADER)
     rows = report(model, tokens, routing_heads=args.routing_heads, seed=args.seed)
     if args.json:

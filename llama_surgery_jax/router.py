@@ -102,8 +102,9 @@ def pooled_block_features(x: jax.Array, block_size: int) -> jax.Array:
 
 def sample_routes(logits: jax.Array, *, tau: float | jax.Array, rng: jax.Array | None,
                   hard: bool) -> tuple[jax.Array, jax.Array]:
-    """Gumbel-Softmax per level, in float32. logits: [b, h, t, l, c] → routes [b, h, t, l, c], choices [b, h, t, l].
+    """Gumbel-Softmax per level, in float32.
 
+    logits: [b, h, t, l, c] → routes [b, h, t, l, c] float32, choices [b, h, t, l] int32.
     rng None: no noise (evaluation: choices are the argmax). hard: routes are the one-hot choices in the
     forward pass, with the soft sample's gradient (straight-through).
     """
@@ -188,7 +189,7 @@ def soft_mask(distance: jax.Array, *, d_max: int, temperature: float) -> jax.Arr
 
 @jax.custom_vjp
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
-    """hard: bool [...], soft: float [...] → float [...]: exactly `hard` forward, the soft mask's gradient backward.
+    """hard: bool [...], soft: float [...] → float [...]: `hard` exactly forward, the soft gradient backward.
 
     A custom VJP rather than `stop_gradient(hard − soft) + soft`, whose forward is only `hard` up to
     rounding: the mask that trains must be bit for bit the mask the kernels run.
@@ -208,7 +209,7 @@ straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
 def tau_at(step: int | jax.Array, config: RouterConfig) -> jax.Array:
-    """Gumbel-Softmax temperature at `step`: tau_start → tau_end over tau_steps (linear or cosine), then flat."""
+    """Gumbel-Softmax temperature at `step`: tau_start → tau_end over tau_steps, then held."""
     progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(config.tau_steps, 1), 0.0, 1.0)
     if config.tau_schedule == "cosine":
         progress = 0.5 * (1.0 - jnp.cos(jnp.pi * progress))

@@ -53,8 +53,9 @@ class RoutedAttention(nnx.Module):
                  rngs: nnx.Rngs, homotopy: bool = True):
         self.config = router_config
         self.layer_index = layer_index
-        self.router = TopologyRouter(model_config.hidden_size, routing_head_count(router_config, model_config),
-                                     router_config, rngs=rngs, homotopy=homotopy)
+        heads = routing_head_count(router_config, model_config)
+        self.router = TopologyRouter(model_config.hidden_size, heads, router_config, rngs=rngs,
+                                     homotopy=homotopy)
 
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, x: jax.Array, train: bool = False,
                  tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True,
@@ -106,7 +107,8 @@ def remove_routers(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def hard_topology(model: LlamaForCausalLM, tokens: jax.Array, *, tile: int | None = None,
-                  positions: jax.Array | None = None, rng: jax.Array | None = None) -> tuple[HardTopology, ...]:
+                  positions: jax.Array | None = None,
+                  rng: jax.Array | None = None) -> tuple[HardTopology, ...]:
     """tokens: [b, t] → per layer HardTopology(codes [b, h, t] int32, tile_mask [b, h, n, n] bool).
 
     The evaluation routes (argmax; Gumbel-sampled when rng is given) that the kernels must execute;

@@ -112,13 +112,42 @@ def bucket_permutation(codes: jax.Array) -> jax.Array:
 def bucket_tiles(codes: jax.Array, *, tile: int) -> jax.Array:
     """codes: [..., t] → bool [..., n, n]: tiles of the bucket pass over the sorted sequence.
 
-    In sorted order each code is one contiguous run with positions increasing, so equal-code pairs with
-    j ≤ i lie in tiles kb ≤ qb that share a code. The sink and window live in the separate band pass
-    (`band_tiles`); a tile fully covered by the band is still counted here (an upper bound).
+    In sorted order each code is one contiguous run with positions increasing, so the equal-code pairs
+    with j ≤ i are exactly those in tiles kb ≤ qb whose blocks share a code (this is their tile OR).
     """
     sorted_codes = jnp.take_along_axis(codes, bucket_permutation(codes), axis=-1)
     n = -(-codes.shape[-1] // tile)
     return shared_code_tiles(sorted_codes, tile=tile) & jnp.tril(jnp.ones((n, n), bool))
+
+
+def band_pass_tiles(codes: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """codes: [..., t] → bool [..., n, n]: tiles of the band pass in original order, which sees only the
+    window and sink pairs whose codes differ (equal codes are the bucket pass's), so no pair counts twice.
+
+    Work O(t · (window + tile)): only the block offsets the window reaches are compared token by token.
+    """
+    t = codes.shape[-1]
+    n = -(-t // tile)
+    blocks = _blocks(codes, tile, fill=-1)
+    valid = _blocks(jnp.ones(t, bool), tile, fill=False)
+    qb = jnp.arange(n)
+    inside = jnp.arange(tile)
+    tiles = jnp.zeros((*codes.shape[:-1], n, n), bool)
+    if window is not None:
+        for offset in range(min(n, window // tile + 2)):  # farther blocks hold no pair with i − j ≤ window
+            kb = qb - offset
+            keys = jnp.take(blocks, jnp.maximum(kb, 0), axis=-2)
+            key_valid = valid[jnp.maximum(kb, 0)] & (kb >= 0)[:, None]
+            distance = offset * tile + inside[:, None] - inside[None, :]  # i − j inside the tile pair
+            pair = (distance >= 0) & (distance <= window)
+            differ = blocks[..., :, :, None] != keys[..., :, None, :]
+            hit = jnp.any(differ & pair & valid[:, :, None] & key_valid[:, None, :], axis=(-2, -1))
+            tiles = tiles.at[..., qb, jnp.maximum(kb, 0)].max(hit & (kb >= 0))
+    if sink:
+        first = codes[..., :1, None]  # token 0's code, against every query of every block
+        hit = jnp.any((blocks != first) & valid, axis=-1)
+        tiles = tiles.at[..., :, 0].max(hit)
+    return tiles
 
 
 def causal_pairs(t: int) -> int:

@@ -1,4 +1,4 @@
-"""The router (METHOD.md §3–6): homotopy init, Gumbel-Softmax, tree distance, straight-through mask, losses."""
+"""The router (METHOD.md §3–6): homotopy init, Gumbel-Softmax, tree distance, straight-through, losses."""
 
 import itertools
 

@@ -20,14 +20,15 @@ from llama_surgery_jax.topology import token_mask
 CHUNKED_RTOL = 1e-6
 
 
-def tiny_model(precision=Precision()):
-    return LlamaForCausalLM(ModelConfig.named("tiny"), precision=precision, rngs=nnx.Rngs(0))
+def tiny_model(precision: Precision | None = None):
+    return LlamaForCausalLM(ModelConfig.named("tiny"), precision=precision or Precision(), rngs=nnx.Rngs(0))
 
 
 def forward(model, tokens, **attention_kwargs):
     """The whole model under one jit, as evaluation and training run it."""
     graphdef, state = nnx.split(model)
-    return jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens, **attention_kwargs))(state, tokens)
+    run = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens, **attention_kwargs))
+    return run(state, tokens)
 
 
 def relative_error(a, b):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from llama_surgery_jax.config import RouterConfig
 from llama_surgery_jax.router import init_router_params, route
 from llama_surgery_jax.topology import (
+    band_pass_tiles,
     band_tiles,
     block_density,
     bucket_permutation,
@@ -103,6 +104,16 @@ def test_row_i_never_depends_on_later_tokens(mode, i, window, sink):
     np.testing.assert_array_equal(rows, perturbed)
 
 
+@PROPERTY
+@given(code_arrays(), st.sampled_from([1, 4, 8, 16]), WINDOWS, st.booleans())
+def test_band_pass_tiles_are_the_tile_or_of_band_pairs_with_different_codes(codes, tile, window, sink):
+    mask = np.asarray(full_mask(codes, window, sink))
+    c = np.asarray(codes)
+    different = c[..., :, None] != c[..., None, :]
+    expected = tile_or(mask & different, tile)
+    np.testing.assert_array_equal(band_pass_tiles(codes, tile=tile, window=window, sink=sink), expected)
+
+
 def test_band_tiles_cover_window_and_sink():
     band = np.asarray(band_tiles(6, tile=4, window=5, sink=True))
     # qb − kb − 1 blocks lie between; the nearest pair is (qb − kb − 1)·4 + 1 apart: ≤ 5 for qb − kb ≤ 2.
@@ -134,6 +145,7 @@ def test_hard_topology_at_homotopy_init_is_dense():
                          routing_heads=2, tile=16)
     assert topo.codes.shape == (2, 2, 37) and topo.codes.dtype == jnp.int32
     assert topo.tile_mask.shape == (2, 2, 3, 3)
-    np.testing.assert_array_equal(topo.tile_mask, np.broadcast_to(np.tril(np.ones((3, 3), bool)), (2, 2, 3, 3)))
+    causal = np.tril(np.ones((3, 3), bool))
+    np.testing.assert_array_equal(topo.tile_mask, np.broadcast_to(causal, (2, 2, 3, 3)))
     assert float(block_density(topo.tile_mask)) == 1.0
     assert float(token_density(topo.codes, window=None, sink=False)) == 1.0
