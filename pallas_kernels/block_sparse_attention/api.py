@@ -3,14 +3,80 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
+from .forward_hopper import hopper_attention_forward, hopper_supported
 from .schedule import build_schedule, causal_tiles, sink_window_tiles
 
 DEFAULT_TILE = 128
+BACKENDS = ("auto", "triton", "hopper")
+
+
+class _Config(NamedTuple):
+    """Static settings of one attention call (hashable: a custom_vjp non-diff argument)."""
+
+    tile: int
+    rule: Rule
+    window: int | None
+    sink: bool
+    sm_scale: float | None
+    interpret: bool
+    num_warps: int | None
+    num_stages: int
+    backend: str  # "triton" or "hopper", resolved
+    poison: bool = False
+
+
+def _forward(q, k, v, sched, extras, cfg: _Config):
+    codes, positions = extras
+    if cfg.backend == "hopper":
+        return hopper_attention_forward(q, k, v, sched, sm_scale=cfg.sm_scale)
+    return sparse_attention_forward(
+        q, k, v, sched, tile=cfg.tile, rule=cfg.rule, codes=codes, positions=positions,
+        window=cfg.window, sink=cfg.sink, sm_scale=cfg.sm_scale, interpret=cfg.interpret,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, poison=cfg.poison)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, sched, sched_t, extras, cfg: _Config):
+    """(o, lse) of the kernels, differentiable in q, k, v through the backward kernels."""
+    del sched_t  # only the backward walks the transposed lists
+    return _forward(q, k, v, sched, extras, cfg)
+
+
+def _attention_fwd(q, k, v, sched, sched_t, extras, cfg):
+    o, lse = _forward(q, k, v, sched, extras, cfg)
+    return (o, lse), (q, k, v, o, lse, sched, sched_t, extras)
+
+
+def _attention_bwd(cfg, res, cotangents):
+    q, k, v, o, lse, sched, sched_t, extras = res
+    do, dlse = cotangents
+    codes, positions = extras
+    dq, dk, dv = sparse_attention_backward(
+        q, k, v, o, lse, do.astype(q.dtype), dlse, sched, sched_t, tile=cfg.tile, rule=cfg.rule,
+        codes=codes, positions=positions, window=cfg.window, sink=cfg.sink, sm_scale=cfg.sm_scale,
+        interpret=cfg.interpret, num_warps=cfg.num_warps)
+    return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _resolve_backend(backend: str, q, tile: int, rule: Rule, interpret: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    hopper_ok = rule is Rule.TILE and not interpret and hopper_supported(q, tile)
+    if backend == "hopper" and not hopper_ok:
+        raise ValueError("the hopper backend needs a compute capability 9.x GPU, tile 128, no codes")
+    if backend == "auto":
+        return "hopper" if hopper_ok else "triton"
+    return backend
 
 
 def _default_interpret(interpret: bool | None) -> bool:
@@ -41,12 +107,14 @@ def _pad_tokens(x, n_pad, axis, value=0):
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "window", "sink", "sm_scale", "return_lse",
-                                             "interpret", "num_warps", "num_stages", "poison"))
+                                             "interpret", "num_warps", "num_stages", "poison",
+                                             "backend"))
 def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: jax.Array, *,
                            tile: int = DEFAULT_TILE, codes: jax.Array | None = None,
                            window: int | None = 0, sink: bool = True, sm_scale: float | None = None,
                            return_lse: bool = False, interpret: bool | None = None,
-                           num_warps: int | None = None, num_stages: int = 2, poison: bool = False):
+                           num_warps: int | None = None, num_stages: int = 3, poison: bool = False,
+                           backend: str = "auto"):
     """Causal attention over the tiles of `tile_mask`, with an optional exact token rule inside.
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim] (GQA, never
@@ -59,7 +127,10 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: 
     / diagonal rules act only inside tiles that are on: OR in `sink_window_tiles` for them.
     Returns o: [batch, tokens, q_heads, head_dim] in q's dtype, and with return_lse the
     log-sum-exp lse: [batch, q_heads, tokens] float32 (-inf, with o = 0, on rows that see no key).
-    num_warps / num_stages: Triton launch parameters; poison: NaN-fill the outputs first (tests).
+    backend: "auto" (Mosaic GPU wgmma/TMA kernel on compute capability 9.x for tile masks without
+    codes, the Triton-lowered kernel otherwise), "triton" or "hopper". num_warps / num_stages:
+    Triton launch parameters; poison: NaN-fill the outputs first (tests, Triton kernel).
+    Differentiable in q, k, v (and through lse): the backward runs block-sparse kernels too.
     """
     _check_shapes(q, k, v, tile)
     b, n, hq, _ = q.shape
@@ -71,11 +142,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: 
     q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
     if codes is not None:
         codes = _pad_tokens(codes.astype(jnp.int32), pad, 2, value=-1)
-    o, lse = sparse_attention_forward(
-        q, k, v, build_schedule(tile_mask), tile=tile,
-        rule=Rule.TILE if codes is None else Rule.CODES, codes=codes, window=window, sink=sink,
-        sm_scale=sm_scale, interpret=_default_interpret(interpret), num_warps=num_warps,
-        num_stages=num_stages, poison=poison)
+    interpret = _default_interpret(interpret)
+    rule = Rule.TILE if codes is None else Rule.CODES
+    backend = "triton" if poison else _resolve_backend(backend, q, tile, rule, interpret)
+    cfg = _Config(tile, rule, window, sink, sm_scale, interpret, num_warps, num_stages, backend,
+                  poison)
+    o, lse = _attention(q, k, v, build_schedule(tile_mask), transpose_schedule(tile_mask),
+                        (codes, None), cfg)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o
 
@@ -126,7 +199,7 @@ def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.
                            tile: int = DEFAULT_TILE, window: int | None = 0, sink: bool = True,
                            sm_scale: float | None = None, return_lse: bool = False,
                            interpret: bool | None = None, num_warps: int | None = None,
-                           num_stages: int = 2):
+                           num_stages: int = 3):
     """Exact token-level routing, fast (METHOD.md §9): the same function as
     `block_sparse_attention(q, k, v, all_tiles_on, codes=codes, ...)`.
 
@@ -147,8 +220,8 @@ def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.
     if codes.shape != (b, r, n) or r not in (hq, hkv):
         raise ValueError(f"codes {codes.shape} must be [{b}, {hq} or {hkv}, {n}]")
     interpret = _default_interpret(interpret)
-    kw = dict(tile=tile, window=window, sink=sink, sm_scale=sm_scale, interpret=interpret,
-              num_warps=num_warps, num_stages=num_stages)
+    cfg = _Config(tile, Rule.BUCKET, window, sink, sm_scale, interpret, num_warps, num_stages,
+                  "triton")
     nt = -(-n // tile)
     pad = nt * tile - n
     q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
@@ -160,15 +233,17 @@ def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.
     q_group = hq // r
     qs = _gather_tokens(q, perm, q_group)
     ks, vs = (_gather_tokens(x, perm, 1) for x in (k, v))
-    o1, lse1 = sparse_attention_forward(qs, ks, vs, build_schedule(bucket_tiles(sorted_codes, tile)),
-                                        rule=Rule.BUCKET, codes=sorted_codes, positions=perm, **kw)
+    bucket = bucket_tiles(sorted_codes, tile)
+    o1, lse1 = _attention(qs, ks, vs, build_schedule(bucket), transpose_schedule(bucket),
+                          (sorted_codes, perm), cfg)
     # Un-permute: the inverse permutation gathers each token back to its position.
     inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
     o1 = _gather_tokens(o1, inv, q_group)
     lse1 = jnp.take_along_axis(lse1, jnp.repeat(inv, q_group, axis=1), axis=-1)
 
-    local = build_schedule(sink_window_tiles(nt, tile, window, sink)[None, None])
-    o2, lse2 = sparse_attention_forward(q, k, v, local, rule=Rule.LOCAL, **kw)
+    local = sink_window_tiles(nt, tile, window, sink)[None, None]
+    o2, lse2 = _attention(q, k, v, build_schedule(local), transpose_schedule(local), (None, None),
+                          cfg._replace(rule=Rule.LOCAL))
     o, lse = merge_partials(o1, lse1, o2, lse2)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o

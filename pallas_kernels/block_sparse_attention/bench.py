@@ -291,9 +291,35 @@ def main(argv=None):
     return 0 if all(r["ok"] for r in result["correctness"]) else 1
 
 
+def grad_check(log, result):
+    """Kernel gradients vs jax.grad of the float32 chunked reference, fresh inputs."""
+    n, hq, hkv, d = 4096, 16, 4, 128
+    for routing, use_codes in (("kv", False), ("q", False), ("kv", True)):
+        q, k, v = random_qkv(jax.random.PRNGKey(len(result["correctness"])), 1, n, hq, hkv, d, jnp.bfloat16)
+        r = hkv if routing == "kv" else hq
+        tm = random_tile_mask(jax.random.PRNGKey(9), 1, r, n // 128, 0.3)
+        codes = jax.random.randint(jax.random.PRNGKey(4), (1, r, n), 0, 4) if use_codes else None
+        ct = jax.random.normal(jax.random.PRNGKey(8), q.shape, jnp.float32)
+        loss = lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, tm, codes=codes, window=64)  # noqa: E731
+                                       .astype(jnp.float32) * ct)
+        ref_loss = lambda q, k, v: jnp.sum(chunked_reference_attention(  # noqa: E731
+            q, k, v, tm, tile=128, codes=codes, window=64) * ct)
+        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        gr = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2)))(*(x.astype(jnp.float32) for x in (q, k, v)))
+        errs = [rel_err(a, b) for a, b in zip(g, gr)]
+        ok = max(errs) <= TOLERANCE[jnp.bfloat16] and all(bool(jnp.isfinite(a).all()) for a in g)
+        name = f"grad 4k 16:4 per-{routing} codes={use_codes}"
+        result["correctness"].append(dict(case=name, rel_err=max(errs), ok=ok))
+        log(f"  {'ok ' if ok else 'BAD'} {name}: dq {errs[0]:.2e} dk {errs[1]:.2e} dv {errs[2]:.2e}")
+
+
 def hopper_quick(args, result, log):
     try:
         hopper_check(log, result)
+    except Exception:
+        log(traceback.format_exc())
+    try:
+        grad_check(log, result)
     except Exception:
         log(traceback.format_exc())
     hq, hkv, d = 32, 8, 128
@@ -314,6 +340,22 @@ def hopper_quick(args, result, log):
                     row[name + "_ms"] = time_jax(fn, q, k, v, sched) * 1e3
                 except Exception as e:
                     log(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}")
+            try:  # forward + backward (training step of attention)
+                ct = jax.random.normal(jax.random.PRNGKey(2), q.shape, jnp.bfloat16)
+                fb = jax.jit(jax.grad(lambda q, k, v, m: jnp.vdot(
+                    block_sparse_attention(q, k, v, m), ct).astype(jnp.float32), argnums=(0, 1, 2)))
+                row["fwdbwd_ms"] = time_jax(fb, q, k, v, mask) * 1e3
+                cb = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(cudnn(q, k, v), ct).astype(
+                    jnp.float32), argnums=(0, 1, 2)))
+                cache = result.setdefault("cudnn_fwdbwd_ms", {})
+                if n not in cache:
+                    cache[n] = time_jax(cb, q, k, v) * 1e3
+                row["cudnn_fwdbwd_ms"] = cache[n]
+                log(f"  N={n} d={bd:.3f}: fwd+bwd {row['fwdbwd_ms']:.3f} ms "
+                    f"({3.5 * bd * 2 * n * n * d * hq / row['fwdbwd_ms'] / 1e9:.0f} TFLOP/s eff), "
+                    f"cudnn fwd+bwd {row['cudnn_fwdbwd_ms']:.3f} ms")
+            except Exception as e:
+                log(f"  fwd+bwd failed: {type(e).__name__}: {str(e)[:300]}")
             result["table"].append(row)
             eff = {x: bd * 2 * n * n * d * hq / row[x + "_ms"] / 1e9 for x in ("triton", "hopper")
                    if x + "_ms" in row}

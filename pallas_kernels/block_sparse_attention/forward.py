@@ -120,7 +120,7 @@ def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
                              positions: jax.Array | None = None, window: int | None = 0,
                              sink: bool = True, sm_scale: float | None = None, out_dtype=None,
                              interpret: bool = False, num_warps: int | None = None,
-                             num_stages: int = 2, poison: bool = False
+                             num_stages: int = 3, poison: bool = False
                              ) -> tuple[jax.Array, jax.Array]:
     """Run the kernel over a prebuilt schedule. Tokens must be a multiple of `tile`.
 

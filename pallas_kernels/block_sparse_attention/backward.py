@@ -1,0 +1,213 @@
+"""Block-sparse causal attention backward: dq, dk, dv over the forward's schedule (Triton lowering).
+
+Two kernels, both walking lists of active tiles, both GQA-native:
+- dq: one program per (query head, batch, query tile), over the forward's key-tile list;
+- dk/dv: one program per (KV head, batch, key tile), over the transposed list (the query tiles
+  whose list holds this key tile), looping over the query heads of its group, so dk and dv are
+  summed over the group in registers and written once (no atomics, no repeated K/V).
+P is recomputed from the saved log-sum-exp. The lse output is differentiable too: its cotangent
+enters as dS += dlse * P, i.e. delta = rowsum(dO * O) - dlse, which is what lets the
+code-sorted bucket/window merge (through lse) train exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .forward import Rule, _visible
+from .schedule import Schedule
+
+LOG2E = math.log2(math.e)
+
+
+def transpose_schedule(tile_mask: jax.Array) -> Schedule:
+    """tile_mask [B, R, nq, nk] -> for each key tile, the ascending list of causal query tiles
+    that compute it: counts [B, R, nk], indices [B, R, nk, nq] (the diagonal, when on, first)."""
+    nq, nk = tile_mask.shape[-2:]
+    active = jnp.swapaxes(tile_mask & (jnp.arange(nk)[None, :] <= jnp.arange(nq)[:, None]), -1, -2)
+    counts = active.sum(-1, dtype=jnp.int32)
+    indices = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
+    return Schedule(counts, indices)
+
+
+def _probs(q, k, lse, qpos, kpos, qcode, kcode, *, rule, window, sink, scale, masked):
+    """P = exp(S - lse) for one tile, float32, zero where not visible."""
+    s = pltriton.dot(q, k, trans_b=True) * (scale * LOG2E)
+    p = jnp.exp2(s - (lse * LOG2E)[:, None])
+    if masked:
+        p = jnp.where(_visible(rule, qpos, kpos, qcode, kcode, window, sink), p, 0.0)
+    return p
+
+
+def _dq_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+               rule, window, sink, tile, num_q_tiles, scale, has_codes, has_pos):
+    refs = list(refs)
+    qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
+    qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
+    (dq_ref,) = refs
+    qi = num_q_tiles - 1 - pl.program_id(2)
+    count = counts_ref[qi]
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    # Rows that see nothing have lse = -inf; their P is masked to 0, shift them by 0 instead.
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+    qpos = qp_ref[...][:, None] if has_pos else qi * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
+    qcode = qc_ref[...][:, None] if has_codes else None
+
+    def step(s, dq, masked):
+        start = pl.multiple_of(indices_ref[s] * tile, tile)
+        k = k_ref[pl.ds(start, tile), :]
+        v = v_ref[pl.ds(start, tile), :]
+        kpos = (kp_ref[pl.ds(start, tile)][None, :] if has_pos
+                else start + lax.broadcasted_iota(jnp.int32, (1, tile), 1))
+        kcode = kc_ref[pl.ds(start, tile)][None, :] if has_codes else None
+        p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink,
+                   scale=scale, masked=masked)
+        dp = pltriton.dot(do, v, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        return dq + pltriton.dot(ds.astype(k.dtype), k)
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    if rule is Rule.TILE:  # only the last listed tile can be the diagonal
+        last = jnp.maximum(count - 1, 0)
+        dq = lax.fori_loop(0, last, functools.partial(step, masked=False), dq)
+        dq = lax.fori_loop(last, count, functools.partial(step, masked=True), dq)
+    else:
+        dq = lax.fori_loop(0, count, functools.partial(step, masked=True), dq)
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                rule, window, sink, tile, scale, group, per_q_routing, has_codes, has_pos):
+    refs = list(refs)
+    qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
+    qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
+    dk_ref, dv_ref = refs
+    kj = pl.program_id(2)
+    start_k = pl.multiple_of(kj * tile, tile)
+    k, v = k_ref[...], v_ref[...]
+
+    def head(g, carry):
+        rg = g if per_q_routing else 0  # routing row of this query head within the block
+        count = counts_ref[rg, kj]
+        kcode = kc_ref[rg, pl.ds(start_k, tile)][None, :] if has_codes else None
+        kpos = (kp_ref[rg, pl.ds(start_k, tile)][None, :] if has_pos
+                else start_k + lax.broadcasted_iota(jnp.int32, (1, tile), 1))
+
+        def step(s, carry, masked):
+            dk, dv = carry
+            start = pl.multiple_of(indices_ref[rg, s] * tile, tile)
+            q = q_ref[pl.ds(start, tile), g, :]
+            do = do_ref[pl.ds(start, tile), g, :]
+            lse = lse_ref[g, pl.ds(start, tile)]
+            lse = jnp.where(lse == -jnp.inf, 0.0, lse)
+            delta = delta_ref[g, pl.ds(start, tile)]
+            qpos = (qp_ref[rg, pl.ds(start, tile)][:, None] if has_pos
+                    else start + lax.broadcasted_iota(jnp.int32, (tile, 1), 0))
+            qcode = qc_ref[rg, pl.ds(start, tile)][:, None] if has_codes else None
+            p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink,
+                       scale=scale, masked=masked)
+            dv = dv + pltriton.dot(p.astype(do.dtype), do, trans_a=True)
+            dp = pltriton.dot(do, v, trans_b=True)
+            ds = p * (dp - delta[:, None])
+            dk = dk + pltriton.dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        if rule is Rule.TILE:  # only the first listed query tile can be the diagonal
+            first = jnp.minimum(count, 1)
+            carry = lax.fori_loop(0, first, functools.partial(step, masked=True), carry)
+            return lax.fori_loop(first, count, functools.partial(step, masked=False), carry)
+        return lax.fori_loop(0, count, functools.partial(step, masked=True), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, group, head, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("tile", "rule", "window", "sink", "sm_scale", "interpret", "num_warps",
+                     "num_stages"))
+def sparse_attention_backward(q, k, v, o, lse, do, dlse, schedule: Schedule,
+                              schedule_t: Schedule, *, tile: int, rule: Rule = Rule.TILE,
+                              codes=None, positions=None, window: int | None = 0, sink: bool = True,
+                              sm_scale: float | None = None, interpret: bool = False,
+                              num_warps: int | None = None, num_stages: int = 2):
+    """Gradients of `sparse_attention_forward` (same arguments) w.r.t. q, k, v.
+
+    o, do: [batch, tokens, q_heads, head_dim]; lse, dlse: [batch, q_heads, tokens] float32.
+    schedule: the forward's; schedule_t: `transpose_schedule` of the same tile mask.
+    Returns dq [B, N, Hq, D], dk, dv [B, N, Hkv, D] in the input dtypes.
+    """
+    b, n, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    nq = n // tile
+    counts, _ = schedule
+    sb, sr = counts.shape[:2]
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    has_codes = rule in (Rule.CODES, Rule.BUCKET)
+    has_pos = positions is not None
+    per_q_routing = sr == hq and group > 1
+    delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    params = pltriton.CompilerParams(num_warps=num_warps or (4 if d <= 64 else 8),
+                                     num_stages=num_stages)
+    common = dict(rule=rule, window=window, sink=sink, tile=tile, scale=scale, has_codes=has_codes,
+                  has_pos=has_pos)
+    ints = [x.astype(jnp.int32) for x, used in ((codes, has_codes), (positions, has_pos)) if used]
+    ints = [x for x in ints for _ in range(2)]  # (query side, key side) views of each
+
+    # dq: the forward's grid and lists.
+    def route(bi, h):
+        return (0 if sb == 1 else bi), (0 if sr == 1 else (h if sr == hq else h // group))
+
+    def rows(h, bi, i):
+        return (*route(bi, h), nq - 1 - i)
+
+    qspec = pl.BlockSpec((None, tile, None, d), lambda h, bi, i: (bi, nq - 1 - i, h, 0))
+    kvspec = pl.BlockSpec((None, n, None, d), lambda h, bi, i: (bi, 0, h // group, 0))
+    rowspec = pl.BlockSpec((None, None, tile), lambda h, bi, i: (bi, h, nq - 1 - i))
+    int_specs = [pl.BlockSpec((None, None, tile), rows),
+                 pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0))] * (len(ints) // 2)
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, num_q_tiles=nq, **common),
+        grid=(hq, b, nq),
+        in_specs=[pl.BlockSpec((None, None, nq), lambda h, bi, i: (*route(bi, h), 0)),
+                  pl.BlockSpec((None, None, None, nq), lambda h, bi, i: (*rows(h, bi, i), 0)),
+                  qspec, kvspec, kvspec, qspec, rowspec, rowspec, *int_specs],
+        out_specs=qspec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=params, interpret=interpret, name=f"block_sparse_attention_dq_{rule.value}",
+    )(*schedule, q, k, v, do, lse, delta, *ints)
+
+    # dk, dv: one program per (KV head, batch, key tile); its query heads are one block of `group`.
+    rg = group if per_q_routing else 1
+
+    def kroute(bi, kh):
+        return (0 if sb == 1 else bi), (0 if sr == 1 else kh)
+
+    kspec = pl.BlockSpec((None, tile, None, d), lambda kh, bi, j: (bi, j, kh, 0))
+    qgroup = pl.BlockSpec((None, n, group, d), lambda kh, bi, j: (bi, 0, kh, 0))
+    rowgroup = pl.BlockSpec((None, group, n), lambda kh, bi, j: (bi, kh, 0))
+    int_specs = [pl.BlockSpec((None, rg, n), lambda kh, bi, j: (*kroute(bi, kh), 0))] * len(ints)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, group=group, per_q_routing=per_q_routing, **common),
+        grid=(hkv, b, nq),
+        in_specs=[pl.BlockSpec((None, rg, nq), lambda kh, bi, j: (*kroute(bi, kh), 0)),
+                  pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j, 0)),
+                  qgroup, kspec, kspec, qgroup, rowgroup, rowgroup, *int_specs],
+        out_specs=[kspec, kspec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params, interpret=interpret, name=f"block_sparse_attention_dkv_{rule.value}",
+    )(*schedule_t, q, k, v, do, lse, delta, *ints)
+    return dq, dk, dv
