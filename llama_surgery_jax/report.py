@@ -100,7 +100,7 @@ def final_report(run, out: Path, config, timing: dict | None = None) -> dict:
     if jax.process_index() == 0:
         write_json_atomic(out / "report.json", result)
         (out / "report.md").write_text(markdown(result))
-        plot(out, densities)
+        plot(out, densities, config.router.block_size)
     return result
 
 
@@ -128,11 +128,12 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, densities: dict) -> None:
+def plot(out: Path, densities: dict, block_size: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
@@ -146,12 +147,16 @@ def plot(out: Path, densities: dict) -> None:
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    block = next(k for k in densities if k.startswith("block_") and not k.endswith("sorted"))
-    for ax, key, title in zip(axes, ("token", block), ("token density", f"block density ({block})"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    block = f"block_{block_size}"
+    panels = (("token", "token density"), (block, f"block density, tile {block_size}, original order"),
+              (f"{block}_sorted", f"block density, tile {block_size}, sorted by code"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
         image = ax.imshow(np.asarray(densities[key]), aspect="auto", vmin=0, vmax=1, cmap="viridis")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()

@@ -100,10 +100,10 @@ def load_trained_routers(model, run_or_checkpoints: str | Path):
     path = Path(run_or_checkpoints).absolute()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    checkpoints = RouterCheckpoints(path)
-    steps = checkpoints.steps()
+    steps = RouterCheckpoints(path).steps() if path.is_dir() else []
     if not steps:
         raise CheckpointError(f"{path} holds no router checkpoints: give a training run's --out folder")
+    checkpoints = RouterCheckpoints(path)
     meta = checkpoints.read_meta(steps[-1])
     router_config = RouterConfig(**meta["router"])
     inject_routers(model, router_config, nnx.Rngs(0))

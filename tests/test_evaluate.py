@@ -102,3 +102,29 @@ def test_dense_logits_are_float32_and_causal(tiny_hf_dir, tmp_path):
     a, b = model(jnp.asarray(ids))[0], model(jnp.asarray(changed))[0]
     assert a.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(a[0, :20]), np.asarray(b[0, :20]))
+
+
+def test_surgery_init_prints_the_dense_perplexity_exactly(tiny_model_dir, wikitext_dir, tmp_path):
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--context", "64", "--max-windows", "2"]
+    assert main([*args, "--json", str(tmp_path / "dense.json")]) == 0
+    assert main([*args, "--surgery", "init", "--json", str(tmp_path / "init.json")]) == 0
+    dense, init = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("dense", "init"))
+    assert init["surgery"] == "init" and init["ppl"] == dense["ppl"]
+
+
+def test_surgery_from_a_training_run(tiny_model_dir, wikitext_dir, tmp_path, capsys):
+    from llama_surgery_jax.config import TrainConfig
+    from llama_surgery_jax.train import train
+
+    config = TrainConfig.preset("smoke").override([
+        f"model={tiny_model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2",
+        "eval_context=64", "eval_windows=2", "eval_batch=2"])
+    trained = train(config, tmp_path / "run", progress=False)
+    assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--context", "64",
+                 "--max-windows", "2", "--batch-size", "2", "--surgery", str(tmp_path / "run"),
+                 "--json", str(tmp_path / "s.json")]) == 0
+    # The same routers, windows and pipeline as the run's own report.
+    assert json.loads((tmp_path / "s.json").read_text())["ppl"] == pytest.approx(trained["surgery_ppl"], rel=1e-6)
+    assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--surgery",
+                 str(tmp_path / "nowhere")]) == 2
+    assert "holds no router checkpoints" in capsys.readouterr().err
