@@ -185,3 +185,32 @@ def test_chunked_attention_memory_is_bounded_at_8k():
     assert large / small < 4.5, f"{small / 2**20:.0f} → {large / 2**20:.0f} MiB for 4× the tokens"
     # Unchunked, the soft mask alone would hold heads · levels float32 N × N arrays.
     assert large < heads * config.levels * 8192**2 * 4 / 8
+
+
+def test_the_kernel_runs_the_mask_that_trains():
+    """METHOD.md §8.1: the block-sparse kernel's mask is the training mask, bit for bit."""
+    kernels = pytest.importorskip("pallas_kernels.block_sparse_attention")
+    from llama_surgery_jax.topology import tile_mask
+
+    window, tile, t, heads, kv = 5, 16, 80, 4, 2
+    config = RouterConfig(p=2, levels=4, d_max=2, window=window, query_chunk=32)
+    params = init_router_params(jax.random.key(0), 12, heads, config, homotopy=False)
+    codes = route(params, jax.random.normal(jax.random.key(1), (1, t, 12)), config=config,
+                  routing_heads=heads, rng=jax.random.key(2)).codes
+    tiles = tile_mask(codes, tile=tile, window=window, sink=True)
+    np.testing.assert_array_equal(
+        tiles, kernels.codes_tile_mask(codes, tile, config.num_codes, window=window, sink=True))
+    positions = jnp.arange(t)
+    ours = token_mask(codes, codes, positions, positions, window=window, sink=True)
+    np.testing.assert_array_equal(kernels.token_mask(tiles, t, tile, codes=codes, window=window, sink=True), ours)
+    assert 0.1 < float(jnp.mean(ours[..., jnp.tril(jnp.ones((t, t), bool))])) < 0.9
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, t, n, 64), jnp.bfloat16)
+               for i, n in ((3, heads), (4, kv), (5, kv)))
+    trained, _ = masked_attention(q, k, v, codes, config=config)
+    executed = kernels.block_sparse_attention(q, k, v, tiles, tile=tile, codes=codes, window=window, sink=True,
+                                              interpret=True)
+    # bf16 outputs of two float32 computations that round probabilities and sums differently: one bf16
+    # rounding step (2^-7 relative) apart at most.
+    np.testing.assert_allclose(np.asarray(executed, np.float32), np.asarray(trained, np.float32),
+                               rtol=2**-7, atol=2**-7)
