@@ -1,10 +1,23 @@
 """Pallas GPU kernels for llama-surgery-jax."""
 
-from .block_sparse_attention import (block_sparse_attention, build_schedule, chunked_reference_attention,
-                                     codes_tile_mask, reference_attention, sink_window_tiles,
-                                     token_mask, token_routed_attention)
+from .block_sparse_attention import (
+    block_sparse_attention,
+    build_schedule,
+    chunked_reference_attention,
+    codes_tile_mask,
+    reference_attention,
+    sink_window_tiles,
+    token_mask,
+    token_routed_attention,
+)
 
 __all__ = [
-    "block_sparse_attention", "build_schedule", "chunked_reference_attention", "codes_tile_mask",
-    "reference_attention", "sink_window_tiles", "token_mask", "token_routed_attention",
+    "block_sparse_attention",
+    "build_schedule",
+    "chunked_reference_attention",
+    "codes_tile_mask",
+    "reference_attention",
+    "sink_window_tiles",
+    "token_mask",
+    "token_routed_attention",
 ]

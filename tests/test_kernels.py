@@ -4,17 +4,31 @@ Interpret mode fills Pallas outputs with NaN before the kernel runs, and `poison
 NaN-filled buffers on GPU too, so an unwritten row fails the finiteness check.
 """
 
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from pallas_kernels.block_sparse_attention import (
-    Rule, block_density, block_sparse_attention, bucket_tiles, build_schedule,
-    chunked_reference_attention, codes_tile_mask, merge_partials, reference_attention,
-    sink_window_tiles, sparse_attention_forward, token_mask, token_routed_attention,
-    validate_schedule)
+    Rule,
+    block_density,
+    block_sparse_attention,
+    bucket_tiles,
+    build_schedule,
+    chunked_reference_attention,
+    codes_tile_mask,
+    merge_partials,
+    reference_attention,
+    sink_window_tiles,
+    sparse_attention_forward,
+    token_mask,
+    token_routed_attention,
+    transpose_schedule,
+    validate_schedule,
+)
 
 # Relative Frobenius error bounds (the issue's): the kernel accumulates in float32, so the error
 # is the rounding of P (before P.V) and of O to the input type: 8 mantissa bits for bf16, 11 for
@@ -24,8 +38,11 @@ TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 def qkv(seed, b, n, hq, hkv, d, dtype):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (jax.random.normal(kq, (b, n, hq, d), dtype), jax.random.normal(kk, (b, n, hkv, d), dtype),
-            jax.random.normal(kv, (b, n, hkv, d), dtype))
+    return (
+        jax.random.normal(kq, (b, n, hq, d), dtype),
+        jax.random.normal(kk, (b, n, hkv, d), dtype),
+        jax.random.normal(kv, (b, n, hkv, d), dtype),
+    )
 
 
 def rel_err(out, ref):
@@ -48,13 +65,15 @@ def test_schedule_lists_exactly_the_causal_active_tiles():
     validate_schedule(build_schedule(jnp.zeros((1, 1, 4, 4), bool)), np.zeros((1, 1, 4, 4), bool))
 
 
-@pytest.mark.parametrize("tile,window,sink", [(16, 0, True), (16, 40, True), (8, 17, False),
-                                              (16, None, True), (16, None, False)])
+@pytest.mark.parametrize(
+    "tile,window,sink", [(16, 0, True), (16, 40, True), (8, 17, False), (16, None, True), (16, None, False)]
+)
 def test_sink_window_tiles_is_or_of_token_rule(tile, window, sink):
     n = 7 * tile
     nt = n // tile
-    rule = token_mask(jnp.ones((1, 1, nt, nt), bool), n, tile, codes=jnp.arange(n)[None, None] + 1,
-                      window=window, sink=sink)[0, 0]  # unique codes: only sink/window/diagonal
+    rule = token_mask(
+        jnp.ones((1, 1, nt, nt), bool), n, tile, codes=jnp.arange(n)[None, None] + 1, window=window, sink=sink
+    )[0, 0]  # unique codes: only sink/window/diagonal
     want = np.asarray(rule).reshape(nt, tile, nt, tile).any(axis=(1, 3))
     np.testing.assert_array_equal(np.asarray(sink_window_tiles(nt, tile, window, sink)), want)
 
@@ -103,8 +122,9 @@ def test_forward_matches_reference(case):
     nt = -(-n // tile)
     tm = random_tiles(n, b, r, nt, density)
     codes = jax.random.randint(jax.random.PRNGKey(7), (b, r, n), 0, 3) if use_codes else None
-    o, lse = block_sparse_attention(q, k, v, tm, tile=tile, codes=codes, window=window, sink=sink,
-                                    return_lse=True, poison=True)
+    o, lse = block_sparse_attention(
+        q, k, v, tm, tile=tile, codes=codes, window=window, sink=sink, return_lse=True, poison=True
+    )
     mask = token_mask(tm, n, tile, codes=codes, window=window, sink=sink)
     ref, ref_lse = reference_attention(q, k, v, mask, return_lse=True)
     assert o.shape == q.shape and o.dtype == q.dtype
@@ -161,30 +181,37 @@ def test_local_and_bucket_rules_split_the_codes_rule():
     ob, lb = sparse_attention_forward(q, k, v, sched, rule=Rule.BUCKET, **kw)
     ol, ll = sparse_attention_forward(q, k, v, sched, rule=Rule.LOCAL, **kw)
     o, _ = merge_partials(ob, lb, ol, ll)
-    ref = reference_attention(q, k, v, token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile,
-                                                  codes=codes, window=window))
+    ref = reference_attention(
+        q, k, v, token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile, codes=codes, window=window)
+    )
     assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
 
 
 # ---------------------------------------------------------------- token-level routing (sorted)
 
 
-@pytest.mark.parametrize("routing,n,window,sink,dtype", [
-    ("kv", 128, 16, True, jnp.bfloat16),  # per KV head, GQA 4:1, aligned
-    ("q", 100, 0, True, jnp.float16),  # per query head, ragged
-    ("kv", 96, None, False, jnp.float16),  # no window, no sink: codes + diagonal only
-])
+@pytest.mark.parametrize(
+    "routing,n,window,sink,dtype",
+    [
+        ("kv", 128, 16, True, jnp.bfloat16),  # per KV head, GQA 4:1, aligned
+        ("q", 100, 0, True, jnp.float16),  # per query head, ragged
+        ("kv", 96, None, False, jnp.float16),  # no window, no sink: codes + diagonal only
+    ],
+)
 def test_token_routed_attention_is_exact(routing, n, window, sink, dtype):
     b, hq, hkv, d, tile = 2, 4, 1, 64, 16
     q, k, v = qkv(n, b, n, hq, hkv, d, dtype)
     r = hkv if routing == "kv" else hq
     codes = jax.random.randint(jax.random.PRNGKey(n), (b, r, n), 0, 4)
-    o, lse = token_routed_attention(q, k, v, codes, tile=tile, window=window, sink=sink,
-                                    return_lse=True)
+    o, lse = token_routed_attention(q, k, v, codes, tile=tile, window=window, sink=sink, return_lse=True)
     nt = -(-n // tile)
     ref, ref_lse = reference_attention(
-        q, k, v, token_mask(jnp.ones((b, r, nt, nt), bool), n, tile, codes=codes, window=window,
-                            sink=sink), return_lse=True)
+        q,
+        k,
+        v,
+        token_mask(jnp.ones((b, r, nt, nt), bool), n, tile, codes=codes, window=window, sink=sink),
+        return_lse=True,
+    )
     assert o.shape == q.shape
     assert rel_err(o, ref) <= TOLERANCE[dtype]
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
@@ -208,3 +235,80 @@ def test_shape_checks():
     q, k, v = qkv(0, 1, 64, 4, 1, 64, jnp.bfloat16)
     with pytest.raises(ValueError, match="tile_mask"):
         block_sparse_attention(q, k, v, jnp.ones((1, 3, 2, 2), bool), tile=32)
+
+
+# ---------------------------------------------------------------- backward
+
+
+def test_transpose_schedule_lists_query_tiles_of_each_key_tile():
+    mask = jax.random.bernoulli(jax.random.PRNGKey(1), 0.4, (1, 2, 7, 7))
+    counts, indices = transpose_schedule(mask)
+    causal = np.tril(np.ones((7, 7), bool))
+    want = np.asarray(mask) & causal
+    for r, kj in itertools.product(range(2), range(7)):
+        listed = np.asarray(indices[0, r, kj, : int(counts[0, r, kj])])
+        np.testing.assert_array_equal(listed, np.flatnonzero(want[0, r, :, kj]))
+
+
+def _grads(fn, q, k, v, cotangent):
+    return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent), argnums=(0, 1, 2))(q, k, v)
+
+
+def _check_grads_against_reference(q, k, v, mask, fn, dtype):
+    ct = jax.random.normal(jax.random.PRNGKey(99), q.shape, jnp.float32)
+    got = _grads(fn, q, k, v, ct)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = _grads(lambda q, k, v: reference_attention(q, k, v, mask), *up, ct)
+    for name, g, w in zip("qkv", got, want, strict=True):
+        assert g.dtype == dtype
+        assert rel_err(g, w) <= TOLERANCE[dtype], name
+
+
+@pytest.mark.parametrize(
+    "routing,n,dtype,use_codes",
+    [("kv", 100, jnp.bfloat16, False), ("q", 96, jnp.float16, True), ("kv", 64, jnp.float16, True)],
+)
+def test_backward_matches_grad_of_reference(routing, n, dtype, use_codes):
+    b, hq, hkv, d, tile, window = 2, 4, 1, 64, 32, 9
+    q, k, v = qkv(n + 1, b, n, hq, hkv, d, dtype)
+    r = hkv if routing == "kv" else hq
+    nt = -(-n // tile)
+    tm = random_tiles(n + 2, b, r, nt, 0.5)
+    codes = jax.random.randint(jax.random.PRNGKey(n), (b, r, n), 0, 3) if use_codes else None
+    mask = token_mask(tm, n, tile, codes=codes, window=window)
+    fn = lambda q, k, v: block_sparse_attention(q, k, v, tm, tile=tile, codes=codes, window=window)  # noqa: E731
+    _check_grads_against_reference(q, k, v, mask, fn, dtype)
+
+
+def test_token_routed_backward_matches_grad_of_reference():
+    """Gradients flow through the sort, both passes, and the lse merge (lse cotangents)."""
+    b, n, hq, hkv, d, tile, window = 1, 80, 4, 2, 64, 16, 12
+    q, k, v = qkv(31, b, n, hq, hkv, d, jnp.float16)
+    codes = jax.random.randint(jax.random.PRNGKey(31), (b, hkv, n), 0, 3)
+    nt = -(-n // tile)
+    mask = token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile, codes=codes, window=window)
+    fn = lambda q, k, v: token_routed_attention(q, k, v, codes, tile=tile, window=window)  # noqa: E731
+    _check_grads_against_reference(q, k, v, mask, fn, jnp.float16)
+
+
+def test_reference_gradients_match_finite_differences():
+    """The oracle of the backward tests is itself right (float32, tiny, central differences)."""
+    q, k, v = (x.astype(jnp.float32) for x in qkv(41, 1, 8, 2, 1, 4, jnp.float32))
+    mask = token_mask(random_tiles(2, 1, 1, 4, 0.5), 8, 2, codes=jnp.arange(8)[None, None] % 3, window=1)
+    check_grads(
+        lambda q, k, v: reference_attention(q, k, v, mask),
+        (q, k, v),
+        order=1,
+        modes=["rev"],
+        eps=1e-3,
+        atol=2e-2,
+        rtol=2e-2,
+    )
+
+
+def test_backend_dispatch_on_cpu():
+    q, k, v = qkv(0, 1, 64, 2, 1, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="hopper"):
+        block_sparse_attention(q, k, v, jnp.ones((1, 1, 2, 2), bool), tile=32, backend="hopper")
+    with pytest.raises(ValueError, match="backend"):
+        block_sparse_attention(q, k, v, jnp.ones((1, 1, 2, 2), bool), tile=32, backend="cuda")

@@ -37,9 +37,22 @@ def _forward(q, k, v, sched, extras, cfg: _Config):
     if cfg.backend == "hopper":
         return hopper_attention_forward(q, k, v, sched, sm_scale=cfg.sm_scale)
     return sparse_attention_forward(
-        q, k, v, sched, tile=cfg.tile, rule=cfg.rule, codes=codes, positions=positions,
-        window=cfg.window, sink=cfg.sink, sm_scale=cfg.sm_scale, interpret=cfg.interpret,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, poison=cfg.poison)
+        q,
+        k,
+        v,
+        sched,
+        tile=cfg.tile,
+        rule=cfg.rule,
+        codes=codes,
+        positions=positions,
+        window=cfg.window,
+        sink=cfg.sink,
+        sm_scale=cfg.sm_scale,
+        interpret=cfg.interpret,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        poison=cfg.poison,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -59,9 +72,25 @@ def _attention_bwd(cfg, res, cotangents):
     do, dlse = cotangents
     codes, positions = extras
     dq, dk, dv = sparse_attention_backward(
-        q, k, v, o, lse, do.astype(q.dtype), dlse, sched, sched_t, tile=cfg.tile, rule=cfg.rule,
-        codes=codes, positions=positions, window=cfg.window, sink=cfg.sink, sm_scale=cfg.sm_scale,
-        interpret=cfg.interpret, num_warps=cfg.num_warps)
+        q,
+        k,
+        v,
+        o,
+        lse,
+        do.astype(q.dtype),
+        dlse,
+        sched,
+        sched_t,
+        tile=cfg.tile,
+        rule=cfg.rule,
+        codes=codes,
+        positions=positions,
+        window=cfg.window,
+        sink=cfg.sink,
+        sm_scale=cfg.sm_scale,
+        interpret=cfg.interpret,
+        num_warps=cfg.num_warps,
+    )
     return dq, dk, dv, None, None, None
 
 
@@ -85,13 +114,11 @@ def _default_interpret(interpret: bool | None) -> bool:
 
 def _check_shapes(q, k, v, tile):
     if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"expected q [B, N, Hq, D], k = v [B, N, Hkv, D]; got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
+        raise ValueError(f"expected q [B, N, Hq, D], k = v [B, N, Hkv, D]; got {q.shape}, {k.shape}, {v.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
     if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share dtype bfloat16 or float16; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+        raise ValueError(f"q, k, v must share dtype bfloat16 or float16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[3] not in (64, 128):
         raise ValueError(f"head dim must be 64 or 128, got {q.shape[3]}")
     if tile & (tile - 1) or tile < 16:
@@ -106,15 +133,39 @@ def _pad_tokens(x, n_pad, axis, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("tile", "window", "sink", "sm_scale", "return_lse",
-                                             "interpret", "num_warps", "num_stages", "poison",
-                                             "backend"))
-def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: jax.Array, *,
-                           tile: int = DEFAULT_TILE, codes: jax.Array | None = None,
-                           window: int | None = 0, sink: bool = True, sm_scale: float | None = None,
-                           return_lse: bool = False, interpret: bool | None = None,
-                           num_warps: int | None = None, num_stages: int = 3, poison: bool = False,
-                           backend: str = "auto"):
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "tile",
+        "window",
+        "sink",
+        "sm_scale",
+        "return_lse",
+        "interpret",
+        "num_warps",
+        "num_stages",
+        "poison",
+        "backend",
+    ),
+)
+def block_sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    tile_mask: jax.Array,
+    *,
+    tile: int = DEFAULT_TILE,
+    codes: jax.Array | None = None,
+    window: int | None = 0,
+    sink: bool = True,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    interpret: bool | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+    poison: bool = False,
+    backend: str = "auto",
+):
     """Causal attention over the tiles of `tile_mask`, with an optional exact token rule inside.
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim] (GQA, never
@@ -145,16 +196,13 @@ def block_sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: 
     interpret = _default_interpret(interpret)
     rule = Rule.TILE if codes is None else Rule.CODES
     backend = "triton" if poison else _resolve_backend(backend, q, tile, rule, interpret)
-    cfg = _Config(tile, rule, window, sink, sm_scale, interpret, num_warps, num_stages, backend,
-                  poison)
-    o, lse = _attention(q, k, v, build_schedule(tile_mask), transpose_schedule(tile_mask),
-                        (codes, None), cfg)
+    cfg = _Config(tile, rule, window, sink, sm_scale, interpret, num_warps, num_stages, backend, poison)
+    o, lse = _attention(q, k, v, build_schedule(tile_mask), transpose_schedule(tile_mask), (codes, None), cfg)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o
 
 
-def merge_partials(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array,
-                   out_dtype=None):
+def merge_partials(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array, out_dtype=None):
     """Exact softmax merge of two attentions over disjoint key sets.
 
     o*: [batch, tokens, heads, head_dim]; lse*: [batch, heads, tokens] (natural log, -inf = empty).
@@ -193,13 +241,25 @@ def bucket_tiles(sorted_codes: jax.Array, tile: int) -> jax.Array:
     return overlap & causal_tiles(n // tile, n // tile)
 
 
-@functools.partial(jax.jit, static_argnames=("tile", "window", "sink", "sm_scale", "return_lse",
-                                             "interpret", "num_warps", "num_stages"))
-def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *,
-                           tile: int = DEFAULT_TILE, window: int | None = 0, sink: bool = True,
-                           sm_scale: float | None = None, return_lse: bool = False,
-                           interpret: bool | None = None, num_warps: int | None = None,
-                           num_stages: int = 3):
+@functools.partial(
+    jax.jit,
+    static_argnames=("tile", "window", "sink", "sm_scale", "return_lse", "interpret", "num_warps", "num_stages"),
+)
+def token_routed_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    codes: jax.Array,
+    *,
+    tile: int = DEFAULT_TILE,
+    window: int | None = 0,
+    sink: bool = True,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+    interpret: bool | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+):
     """Exact token-level routing, fast (METHOD.md §9): the same function as
     `block_sparse_attention(q, k, v, all_tiles_on, codes=codes, ...)`.
 
@@ -220,8 +280,7 @@ def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.
     if codes.shape != (b, r, n) or r not in (hq, hkv):
         raise ValueError(f"codes {codes.shape} must be [{b}, {hq} or {hkv}, {n}]")
     interpret = _default_interpret(interpret)
-    cfg = _Config(tile, Rule.BUCKET, window, sink, sm_scale, interpret, num_warps, num_stages,
-                  "triton")
+    cfg = _Config(tile, Rule.BUCKET, window, sink, sm_scale, interpret, num_warps, num_stages, "triton")
     nt = -(-n // tile)
     pad = nt * tile - n
     q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
@@ -234,16 +293,16 @@ def token_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.
     qs = _gather_tokens(q, perm, q_group)
     ks, vs = (_gather_tokens(x, perm, 1) for x in (k, v))
     bucket = bucket_tiles(sorted_codes, tile)
-    o1, lse1 = _attention(qs, ks, vs, build_schedule(bucket), transpose_schedule(bucket),
-                          (sorted_codes, perm), cfg)
+    o1, lse1 = _attention(qs, ks, vs, build_schedule(bucket), transpose_schedule(bucket), (sorted_codes, perm), cfg)
     # Un-permute: the inverse permutation gathers each token back to its position.
     inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
     o1 = _gather_tokens(o1, inv, q_group)
     lse1 = jnp.take_along_axis(lse1, jnp.repeat(inv, q_group, axis=1), axis=-1)
 
     local = sink_window_tiles(nt, tile, window, sink)[None, None]
-    o2, lse2 = _attention(q, k, v, build_schedule(local), transpose_schedule(local), (None, None),
-                          cfg._replace(rule=Rule.LOCAL))
+    o2, lse2 = _attention(
+        q, k, v, build_schedule(local), transpose_schedule(local), (None, None), cfg._replace(rule=Rule.LOCAL)
+    )
     o, lse = merge_partials(o1, lse1, o2, lse2)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o

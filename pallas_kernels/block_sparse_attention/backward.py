@@ -46,8 +46,25 @@ def _probs(q, k, lse, qpos, kpos, qcode, kcode, *, rule, window, sink, scale, ma
     return p
 
 
-def _dq_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               rule, window, sink, tile, num_q_tiles, scale, has_codes, has_pos):
+def _dq_kernel(
+    counts_ref,
+    indices_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *refs,
+    rule,
+    window,
+    sink,
+    tile,
+    num_q_tiles,
+    scale,
+    has_codes,
+    has_pos,
+):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
@@ -65,11 +82,9 @@ def _dq_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
         start = pl.multiple_of(indices_ref[s] * tile, tile)
         k = k_ref[pl.ds(start, tile), :]
         v = v_ref[pl.ds(start, tile), :]
-        kpos = (kp_ref[pl.ds(start, tile)][None, :] if has_pos
-                else start + lax.broadcasted_iota(jnp.int32, (1, tile), 1))
+        kpos = kp_ref[pl.ds(start, tile)][None, :] if has_pos else start + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
         kcode = kc_ref[pl.ds(start, tile)][None, :] if has_codes else None
-        p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink,
-                   scale=scale, masked=masked)
+        p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked)
         dp = pltriton.dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         return dq + pltriton.dot(ds.astype(k.dtype), k)
@@ -84,8 +99,26 @@ def _dq_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                rule, window, sink, tile, scale, group, per_q_routing, has_codes, has_pos):
+def _dkv_kernel(
+    counts_ref,
+    indices_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *refs,
+    rule,
+    window,
+    sink,
+    tile,
+    scale,
+    group,
+    per_q_routing,
+    has_codes,
+    has_pos,
+):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
@@ -98,8 +131,11 @@ def _dkv_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
         rg = g if per_q_routing else 0  # routing row of this query head within the block
         count = counts_ref[rg, kj]
         kcode = kc_ref[rg, pl.ds(start_k, tile)][None, :] if has_codes else None
-        kpos = (kp_ref[rg, pl.ds(start_k, tile)][None, :] if has_pos
-                else start_k + lax.broadcasted_iota(jnp.int32, (1, tile), 1))
+        kpos = (
+            kp_ref[rg, pl.ds(start_k, tile)][None, :]
+            if has_pos
+            else start_k + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+        )
 
         def step(s, carry, masked):
             dk, dv = carry
@@ -109,11 +145,15 @@ def _dkv_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
             lse = lse_ref[g, pl.ds(start, tile)]
             lse = jnp.where(lse == -jnp.inf, 0.0, lse)
             delta = delta_ref[g, pl.ds(start, tile)]
-            qpos = (qp_ref[rg, pl.ds(start, tile)][:, None] if has_pos
-                    else start + lax.broadcasted_iota(jnp.int32, (tile, 1), 0))
+            qpos = (
+                qp_ref[rg, pl.ds(start, tile)][:, None]
+                if has_pos
+                else start + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
+            )
             qcode = qc_ref[rg, pl.ds(start, tile)][:, None] if has_codes else None
-            p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink,
-                       scale=scale, masked=masked)
+            p = _probs(
+                q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked
+            )
             dv = dv + pltriton.dot(p.astype(do.dtype), do, trans_a=True)
             dp = pltriton.dot(do, v, trans_b=True)
             ds = p * (dp - delta[:, None])
@@ -133,14 +173,30 @@ def _dkv_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, d
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("tile", "rule", "window", "sink", "sm_scale", "interpret", "num_warps",
-                     "num_stages"))
-def sparse_attention_backward(q, k, v, o, lse, do, dlse, schedule: Schedule,
-                              schedule_t: Schedule, *, tile: int, rule: Rule = Rule.TILE,
-                              codes=None, positions=None, window: int | None = 0, sink: bool = True,
-                              sm_scale: float | None = None, interpret: bool = False,
-                              num_warps: int | None = None, num_stages: int = 2):
+    jax.jit, static_argnames=("tile", "rule", "window", "sink", "sm_scale", "interpret", "num_warps", "num_stages")
+)
+def sparse_attention_backward(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    do,
+    dlse,
+    schedule: Schedule,
+    schedule_t: Schedule,
+    *,
+    tile: int,
+    rule: Rule = Rule.TILE,
+    codes=None,
+    positions=None,
+    window: int | None = 0,
+    sink: bool = True,
+    sm_scale: float | None = None,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+):
     """Gradients of `sparse_attention_forward` (same arguments) w.r.t. q, k, v.
 
     o, do: [batch, tokens, q_heads, head_dim]; lse, dlse: [batch, q_heads, tokens] float32.
@@ -160,10 +216,8 @@ def sparse_attention_backward(q, k, v, o, lse, do, dlse, schedule: Schedule,
     delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
     if dlse is not None:
         delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
-    params = pltriton.CompilerParams(num_warps=num_warps or (4 if d <= 64 else 8),
-                                     num_stages=num_stages)
-    common = dict(rule=rule, window=window, sink=sink, tile=tile, scale=scale, has_codes=has_codes,
-                  has_pos=has_pos)
+    params = pltriton.CompilerParams(num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages)
+    common = dict(rule=rule, window=window, sink=sink, tile=tile, scale=scale, has_codes=has_codes, has_pos=has_pos)
     ints = [x.astype(jnp.int32) for x, used in ((codes, has_codes), (positions, has_pos)) if used]
     ints = [x for x in ints for _ in range(2)]  # (query side, key side) views of each
 
@@ -177,17 +231,29 @@ def sparse_attention_backward(q, k, v, o, lse, do, dlse, schedule: Schedule,
     qspec = pl.BlockSpec((None, tile, None, d), lambda h, bi, i: (bi, nq - 1 - i, h, 0))
     kvspec = pl.BlockSpec((None, n, None, d), lambda h, bi, i: (bi, 0, h // group, 0))
     rowspec = pl.BlockSpec((None, None, tile), lambda h, bi, i: (bi, h, nq - 1 - i))
-    int_specs = [pl.BlockSpec((None, None, tile), rows),
-                 pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0))] * (len(ints) // 2)
+    int_specs = [
+        pl.BlockSpec((None, None, tile), rows),
+        pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0)),
+    ] * (len(ints) // 2)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, num_q_tiles=nq, **common),
         grid=(hq, b, nq),
-        in_specs=[pl.BlockSpec((None, None, nq), lambda h, bi, i: (*route(bi, h), 0)),
-                  pl.BlockSpec((None, None, None, nq), lambda h, bi, i: (*rows(h, bi, i), 0)),
-                  qspec, kvspec, kvspec, qspec, rowspec, rowspec, *int_specs],
+        in_specs=[
+            pl.BlockSpec((None, None, nq), lambda h, bi, i: (*route(bi, h), 0)),
+            pl.BlockSpec((None, None, None, nq), lambda h, bi, i: (*rows(h, bi, i), 0)),
+            qspec,
+            kvspec,
+            kvspec,
+            qspec,
+            rowspec,
+            rowspec,
+            *int_specs,
+        ],
         out_specs=qspec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=params, interpret=interpret, name=f"block_sparse_attention_dq_{rule.value}",
+        compiler_params=params,
+        interpret=interpret,
+        name=f"block_sparse_attention_dq_{rule.value}",
     )(*schedule, q, k, v, do, lse, delta, *ints)
 
     # dk, dv: one program per (KV head, batch, key tile); its query heads are one block of `group`.
@@ -203,11 +269,21 @@ def sparse_attention_backward(q, k, v, o, lse, do, dlse, schedule: Schedule,
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, group=group, per_q_routing=per_q_routing, **common),
         grid=(hkv, b, nq),
-        in_specs=[pl.BlockSpec((None, rg, nq), lambda kh, bi, j: (*kroute(bi, kh), 0)),
-                  pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j, 0)),
-                  qgroup, kspec, kspec, qgroup, rowgroup, rowgroup, *int_specs],
+        in_specs=[
+            pl.BlockSpec((None, rg, nq), lambda kh, bi, j: (*kroute(bi, kh), 0)),
+            pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j, 0)),
+            qgroup,
+            kspec,
+            kspec,
+            qgroup,
+            rowgroup,
+            rowgroup,
+            *int_specs,
+        ],
         out_specs=[kspec, kspec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=params, interpret=interpret, name=f"block_sparse_attention_dkv_{rule.value}",
+        compiler_params=params,
+        interpret=interpret,
+        name=f"block_sparse_attention_dkv_{rule.value}",
     )(*schedule_t, q, k, v, do, lse, delta, *ints)
     return dq, dk, dv

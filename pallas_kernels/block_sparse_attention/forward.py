@@ -55,8 +55,22 @@ def _visible(rule: Rule, qpos, kpos, qcode, kcode, window, sink):
     return vis
 
 
-def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, window, sink,
-            tile: int, num_q_tiles: int, scale: float, has_codes: bool, has_pos: bool):
+def _kernel(
+    counts_ref,
+    indices_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *refs,
+    rule: Rule,
+    window,
+    sink,
+    tile: int,
+    num_q_tiles: int,
+    scale: float,
+    has_codes: bool,
+    has_pos: bool,
+):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
@@ -68,11 +82,11 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
     if has_pos:
         qpos = qp_ref[...][:, None]
     else:
-        qpos = (qi * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0))
+        qpos = qi * tile + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
     qcode = qc_ref[...][:, None] if has_codes else None
 
     def step(s, carry, masked: bool):
-        acc, m, l = carry
+        acc, m, denom = carry
         start = pl.multiple_of(indices_ref[s] * tile, tile)
         k = k_ref[pl.ds(start, tile), :]
         v = v_ref[pl.ds(start, tile), :]
@@ -90,13 +104,16 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
         alpha = jnp.exp2(m - m_use)
         p = jnp.exp2(sc - m_use[:, None])
-        l = l * alpha + p.sum(axis=-1)
+        denom = denom * alpha + p.sum(axis=-1)
         acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v)
-        return acc, m_new, l
+        return acc, m_new, denom
 
     d = q.shape[-1]
-    carry = (jnp.zeros((tile, d), jnp.float32), jnp.full((tile,), -jnp.inf, jnp.float32),
-             jnp.zeros((tile,), jnp.float32))
+    carry = (
+        jnp.zeros((tile, d), jnp.float32),
+        jnp.full((tile,), -jnp.inf, jnp.float32),
+        jnp.zeros((tile,), jnp.float32),
+    )
     if rule is Rule.TILE:
         # Only the last listed tile can be the diagonal one (lists are ascending, and padding
         # keys sit in the last diagonal tile only), so all others run without a mask.
@@ -105,23 +122,46 @@ def _kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, *refs, rule: Rule, win
         carry = lax.fori_loop(last, count, functools.partial(step, masked=True), carry)
     else:
         carry = lax.fori_loop(0, count, functools.partial(step, masked=True), carry)
-    acc, m, l = carry
-    empty = l == 0.0
-    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) / LOG2E)
+    acc, m, denom = carry
+    empty = denom == 0.0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, denom)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, denom))) / LOG2E)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("tile", "rule", "window", "sink", "sm_scale", "out_dtype", "interpret",
-                     "num_warps", "num_stages", "poison"))
-def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Schedule, *,
-                             tile: int, rule: Rule = Rule.TILE, codes: jax.Array | None = None,
-                             positions: jax.Array | None = None, window: int | None = 0,
-                             sink: bool = True, sm_scale: float | None = None, out_dtype=None,
-                             interpret: bool = False, num_warps: int | None = None,
-                             num_stages: int = 3, poison: bool = False
-                             ) -> tuple[jax.Array, jax.Array]:
+    static_argnames=(
+        "tile",
+        "rule",
+        "window",
+        "sink",
+        "sm_scale",
+        "out_dtype",
+        "interpret",
+        "num_warps",
+        "num_stages",
+        "poison",
+    ),
+)
+def sparse_attention_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    schedule: Schedule,
+    *,
+    tile: int,
+    rule: Rule = Rule.TILE,
+    codes: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    window: int | None = 0,
+    sink: bool = True,
+    sm_scale: float | None = None,
+    out_dtype=None,
+    interpret: bool = False,
+    num_warps: int | None = None,
+    num_stages: int = 3,
+    poison: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """Run the kernel over a prebuilt schedule. Tokens must be a multiple of `tile`.
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim].
@@ -167,22 +207,35 @@ def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
     args = [counts, indices, q, k, v]
     for extra, used in ((codes, has_codes), (positions, has_pos)):
         if used:
-            in_specs += [pl.BlockSpec((None, None, tile), rows),
-                         pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0))]
+            in_specs += [
+                pl.BlockSpec((None, None, tile), rows),
+                pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0)),
+            ]
             args += [extra.astype(jnp.int32)] * 2
 
     out_dtype = q.dtype if out_dtype is None else out_dtype
     out_shape = [jax.ShapeDtypeStruct(q.shape, out_dtype), jax.ShapeDtypeStruct((b, hq, n), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, tile, None, d), lambda h, bi, i: (bi, nq - 1 - i, h, 0)),
-                 pl.BlockSpec((None, None, tile), lambda h, bi, i: (bi, h, nq - 1 - i))]
+    out_specs = [
+        pl.BlockSpec((None, tile, None, d), lambda h, bi, i: (bi, nq - 1 - i, h, 0)),
+        pl.BlockSpec((None, None, tile), lambda h, bi, i: (bi, h, nq - 1 - i)),
+    ]
     aliases = {}
     if poison:
         aliases = {len(args): 0, len(args) + 1: 1}
         args += [jnp.full(x.shape, jnp.nan, x.dtype) for x in out_shape]
         in_specs += out_specs
 
-    kernel = functools.partial(_kernel, rule=rule, window=window, sink=sink, tile=tile,
-                               num_q_tiles=nq, scale=scale, has_codes=has_codes, has_pos=has_pos)
+    kernel = functools.partial(
+        _kernel,
+        rule=rule,
+        window=window,
+        sink=sink,
+        tile=tile,
+        num_q_tiles=nq,
+        scale=scale,
+        has_codes=has_codes,
+        has_pos=has_pos,
+    )
     return pl.pallas_call(
         kernel,
         grid=(hq, b, nq),
@@ -191,8 +244,8 @@ def sparse_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
         out_shape=out_shape,
         input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(
-            num_warps=num_warps if num_warps is not None else (4 if d <= 64 else 8),
-            num_stages=num_stages),
+            num_warps=num_warps if num_warps is not None else (4 if d <= 64 else 8), num_stages=num_stages
+        ),
         interpret=interpret,
         name=f"block_sparse_attention_{rule.value}",
     )(*args)

@@ -44,14 +44,19 @@ def hopper_supported(q: jax.Array, tile: int) -> bool:
         cc = getattr(dev, "compute_capability", "")
     except RuntimeError:
         return False
-    return (dev.platform == "gpu" and str(cc).startswith("9") and tile == TILE
-            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in (64, 128))
+    return (
+        dev.platform == "gpu"
+        and str(cc).startswith("9")
+        and tile == TILE
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] in (64, 128)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "stages"))
-def hopper_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule: Schedule, *,
-                             sm_scale: float | None = None, stages: int = 2
-                             ) -> tuple[jax.Array, jax.Array]:
+def hopper_attention_forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, schedule: Schedule, *, sm_scale: float | None = None, stages: int = 2
+) -> tuple[jax.Array, jax.Array]:
     """Same contract as `sparse_attention_forward(..., tile=128, rule=Rule.TILE)`.
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim]; tokens a
@@ -75,8 +80,7 @@ def hopper_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
         return plgpu.broadcasted_iota(jnp.int32, (ROWS, TILE), dim, layout=plgpu.Layout.WGMMA)
 
     def body(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
-        (q_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), \
-            (k_free, v_free), pingpong = scoped
+        (q_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), pingpong = scoped
         bi = lax.axis_index("batch")
         h = lax.axis_index("heads")
         qi = nq - 1 - lax.axis_index("q")  # heaviest tiles first
@@ -96,13 +100,15 @@ def hopper_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
             row0 = qi * TILE + wg * ROWS
             plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), h], q_smem, q_ready.at[wg])
             plgpu.barrier_wait(q_ready.at[wg])
-            carry = (cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
-                     cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                     cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+            carry = (
+                cast(jnp.zeros((ROWS, d), jnp.float32), plgpu.Layout.WGMMA),
+                cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            )
             pl.when(wg == 1)(pingpong_round)  # offsets warpgroup 1 by one phase
 
             def step(s, carry, masked: bool):
-                acc, m, l = carry
+                acc, m, denom = carry
                 slot = lax.rem(s, stages)
                 plgpu.barrier_wait(k_ready.at[slot])
 
@@ -122,7 +128,7 @@ def hopper_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
                 alpha = jnp.exp2(m - m_new)
                 p = jnp.exp2(sc * scale - lax.broadcast_in_dim(m_new, sc.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                l = l * alpha + p.sum(axis=1)
+                denom = denom * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
                 plgpu.barrier_arrive(pingpong)  # softmax done: the other warpgroup may issue
                 plgpu.barrier_wait(v_ready.at[slot])
@@ -133,15 +139,15 @@ def hopper_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
 
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                return acc, m_new, denom
 
             last = jnp.maximum(count - 1, 0)
             carry = lax.fori_loop(0, last, functools.partial(step, masked=False), carry)
-            acc, m, l = lax.fori_loop(last, count, functools.partial(step, masked=True), carry)
+            acc, m, denom = lax.fori_loop(last, count, functools.partial(step, masked=True), carry)
             pl.when(wg == 0)(pingpong_round)
 
-            empty = l == 0.0
-            l_safe = jnp.where(empty, 1.0, l)
+            empty = denom == 0.0
+            l_safe = jnp.where(empty, 1.0, denom)
             q_smem[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(dtype)
             lse_smem[...] = jnp.where(empty, -jnp.inf, m * (1 / LOG2E) + jnp.log(l_safe))
             plgpu.commit_smem()
@@ -176,12 +182,13 @@ def hopper_attention_forward(q: jax.Array, k: jax.Array, v: jax.Array, schedule:
         swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
         pl.run_scoped(
             lambda *scoped: body(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
-            (plgpu.SMEM((2, ROWS, d), dtype, **swizzled),
-             plgpu.SMEM((stages, TILE, d), dtype, **swizzled),
-             plgpu.SMEM((stages, TILE, d), dtype, **swizzled),
-             plgpu.SMEM((2, ROWS), jnp.float32)),
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=2)),
+            (
+                plgpu.SMEM((2, ROWS, d), dtype, **swizzled),
+                plgpu.SMEM((stages, TILE, d), dtype, **swizzled),
+                plgpu.SMEM((stages, TILE, d), dtype, **swizzled),
+                plgpu.SMEM((2, ROWS), jnp.float32),
+            ),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",

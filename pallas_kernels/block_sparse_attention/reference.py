@@ -28,8 +28,9 @@ def routing_head_of(num_q_heads: int, num_routing_heads: int, num_kv_heads: int)
         return heads
     if num_routing_heads == num_kv_heads:
         return heads // (num_q_heads // num_kv_heads)
-    raise ValueError(f"routing heads {num_routing_heads} must equal query heads {num_q_heads} "
-                     f"or KV heads {num_kv_heads}")
+    raise ValueError(
+        f"routing heads {num_routing_heads} must equal query heads {num_q_heads} or KV heads {num_kv_heads}"
+    )
 
 
 def local_rule(qpos: jax.Array, kpos: jax.Array, window: int | None, sink: bool) -> jax.Array:
@@ -42,9 +43,16 @@ def local_rule(qpos: jax.Array, kpos: jax.Array, window: int | None, sink: bool)
     return local
 
 
-def token_mask(tile_mask: jax.Array, num_tokens: int, tile: int, *, codes: jax.Array | None = None,
-               window: int | None = 0, sink: bool = True, q_range: tuple[int, int] | None = None
-               ) -> jax.Array:
+def token_mask(
+    tile_mask: jax.Array,
+    num_tokens: int,
+    tile: int,
+    *,
+    codes: jax.Array | None = None,
+    window: int | None = 0,
+    sink: bool = True,
+    q_range: tuple[int, int] | None = None,
+) -> jax.Array:
     """Dense token visibility (small N only, or a query-row slice of it).
 
     tile_mask: [batch, routing_heads, q_tiles, k_tiles] bool; codes: [batch, routing_heads, tokens].
@@ -62,8 +70,15 @@ def token_mask(tile_mask: jax.Array, num_tokens: int, tile: int, *, codes: jax.A
     return vis
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                        sm_scale: float | None = None, return_lse: bool = False):
+def reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    sm_scale: float | None = None,
+    return_lse: bool = False,
+):
     """Dense masked attention in float32 (highest matmul precision).
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, keys, kv_heads, head_dim];
@@ -87,10 +102,20 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return (o, lse) if return_lse else o
 
 
-def chunked_reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_mask: jax.Array, *,
-                                tile: int, codes: jax.Array | None = None, window: int | None = 0,
-                                sink: bool = True, sm_scale: float | None = None, chunk: int = 512,
-                                return_lse: bool = False):
+def chunked_reference_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    tile_mask: jax.Array,
+    *,
+    tile: int,
+    codes: jax.Array | None = None,
+    window: int | None = 0,
+    sink: bool = True,
+    sm_scale: float | None = None,
+    chunk: int = 512,
+    return_lse: bool = False,
+):
     """`reference_attention` over query chunks, never holding an N x N array (long N).
 
     Same arguments as `block_sparse_attention`; N must be a multiple of `chunk`.
@@ -116,4 +141,3 @@ def chunked_reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_m
     o = jnp.moveaxis(o, 0, 1).reshape(q.shape)
     lse = jnp.moveaxis(lse, 0, 2).reshape(q.shape[0], q.shape[2], n)
     return (o, lse) if return_lse else o
-

@@ -81,8 +81,9 @@ def validate_schedule(schedule: Schedule, tile_mask: np.ndarray) -> None:
         assert set(row.tolist()) == set(np.flatnonzero(want[idx]).tolist()), idx
 
 
-def codes_tile_mask(codes: jax.Array, tile: int, num_codes: int, *, window: int | None = 0,
-                    sink: bool = True) -> jax.Array:
+def codes_tile_mask(
+    codes: jax.Array, tile: int, num_codes: int, *, window: int | None = 0, sink: bool = True
+) -> jax.Array:
     """The tile-OR mask of per-token codes (METHOD.md §9): a causal tile is on iff some query and
     key in it share a code, or it holds a sink/window/diagonal pair.
 
