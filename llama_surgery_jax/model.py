@@ -123,12 +123,20 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(self.num_heads * hd, d, precision=precision, rngs=rngs)
         self.attention_impl: AttentionImpl = dense_attention
 
-    def __call__(self, x, cos, sin, **attention_kwargs):
+    def project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [b, t, hidden] → q [b, t, heads, head_dim], k, v [b, t, kv_heads, head_dim], RoPE applied.
+
+        Shared with the KV-cache decode path (`kv_cache.py`), which attends over cached keys itself.
+        """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, **attention_kwargs):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         out, aux = self.attention_impl(q, k, v, x=x, **attention_kwargs)
         return self.o_proj(out.reshape(b, t, -1)), aux
 

@@ -1,0 +1,147 @@
+"""Inference: training-path forward (hard mask), prefill and prefill + KV-cache decode agree; generate CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_surgery_jax.checkpoint import load_model
+from llama_surgery_jax.config import ModelConfig, RouterConfig
+from llama_surgery_jax.generate import generate, main
+from llama_surgery_jax.kv_cache import ContextError, Decoder, gathered_attention
+from llama_surgery_jax.masked_attention import attend
+from llama_surgery_jax.model import LlamaForCausalLM
+from llama_surgery_jax.surgery import inject_routers
+from tests.conftest import fresh_seed
+
+# Three-path agreement, float32 on CPU: the paths sum the same products in different orders (chunked
+# masked softmax, gathered keys, one query at a time), so logits differ by float32 rounding only,
+# ~1e-6 of their scale per layer; 1e-5 of the largest logit leaves room for 30 layers and nothing more.
+AGREEMENT_RTOL = 1e-5
+# Random route heads with short windows and few tree levels, so that the masks are far from dense.
+SPARSE_ROUTER = RouterConfig(levels=6, d_max=3, window=8, block_size=16, query_chunk=16)
+
+
+def three_paths(model, tokens: jax.Array, prompt_len: int, *, gather: bool, budget_step: int = 8):
+    """tokens: [b, t] → logits [b, t, vocab] of (training path, prefill, prefill of prompt_len + decode)."""
+    b, t = tokens.shape
+    train_path = nnx.jit(lambda m, x: m(x, train=True, hard=True, tau=1.0, rng=None)[0])(model, tokens)
+    decoder = Decoder(model, attention="reference", gather=gather, budget_step=budget_step)
+    full = jnp.full((b,), t)
+    prefilled, _ = decoder.prefill(tokens, full, t)
+    logits, cache = decoder.prefill(tokens[:, :prompt_len], jnp.full((b,), prompt_len), t)
+    steps = [logits]
+    for i in range(prompt_len, t):
+        step_logits, cache = decoder.step(cache, tokens[:, i])
+        steps.append(step_logits[:, None])
+    return train_path, prefilled, jnp.concatenate(steps, axis=1), decoder
+
+
+def assert_close(a, b, what):
+    scale = float(jnp.max(jnp.abs(a)))
+    error = float(jnp.max(jnp.abs(a - b)))
+    assert error <= AGREEMENT_RTOL * scale, f"{what}: max |Δ| {error:.3g} > {AGREEMENT_RTOL} × {scale:.3g}"
+
+
+def tiny_routed(seed: int) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(ModelConfig.named("tiny"), rngs=nnx.Rngs(seed))
+    return inject_routers(model, SPARSE_ROUTER, nnx.Rngs(seed + 1), homotopy=False)
+
+
+@pytest.mark.parametrize("routing_heads", ["query", "kv"])
+def test_three_paths_agree_tiny(routing_heads):
+    seed = fresh_seed()
+    model = LlamaForCausalLM(ModelConfig.named("tiny"), rngs=nnx.Rngs(seed))
+    config = RouterConfig(**{**SPARSE_ROUTER.__dict__, "routing_heads": routing_heads})
+    inject_routers(model, config, nnx.Rngs(seed + 1), homotopy=False)
+    tokens = jax.random.randint(jax.random.key(seed), (2, 40), 0, 512)
+    _, aux = model(tokens)
+    assert max(float(a["token_density"]) for a in aux) < 0.8, f"seed {seed}: masks too dense to test"
+    gather = routing_heads == "query"  # the masked decode over the whole cache is checked with KV routing
+    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=24, gather=gather)
+    assert_close(train_path, prefilled, f"seed {seed}: prefill vs training path")
+    assert_close(train_path, decoded, f"seed {seed}: prefill + decode (gather={gather}) vs training path")
+
+
+def test_gather_reads_only_the_budget_and_flags_overflow():
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(2))
+    visible = jnp.asarray(rng.random((2, 8, 40)) < 0.2).at[..., 0].set(True)
+    most = int(jnp.max(jnp.sum(visible, -1)))
+    masked = attend(q[:, None], k, v, visible[:, :, None, :])[:, 0]
+    out, seen = gathered_attention(q, k, v, visible, budget=most)
+    assert int(seen) == most
+    np.testing.assert_allclose(out, masked, atol=AGREEMENT_RTOL * float(jnp.max(jnp.abs(masked))))
+    assert int(gathered_attention(q, k, v, visible, budget=most - 1)[1]) > most - 1  # overflow is reported
+
+
+def test_dense_model_decode_matches_forward():
+    seed = fresh_seed()
+    model = LlamaForCausalLM(ModelConfig.named("tiny"), rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(seed), (1, 24), 0, 512)
+    forward, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=5, gather=True)
+    assert_close(forward, prefilled, f"seed {seed}: dense prefill")
+    assert_close(forward, decoded, f"seed {seed}: dense decode")
+
+
+def test_batch_of_different_lengths_equals_one_by_one():
+    model = tiny_routed(fresh_seed())
+    decoder = Decoder(model, attention="reference", budget_step=8)
+    prompts = [[5, 17, 300, 2, 9, 41, 7], [11, 12], [400, 3, 3, 3, 8]]
+    together = generate(decoder, prompts, max_new_tokens=6, model_context=1024, warmup=False)
+    single = Decoder(model, attention="reference", budget_step=8)
+    for prompt, tokens in zip(prompts, together.tokens, strict=True):
+        alone = generate(single, [prompt], max_new_tokens=6, model_context=1024, warmup=False)
+        assert alone.tokens[0] == tokens, prompt
+
+
+def test_sampling_is_seeded():
+    decoder = Decoder(tiny_routed(0), attention="reference")
+    runs = [generate(decoder, [[1, 2, 3]], max_new_tokens=12, model_context=1024, temperature=1.0, seed=s,
+                     warmup=False).tokens for s in (7, 7, 8)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_bad_prompts():
+    decoder = Decoder(tiny_routed(0), attention="reference")
+    with pytest.raises(ContextError, match="empty"):
+        generate(decoder, [[1, 2], []], max_new_tokens=4, model_context=1024)
+    with pytest.raises(ContextError, match="context is 64"):
+        generate(decoder, [list(range(60))], max_new_tokens=5, model_context=64)
+
+
+def test_cli_batch_greedy_and_run_without_routers(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "g.json"
+    args = ["--model", str(tiny_model_dir), "--prompt", "The history of", "--prompt", "A",
+            "--max-new-tokens", "5", "--json", str(out)]
+    assert main(args) == 0
+    dense = json.loads(out.read_text())
+    assert len(dense["tokens"]) == 2 and all(len(t) == 5 for t in dense["tokens"])
+    assert "tokens/s" in capsys.readouterr().out
+    # A folder without router checkpoints: runs dense, says so, and generates the same text.
+    assert main([*args, "--surgery", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "running the DENSE model" in captured.err
+    assert json.loads(out.read_text())["tokens"] == dense["tokens"]
+    assert main(["--model", str(tiny_model_dir), "--prompt", "", "--max-new-tokens", "2"]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert main(["--model", str(tiny_model_dir), "--prompt", "word " * 1100]) == 2
+    assert "context is 1024" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_three_paths_agree_smollm2(smollm2_dir):
+    seed = fresh_seed()
+    model = load_model(smollm2_dir)
+    inject_routers(model, SPARSE_ROUTER, nnx.Rngs(seed), homotopy=False)
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 49152, size=(1, 40)))
+    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True)
+    assert_close(train_path, prefilled, f"seed {seed}: SmolLM2 prefill vs training path")
+    assert_close(train_path, decoded, f"seed {seed}: SmolLM2 prefill + decode vs training path")
