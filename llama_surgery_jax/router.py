@@ -161,25 +161,70 @@ def route(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, r
     return Routing(codes, routes, balance)
 
 
+def _agreement(routes_q: jax.Array, routes_k: jax.Array, level: int) -> jax.Array:
+    """M[ℓ] = Σ_c a_q a_k: [..., t, s]. An elementwise product summed over p (not a matmul): exact float32
+    on every backend."""
+    return jnp.sum(routes_q[..., :, None, level, :] * routes_k[..., None, :, level, :], axis=-1)
+
+
+@jax.custom_vjp
 def tree_distance(routes_q: jax.Array, routes_k: jax.Array) -> jax.Array:
     """routes_q: [..., t, l, c], routes_k: [..., s, l, c] → [..., t, s] float32 soft tree distance.
 
-    d = l − Σ_ℓ min_{m ≥ ℓ} M[m], M[m] = Σ_c a_q a_k the agreement at level m: a cummin from the root
-    (level l − 1) down. For one-hot routes d is the height of the lowest common ancestor. `cummin`
-    rather than `cumprod`: equal for one-hot routes, but the product's backward divides by zero in
-    the preprint's framework. Written as a running minimum over the (few) levels: XLA fuses it into
-    one elementwise pass, and its backward keeps a [t, s] residual per level rather than
-    `lax.cummin`'s associative-scan intermediates (about 30 % less memory per query chunk).
+    d = l − Σ_ℓ min_{m ≥ ℓ} M[m], M[m] the agreement at level m: a cummin from the root (level l − 1)
+    down. For one-hot routes d is the height of the lowest common ancestor. `cummin` rather than
+    `cumprod`: equal for one-hot routes, but the product's backward divides by zero in the preprint's
+    framework.
+
+    Backward (custom VJP): each suffix minimum's gradient goes to the level that attains it, ties to
+    the level nearest the leaves, as `torch.cummin`'s backward in the preprint (with one-hot routes M is
+    0 or 1, so ties are the rule, and `jnp.minimum`'s half-and-half split would decay geometrically
+    towards the root). It recomputes the agreements level by level and keeps one bool per level and
+    pair, where autodiff of the running minimum kept float32 [t, s] arrays per level: the chunked
+    attention's backward at 8k tokens needs ~3× less scratch (~12× less than `lax.cummin`'s autodiff).
     """
     levels = routes_q.shape[-2]
-    running_min = None
-    shared_levels = jnp.zeros((), jnp.float32)
-    for level in reversed(range(levels)):
-        # An elementwise product summed over p (not a matmul): exact float32 on every backend.
-        agreement = jnp.sum(routes_q[..., :, None, level, :] * routes_k[..., None, :, level, :], axis=-1)
-        running_min = agreement if running_min is None else jnp.minimum(running_min, agreement)
+    running_min = _agreement(routes_q, routes_k, levels - 1)
+    shared_levels = running_min
+    for level in reversed(range(levels - 1)):
+        running_min = jnp.minimum(running_min, _agreement(routes_q, routes_k, level))
         shared_levels = shared_levels + running_min
     return levels - shared_levels
+
+
+def _tree_distance_fwd(routes_q, routes_k):
+    return tree_distance(routes_q, routes_k), (routes_q, routes_k)
+
+
+def _tree_distance_bwd(residuals, cotangent):
+    routes_q, routes_k = residuals
+    levels = routes_q.shape[-2]
+    # Root → leaves: level ℓ takes over the suffix minimum when M[ℓ] ≤ the minimum above it.
+    takes_over = [None] * levels
+    running_min = None
+    for level in reversed(range(levels)):
+        agreement = _agreement(routes_q, routes_k, level)
+        if running_min is None:
+            takes_over[level], running_min = jnp.ones(agreement.shape, bool), agreement
+        else:
+            takes_over[level], running_min = agreement <= running_min, jnp.minimum(running_min, agreement)
+    # Leaves → root: a level that takes over is the minimum of its own suffix and of every suffix
+    # below it down to the next level that takes over; ∂d/∂M[ℓ] = −(that count).
+    last_take_over = jnp.full(cotangent.shape, -1, jnp.int32)
+    grad_q, grad_k = [], []
+    for level in range(levels):
+        count = jnp.where(takes_over[level], level - last_take_over, 0)
+        last_take_over = jnp.where(takes_over[level], level, last_take_over)
+        grad_agreement = -cotangent * count.astype(cotangent.dtype)
+        grad_q.append(jnp.einsum("...ts,...sc->...tc", grad_agreement, routes_k[..., level, :],
+                                 precision=jax.lax.Precision.HIGHEST))
+        grad_k.append(jnp.einsum("...ts,...tc->...sc", grad_agreement, routes_q[..., level, :],
+                                 precision=jax.lax.Precision.HIGHEST))
+    return (jnp.stack(grad_q, axis=-2).astype(routes_q.dtype),
+            jnp.stack(grad_k, axis=-2).astype(routes_k.dtype))
+
+
+tree_distance.defvjp(_tree_distance_fwd, _tree_distance_bwd)
 
 
 def soft_mask(distance: jax.Array, *, d_max: int, temperature: float) -> jax.Array:

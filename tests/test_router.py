@@ -101,6 +101,36 @@ def test_hard_distance_is_lca_height_and_ultrametric(p, levels, data):
         assert distance[x, z] <= max(distance[x, y], distance[y, z])
 
 
+def test_tree_distance_gradient_follows_torch_cummin_ties():
+    """With one-hot routes the agreements tie; each suffix minimum's gradient goes to the level nearest
+    the leaves that attains it (torch.cummin's backward, as in the preprint)."""
+    query = one_hot_routes([[1, 0, 1, 0, 0]], 2)  # agreement with key, leaf → root: 0, 1, 0, 1, 1
+    key = one_hot_routes([[0, 0, 0, 0, 0]], 2)
+    grad = jax.grad(lambda q: jnp.sum(tree_distance(q, key)))(query)
+    # Suffix minima from the root: levels 4, 3, 2 take over; 1 does not (1 > 0); 0 ties and takes over.
+    np.testing.assert_array_equal(grad[0, :, 0], [-1.0, 0.0, -2.0, -1.0, -1.0])
+    np.testing.assert_array_equal(grad[0, :, 1], 0.0)  # key chose child 0 everywhere
+
+
+def test_tree_distance_gradient_equals_autodiff_away_from_ties():
+    routes_q = jax.random.uniform(jax.random.key(0), (2, 5, 4, 3))
+    routes_k = jax.random.uniform(jax.random.key(1), (2, 6, 4, 3))
+
+    def running_min_distance(a, b):  # plain autodiff of the same function
+        agreement = jnp.sum(a[:, :, None] * b[:, None], axis=-1)  # [2, t, s, l]
+        return 4 - jnp.sum(jax.lax.cummin(agreement, axis=3, reverse=True), axis=-1)
+
+    def loss(distance):
+        return lambda a, b: jnp.sum(jnp.sin(distance(a, b)))
+
+    np.testing.assert_allclose(tree_distance(routes_q, routes_k), running_min_distance(routes_q, routes_k),
+                               rtol=1e-6)
+    ours = jax.grad(loss(tree_distance), argnums=(0, 1))(routes_q, routes_k)
+    autodiff = jax.grad(loss(running_min_distance), argnums=(0, 1))(routes_q, routes_k)
+    for a, e in zip(ours, autodiff, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)  # float32 summation order only
+
+
 @PROPERTY
 @given(st.sampled_from([2, 3, 5, 7]), st.integers(1, 6), st.data())
 def test_prefix_codes_equal_iff_distance_within_d_max(p, levels, data):
