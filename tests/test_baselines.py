@@ -1,0 +1,63 @@
+"""Baselines at matched block density: streaming (sink + local blocks) and untrained MoBA-style gating."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from llama_surgery_jax.baselines import (
+    baseline_block_density,
+    extra_blocks_for_density,
+    install_baseline,
+    moba_tiles,
+    streaming_tiles,
+)
+from llama_surgery_jax.config import ModelConfig
+from llama_surgery_jax.model import LlamaForCausalLM
+from tests.conftest import fresh_seed
+
+# The baselines' chunked softmax (exp / sum) against dense_attention's jax.nn.softmax: float32 rounding.
+LOGITS_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_both_baselines_compute_the_same_tiles_per_row(n):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(2, n * 8 - 3, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, n * 8 - 3, 2, 8)), jnp.float32)
+    for extra in range(n + 1):
+        stream = streaming_tiles(n, extra)
+        moba = moba_tiles(q, k, tile=8, extra=extra)
+        np.testing.assert_array_equal(jnp.sum(moba, -1), jnp.broadcast_to(jnp.sum(stream, -1), moba.shape[:-1]))
+        assert not jnp.any(moba & ~jnp.tril(jnp.ones((n, n), bool))), "a tile above the diagonal"
+        assert jnp.all(moba[..., 0]) and jnp.all(jnp.diagonal(moba, axis1=-2, axis2=-1)), "sink and diagonal"
+        assert float(jnp.mean(jnp.sum(stream))) / (n * (n + 1) / 2) == pytest.approx(baseline_block_density(n, extra))
+
+
+def test_density_matching():
+    assert extra_blocks_for_density(8, 1.0) == 6  # sink + diagonal + 6 = every causal tile of row 7
+    assert baseline_block_density(8, 6) == 1.0
+    e = extra_blocks_for_density(64, 0.3)
+    assert abs(baseline_block_density(64, e) - 0.3) <= abs(baseline_block_density(64, e + 1) - 0.3)
+
+
+@pytest.mark.parametrize("kind", ["streaming", "moba"])
+def test_full_density_is_dense_and_sparse_is_causal(kind):
+    seed = fresh_seed()
+    model = LlamaForCausalLM(ModelConfig.named("tiny"), rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(seed), (2, 64), 0, 512)
+    dense, _ = model(tokens)
+    install_baseline(model, kind, extra=8, tile=8)  # 8 blocks: every causal tile
+    full, aux = model(tokens)
+    assert all(float(a["block_density"]) == 1.0 for a in aux)
+    np.testing.assert_allclose(full, dense, atol=LOGITS_RTOL * float(jnp.max(jnp.abs(dense))), err_msg=f"seed {seed}")
+    install_baseline(model, kind, extra=1, tile=8)
+    sparse, aux = model(tokens)
+    assert float(aux[0]["block_density"]) == pytest.approx(baseline_block_density(8, 1))
+    assert float(jnp.max(jnp.abs(sparse - dense))) > 1e-3, "a sparse mask should change the logits"
+    changed = tokens.at[:, 40:].set((tokens[:, 40:] + 1) % 512)
+    np.testing.assert_array_equal(model(changed)[0][:, :40], sparse[:, :40], err_msg=f"seed {seed}: not causal")
