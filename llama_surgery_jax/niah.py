@@ -1,0 +1,114 @@
+"""Needle in a haystack: one fact sentence at several depths of filler text, exact-match retrieval.
+
+Each case is `length` tokens: filler text with the needle inserted at `depth` (0 = start, 1 = end of the
+filler), then the question, ending where the answer starts:
+
+    ... filler ... The secret number of <city> is <7 digits>. ... filler ...
+    Question: what is the secret number of <city>? Answer: The secret number of <city> is
+
+The model generates greedily through the full inference path (prefill + KV-cache decode, so the surgery's
+routing is exercised exactly as in use); a case is correct iff the first run of digits in its completion
+equals the needle's number. Filler is WikiText-2 valid text (wiki.valid.tokens; never the test split),
+taken at a different offset for every case; numbers and cities come from a seeded RNG.
+
+    rows = run_niah(decoder, tokenizer, filler_ids, lengths=[2048, 4096, 8192], depths=[0, .25, .5, .75, 1])
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from llama_surgery_jax.generate import generate
+from llama_surgery_jax.kv_cache import Decoder
+
+CITIES = ("Lisbon", "Nairobi", "Osaka", "Quito", "Tromsø", "Adelaide", "Tbilisi", "Montevideo", "Hanoi", "Accra")
+NEEDLE = " The secret number of {city} is {number}. "
+QUESTION = "\nQuestion: what is the secret number of {city}? Answer: The secret number of {city} is"
+ANSWER_DIGITS = 7
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class NeedleCase:
+    """prompt: token ids (exactly `length`); answer: the digits; depth: where the needle sits (0–1)."""
+
+    prompt: list[int]
+    answer: str
+    length: int
+    depth: float
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_case(tokenizer, filler_ids: np.ndarray, *, length: int, depth: float,
+               rng: np.random.Generator) -> NeedleCase:
+    """A case of exactly `length` tokens from a random offset of `filler_ids` ([n] int)."""
+    city = CITIES[rng.integers(len(CITIES))]
+    number = str(rng.integers(10 ** (ANSWER_DIGITS - 1), 10**ANSWER_DIGITS))
+    needle = encode(tokenizer, NEEDLE.format(city=city, number=number))
+    question = encode(tokenizer, QUESTION.format(city=city))
+    filler_len = length - len(needle) - len(question)
+    if filler_len < 1:
+        raise ValueError(f"length {length} leaves no room for filler around a {len(needle) + len(question)}-token "
+                         "needle and question")
+    if len(filler_ids) < filler_len:
+        raise ValueError(f"the filler text has {len(filler_ids)} tokens, fewer than the {filler_len} needed")
+    start = int(rng.integers(0, len(filler_ids) - filler_len + 1))
+    filler = [int(t) for t in filler_ids[start:start + filler_len]]
+    at = round(depth * filler_len)
+    return NeedleCase(filler[:at] + needle + filler[at:] + question, number, length, depth)
+
+
+def first_number(text: str) -> str | None:
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else None
+
+
+def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, depths=DEFAULT_DEPTHS,
+             trials: int = 1, seed: int = 0, model_context: int, batch_size: int = 8) -> list[dict]:
+    """Exact-match accuracy per (length, depth) over `trials` cases each.
+
+    Returns rows {length, depth, correct, cases, accuracy, completions (the first few)}.
+    """
+    rng = np.random.default_rng(seed)
+    max_new = ANSWER_DIGITS + 3  # a leading space and a token or two of slack
+    rows = []
+    for length in lengths:
+        cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
+                 for d in depths for _ in range(trials)]
+        completions = []
+        for start in range(0, len(cases), batch_size):
+            batch = cases[start:start + batch_size]
+            result = generate(decoder, [c.prompt for c in batch], max_new_tokens=max_new,
+                              model_context=model_context, warmup=False)
+            completions += [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+        for depth in depths:
+            picked = [(c, text) for c, text in zip(cases, completions, strict=True) if c.depth == depth]
+            correct = sum(first_number(text) == c.answer for c, text in picked)
+            rows.append({"length": length, "depth": depth, "correct": correct, "cases": len(picked),
+                         "accuracy": correct / len(picked),
+                         "completions": [{"answer": c.answer, "completion": text} for c, text in picked[:2]]})
+    return rows
+
+
+def table(rows_by_model: dict[str, list[dict]]) -> str:
+    """Markdown: one row per (length, depth), one accuracy column per model, and a mean row per length."""
+    names = list(rows_by_model)
+    first = rows_by_model[names[0]]
+    lines = ["| tokens | depth | " + " | ".join(names) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    for i, row in enumerate(first):
+        accs = " | ".join(f"{rows_by_model[n][i]['accuracy']:.2f}" for n in names)
+        lines.append(f"| {row['length']} | {row['depth']:.2f} | {accs} |")
+    for length in dict.fromkeys(r["length"] for r in first):
+        means = []
+        for n in names:
+            sel = [r for r in rows_by_model[n] if r["length"] == length]
+            means.append(f"{sum(r['correct'] for r in sel) / sum(r['cases'] for r in sel):.2f}")
+        lines.append(f"| {length} | all | " + " | ".join(means) + " |")
+    return "\n".join(lines)

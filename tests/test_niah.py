@@ -1,0 +1,46 @@
+"""Needle in a haystack: case construction (exact length, needle at its depth) and the scoring loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llama_surgery_jax import data
+from llama_surgery_jax.checkpoint import load_model, load_tokenizer
+from llama_surgery_jax.kv_cache import Decoder
+from llama_surgery_jax.niah import build_case, first_number, run_niah, table
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, wikitext_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    filler = data.tokenize(tokenizer, data.load_text("valid", wikitext_dir, "tokens")[:100_000])
+    return load_model(tiny_model_dir), tokenizer, filler
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_case_has_its_length_and_the_needle_at_its_depth(tiny, depth):
+    _, tokenizer, filler = tiny
+    case = build_case(tokenizer, filler, length=300, depth=depth, rng=np.random.default_rng(0))
+    assert len(case.prompt) == 300 and len(case.answer) == 7
+    text = tokenizer.decode(case.prompt)
+    needle_at = text.index(f"is {case.answer}.") / text.index("\nQuestion:")
+    assert abs(needle_at - depth) < 0.1, (needle_at, depth)
+    assert text.endswith(" is")
+    with pytest.raises(ValueError, match="no room"):
+        build_case(tokenizer, filler, length=10, depth=depth, rng=np.random.default_rng(0))
+
+
+def test_first_number():
+    assert first_number(" 1234567. The") == "1234567"
+    assert first_number(" unknown") is None
+
+
+def test_run_niah_scores_every_case(tiny):
+    model, tokenizer, filler = tiny
+    rows = run_niah(Decoder(model, attention="reference"), tokenizer, filler, lengths=[96, 128], depths=[0.0, 1.0],
+                    trials=2, model_context=model.config.max_position_embeddings)
+    assert [(r["length"], r["depth"], r["cases"]) for r in rows] == [(96, 0.0, 2), (96, 1.0, 2), (128, 0.0, 2),
+                                                                       (128, 1.0, 2)]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert "| 128 | all |" in table({"dense": rows, "surgery": rows})
