@@ -276,6 +276,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    report: bool = True  # evaluate dense vs surgery and write the report at the end
     eval_context: int = 1024
     eval_windows: int = 40
     eval_batch: int = 4

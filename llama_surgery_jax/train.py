@@ -249,6 +249,8 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
             return {"stopped_at": step + 1}
     checkpoints.wait()
     logger.close()
+    if not config.report:
+        return {"steps": config.steps}
     # The first step of an invocation includes compilation: leave it out of the rate.
     timing = {"steps_timed": len(step_seconds) - 1,
               "steps_per_s": (len(step_seconds) - 1) / sum(step_seconds[1:]) if len(step_seconds) > 1 else None,
@@ -258,8 +260,8 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
 
 
 def peak_device_memory_gib() -> float | None:
-    """Peak bytes in use on device 0 (GPU backends report it; the CPU backend does not)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Peak bytes in use on this process's first device (GPU backends report it; the CPU backend does not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
 
 

@@ -77,7 +77,7 @@ def run_one_step(model_dir, wikitext_dir, out: Path, devices: int, *mesh) -> flo
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "llama_surgery_jax.train", "--preset", "smoke", "--out", str(out),
            f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1",
-           "eval_context=64", "eval_windows=1", "router.init_bias=1.0", *mesh]
+           "report=false", "router.init_bias=1.0", *mesh]
     subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
@@ -95,8 +95,8 @@ def test_two_processes_with_jax_distributed(tiny_model_dir, wikitext_dir, tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     common = ["--preset", "smoke", "--out", str(tmp_path / "multi"), f"model={tiny_model_dir}",
-              f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1", "eval_context=64",
-              "eval_windows=1", "router.init_bias=1.0"]
+              f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1", "report=false",
+              "router.init_bias=1.0"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([sys.executable, "-m", "llama_surgery_jax.train", "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *common],
