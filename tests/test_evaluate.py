@@ -128,3 +128,33 @@ def test_surgery_from_a_training_run(tiny_model_dir, wikitext_dir, tmp_path, cap
     assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--surgery",
                  str(tmp_path / "nowhere")]) == 2
     assert "holds no router checkpoints" in capsys.readouterr().err
+
+
+def test_quality_script_end_to_end_on_tiny(tiny_model_dir, wikitext_dir, tmp_path):
+    """Every section of `quality` (perplexity table, curve, NIAH, speed, p ablation, plots) on the tiny model."""
+    from llama_surgery_jax.config import TrainConfig
+    from llama_surgery_jax.quality import main as quality_main
+    from llama_surgery_jax.train import train
+
+    tiny = [f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2", "eval_context=64",
+            "eval_windows=2", "eval_batch=2"]
+    train(TrainConfig.preset("smoke").override([f"model={tiny_model_dir}", *tiny]), tmp_path / "run", progress=False)
+    out = tmp_path / "quality"
+    assert quality_main([
+        "--run", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir),
+        "--out", str(out), "--contexts", "64,128", "--windows", "2", "--curve-context", "64", "--curve-windows", "2",
+        "--d-max", "2", "--window-sweep", "4", "--baseline-extra", "0", "--niah-lengths", "96", "--niah-depths", "0,1",
+        "--niah-trials", "1", "--speed-contexts", "64", "--speed-new-tokens", "4", "--speed-dtype", "float32",
+        "--ablate-p", "3", "--ablate-preset", "smoke", "--ablate-steps", "1",
+        *[f"--ablate-override={o}" for o in tiny[1:] if not o.startswith("steps")]]) == 0
+    result = json.loads((out / "quality.json").read_text())
+    rows = result["perplexity"]
+    assert [r["context"] for r in rows] == [64, 128]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("dense", "surgery", "streaming", "moba"))
+    assert {p["series"] for p in result["curve"]} == {"dense", "surgery", "surgery, d_max sweep", "surgery, W sweep",
+                                                       "streaming", "moba"}
+    assert [r["cases"] for r in result["niah"]["surgery"]] == [1, 1]
+    assert {r["model"] for r in result["speed"]} == {"dense", "surgery, gather decode", "surgery, masked decode"}
+    assert result["ablation"][0]["p"] == 3 and result["ablation"][0]["levels"] == 4  # 3^4 >= 64 > 3^3
+    for name in ("quality.md", "quality_density.png", "density_heatmap.png", "tree_path.png"):
+        assert (out / name).is_file(), name

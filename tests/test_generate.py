@@ -142,6 +142,7 @@ def test_three_paths_agree_smollm2(smollm2_dir):
     model = load_model(smollm2_dir)
     inject_routers(model, SPARSE_ROUTER, nnx.Rngs(seed), homotopy=False)
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 49152, size=(1, 40)))
-    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True)
+    # Budgets of 32: one decode compile of the 30 layers when no head sees more than 32 of the 40 slots.
+    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True, budget_step=32)
     assert_close(train_path, prefilled, f"seed {seed}: SmolLM2 prefill vs training path")
     assert_close(train_path, decoded, f"seed {seed}: SmolLM2 prefill + decode vs training path")
