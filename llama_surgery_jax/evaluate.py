@@ -1,7 +1,17 @@
-"""Perplexity on WikiText-2 test: dense, or with the surgery's routers.
+"""Perplexity on WikiText-2 test: dense, with the surgery's routers, or a baseline; and needle retrieval.
 
     python -m llama_surgery_jax.evaluate [--model CONVERTED_DIR] [--data-dir DIR] [--context 1024]
                                          [--max-windows N] [--surgery init|CHECKPOINT] [--json FILE]
+                                         [--contexts 1024,4096,8192] [--dense-too]
+                                         [--baseline streaming|moba --baseline-density D]
+                                         [--niah 2048,4096,8192 [--niah-trials N]]
+
+`--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
+context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
+`gap`); `--baseline` runs a static sink + local-window mask (streaming) or untrained MoBA-style block
+gating at block density D instead of the routers (`baselines.py`); `--niah` adds needle-in-a-haystack
+exact-match accuracy at those lengths (`niah.py`), for the model as configured and, with `--dense-too`,
+dense. The full comparison with plots is `python -m llama_surgery_jax.quality --run RUN`.
 
 Protocol (stated in every result): the whole `wiki.test.raw` is tokenized as one stream with no BOS,
 cut into non-overlapping windows of `--context` tokens (stride = context, the tail that fills no window
@@ -94,6 +104,16 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
     os.replace(f.name, path)
 
 
+def niah(model, tokenizer, args) -> list[dict]:
+    """Needle-in-a-haystack rows of the model as it is now (filler: wiki.valid.tokens, never test)."""
+    from llama_surgery_jax.kv_cache import Decoder
+    from llama_surgery_jax.niah import run_niah
+
+    filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
+    return run_niah(Decoder(model), tokenizer, filler, lengths=[int(n) for n in args.niah.split(",")],
+                    trials=args.niah_trials, model_context=model.config.max_position_embeddings)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="WikiText-2 test perplexity of a converted Llama.")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
@@ -108,13 +128,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also score the same windows with transformers (torch) from the original source")
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--contexts", help="comma-separated window lengths, e.g. 1024,4096,8192 (overrides --context)")
+    parser.add_argument("--dense-too", action="store_true", help="also score the dense model on the same windows")
+    parser.add_argument("--baseline", choices=["streaming", "moba"], help="a baseline mask instead of routers")
+    parser.add_argument("--baseline-density", type=float, default=0.5, help="the baseline's target block density")
+    parser.add_argument("--baseline-tile", type=int, default=128, help="the baseline's block size in tokens")
+    parser.add_argument("--niah", help="comma-separated needle-in-a-haystack lengths in tokens, e.g. 2048,4096")
+    parser.add_argument("--niah-trials", type=int, default=2, help="cases per (length, depth)")
     args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [args.context]
+    if args.baseline and (args.surgery or args.niah):
+        print("error: --baseline replaces the routers and has no KV-cache decode: not with --surgery or --niah",
+              file=sys.stderr)
+        return 2
 
     try:
         model_dir = Path(args.model) if args.model else default_model_dir()
         model = load_model(model_dir, Precision(args.dtype, args.dtype))
-        ids = data.tokenize(load_tokenizer(model_dir), data.load_text("test", args.data_dir, "raw"))
-        token_windows = data.windows(ids, args.context, args.max_windows)
+        tokenizer = load_tokenizer(model_dir)
+        ids = data.tokenize(tokenizer, data.load_text("test", args.data_dir, "raw"))
+        windows_by_context = {c: data.windows(ids, c, args.max_windows) for c in contexts}
+        token_windows = windows_by_context[contexts[0]]
         attention_kwargs = {}
         if args.surgery:
             from llama_surgery_jax.router_checkpoint import prepare_for_evaluation
@@ -124,16 +158,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    result = perplexity(model, token_windows, batch_size=args.batch_size, **attention_kwargs)
-    result.update(model=str(model_dir), dtype=args.dtype, surgery=args.surgery or "none",
-                  protocol=protocol(args.context, len(token_windows), data.resolve_data_dir(args.data_dir)))
+    data_dir = data.resolve_data_dir(args.data_dir)
+    by_context = []
+    for context, windows_here in windows_by_context.items():
+        if args.baseline:
+            from llama_surgery_jax.baselines import describe, extra_blocks_for_density, install_baseline
+
+            extra = extra_blocks_for_density(-(-context // args.baseline_tile), args.baseline_density)
+            install_baseline(model, args.baseline, extra=extra, tile=args.baseline_tile)
+        scored = perplexity(model, windows_here, batch_size=args.batch_size, **attention_kwargs)
+        scored.update(context=context, protocol=protocol(context, len(windows_here), data_dir))
+        if args.baseline:
+            scored["baseline"] = describe(args.baseline, extra, args.baseline_tile, context)
+        by_context.append(scored)
+    result = dict(by_context[0])
+    result.update(model=str(model_dir), dtype=args.dtype, surgery=args.surgery or "none")
+    if args.contexts:
+        result["by_context"] = by_context
+    if args.niah:
+        result["niah"] = niah(model, tokenizer, args)
+    if args.dense_too:
+        from llama_surgery_jax.surgery import remove_routers
+
+        remove_routers(model)
+        for row in by_context:
+            row["dense"] = perplexity(model, windows_by_context[row["context"]], batch_size=args.batch_size)
+            row["gap"] = row["ppl"] / row["dense"]["ppl"] - 1
+            print(f"context {row['context']}: perplexity {row['ppl']:.4f}, dense {row['dense']['ppl']:.4f} "
+                  f"({100 * row['gap']:+.2f} %)")
+        result.update(dense=by_context[0]["dense"], gap=by_context[0]["gap"])
+        if args.niah:
+            result["niah_dense"] = niah(model, tokenizer, args)
     if args.compare_transformers:
         reference = transformers_perplexity(model_dir, token_windows)
         result["transformers"] = reference | {"relative_difference": result["ppl"] / reference["ppl"] - 1}
         print(f"transformers perplexity {reference['ppl']:.4f} on the same windows "
               f"(ours/theirs - 1 = {result['transformers']['relative_difference']:+.2e})")
-    print(f"wikitext-2 test perplexity {result['ppl']:.4f} over {result['tokens']} tokens "
-          f"({len(token_windows)} windows of {args.context}, no BOS, surgery={result['surgery']})")
+    for row in by_context:
+        label = f"baseline={args.baseline}" if args.baseline else f"surgery={result['surgery']}"
+        print(f"wikitext-2 test perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
+              f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
+    if args.niah:
+        from llama_surgery_jax.niah import table
+
+        print(table({"model": result["niah"], **({"dense": result["niah_dense"]} if args.dense_too else {})}))
     if args.json:
         write_json_atomic(args.json, result)
     return 0

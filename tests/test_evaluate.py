@@ -158,3 +158,21 @@ def test_quality_script_end_to_end_on_tiny(tiny_model_dir, wikitext_dir, tmp_pat
     assert result["ablation"][0]["p"] == 3 and result["ablation"][0]["levels"] == 4  # 3^4 >= 64 > 3^3
     for name in ("quality.md", "quality_density.png", "density_heatmap.png", "tree_path.png"):
         assert (out / name).is_file(), name
+
+
+def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, wikitext_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--max-windows", "2"]
+    out = tmp_path / "r.json"
+    assert main([*args, "--contexts", "64,128", "--surgery", "init", "--dense-too", "--niah", "96",
+                 "--niah-trials", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["context"] for r in result["by_context"]] == [64, 128] and result["context"] == 64
+    # Homotopy routers are exactly dense: the same pipeline gives the same perplexity, bit for bit.
+    assert all(r["gap"] == 0.0 for r in result["by_context"])
+    assert len(result["niah"]) == 5 and result["niah"] == result["niah_dense"]
+    assert main([*args, "--context", "128", "--baseline", "streaming", "--baseline-density", "1.0",
+                 "--baseline-tile", "32", "--dense-too", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["baseline"]["block_density"] == 1.0 and abs(result["gap"]) < 1e-5
+    assert main([*args, "--baseline", "moba", "--surgery", "init"]) == 2
+    assert "not with --surgery" in capsys.readouterr().err
