@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -23,6 +24,9 @@ from tests.conftest import fresh_seed
 # masked softmax, gathered keys, one query at a time), so logits differ by float32 rounding only,
 # ~1e-6 of their scale per layer; 1e-5 of the largest logit leaves room for 30 layers and nothing more.
 AGREEMENT_RTOL = 1e-5
+# The kernel path casts q, k, v to bf16 (8-bit mantissa: 2^-8 ≈ 4e-3 relative rounding each); the rest of
+# the model stays float32, so logits agree to about that, and 1e-2 of the largest logit.
+KERNEL_RTOL = 1e-2
 # Random route heads with short windows and few tree levels, so that the masks are far from dense.
 SPARSE_ROUTER = RouterConfig(levels=6, d_max=3, window=8, block_size=16, query_chunk=16)
 
@@ -80,6 +84,22 @@ def test_gather_reads_only_the_budget_and_flags_overflow():
     assert int(seen) == most
     np.testing.assert_allclose(out, masked, atol=AGREEMENT_RTOL * float(jnp.max(jnp.abs(masked))))
     assert int(gathered_attention(q, k, v, visible, budget=most - 1)[1]) > most - 1  # overflow is reported
+
+
+def test_kernel_prefill_agrees_with_the_training_path():
+    """The block-sparse kernel (interpret mode on CPU) needs head_dim 64: a tiny model with that head size."""
+    seed = fresh_seed()
+    config = dataclasses.replace(ModelConfig.named("tiny"), hidden_size=128, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=64)
+    for routed in (True, False):
+        model = LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+        if routed:
+            inject_routers(model, SPARSE_ROUTER, nnx.Rngs(seed + 1), homotopy=False)
+        tokens = jax.random.randint(jax.random.key(seed), (2, 45), 0, 512)
+        reference = nnx.jit(lambda m, x: m(x, train=True, hard=True, tau=1.0, rng=None)[0])(model, tokens)
+        kernel, _ = Decoder(model, attention="kernel").prefill(tokens, jnp.full((2,), 45), 45)
+        scale = float(jnp.max(jnp.abs(reference)))
+        assert float(jnp.max(jnp.abs(kernel - reference))) <= KERNEL_RTOL * scale, f"seed {seed}, routed={routed}"
 
 
 def test_dense_model_decode_matches_forward():
