@@ -20,6 +20,7 @@ from pallas_kernels.block_sparse_attention import (
     build_schedule,
     chunked_reference_attention,
     codes_tile_mask,
+    hopper_supported,
     merge_partials,
     reference_attention,
     sink_window_tiles,
@@ -312,3 +313,27 @@ def test_backend_dispatch_on_cpu():
         block_sparse_attention(q, k, v, jnp.ones((1, 1, 2, 2), bool), tile=32, backend="hopper")
     with pytest.raises(ValueError, match="backend"):
         block_sparse_attention(q, k, v, jnp.ones((1, 1, 2, 2), bool), tile=32, backend="cuda")
+
+
+# ---------------------------------------------------------------- GPU only (skipped on CPU / CI)
+
+on_hopper = pytest.mark.skipif(
+    not hopper_supported(jnp.zeros((1, 1, 1, 128), jnp.bfloat16), 128), reason="needs a Hopper GPU"
+)
+
+
+@on_hopper
+@pytest.mark.parametrize("dtype,d,routing", [(jnp.bfloat16, 128, "kv"), (jnp.float16, 64, "q")])
+def test_hopper_kernel_matches_reference(dtype, d, routing):
+    b, n, hq, hkv, tile = 2, 1000, 8, 2, 128
+    q, k, v = qkv(d, b, n, hq, hkv, d, dtype)
+    r = hkv if routing == "kv" else hq
+    nt = -(-n // tile)
+    tm = random_tiles(d, b, r, nt, 0.4)
+    o, lse = block_sparse_attention(q, k, v, tm, return_lse=True, backend="hopper")
+    ref, ref_lse = reference_attention(q, k, v, token_mask(tm, n, tile), return_lse=True)
+    assert rel_err(o, ref) <= TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
+    _check_grads_against_reference(
+        q, k, v, token_mask(tm, n, tile), lambda q, k, v: block_sparse_attention(q, k, v, tm), dtype
+    )

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from .forward import Rule, _visible
-from .schedule import Schedule
+from .schedule import Schedule, causal_tiles, compact
 
 LOG2E = math.log2(math.e)
 
@@ -31,10 +31,7 @@ def transpose_schedule(tile_mask: jax.Array) -> Schedule:
     """tile_mask [B, R, nq, nk] -> for each key tile, the ascending list of causal query tiles
     that compute it: counts [B, R, nk], indices [B, R, nk, nq] (the diagonal, when on, first)."""
     nq, nk = tile_mask.shape[-2:]
-    active = jnp.swapaxes(tile_mask & (jnp.arange(nk)[None, :] <= jnp.arange(nq)[:, None]), -1, -2)
-    counts = active.sum(-1, dtype=jnp.int32)
-    indices = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
-    return Schedule(counts, indices)
+    return compact(jnp.swapaxes(tile_mask & causal_tiles(nq, nk), -1, -2))
 
 
 def _probs(q, k, lse, qpos, kpos, qcode, kcode, *, rule, window, sink, scale, masked):

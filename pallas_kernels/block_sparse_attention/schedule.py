@@ -11,6 +11,7 @@ which tiles run.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -47,14 +48,26 @@ def sink_window_tiles(n_tiles: int, tile: int, window: int | None, sink: bool = 
     return on & (kj <= qi)
 
 
+def compact(active: jax.Array) -> Schedule:
+    """Active flags [..., n] -> (counts [...], ascending active positions [..., n] then padding).
+
+    Stream compaction: each active entry's slot is the running count of actives before it, so one
+    cumsum and one scatter (O(n) per row) replace a sort. Padding slots hold 0 and are never read.
+    """
+    *lead, n = active.shape
+    rows = math.prod(lead)
+    flat = active.reshape(rows, n)
+    slot = jnp.cumsum(flat, axis=-1, dtype=jnp.int32) - 1
+    target = jnp.where(flat, jnp.arange(rows, dtype=jnp.int32)[:, None] * n + slot, rows * n)
+    values = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
+    indices = jnp.zeros(rows * n, jnp.int32).at[target.ravel()].set(values.ravel(), mode="drop")
+    return Schedule(flat.sum(-1, dtype=jnp.int32).reshape(lead), indices.reshape(active.shape))
+
+
 def build_schedule(tile_mask: jax.Array) -> Schedule:
     """tile_mask: [batch, routing_heads, q_tiles, k_tiles] bool -> `Schedule` (causal part only)."""
     nq, nk = tile_mask.shape[-2:]
-    active = tile_mask & causal_tiles(nq, nk)
-    counts = active.sum(-1, dtype=jnp.int32)
-    # A stable sort on "inactive" moves active tiles to the front, keeping ascending order.
-    indices = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
-    return Schedule(counts, indices)
+    return compact(tile_mask & causal_tiles(nq, nk))
 
 
 def block_density(tile_mask: jax.Array) -> jax.Array:
