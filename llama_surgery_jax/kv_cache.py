@@ -187,10 +187,15 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Ar
     kv_heads = k.shape[2]
     r = visible.shape[1]
     kv_of_r = jnp.arange(r) // (r // kv_heads)  # r = h: head h reads KV head h // group; r = k: itself
-    # The first `budget` visible slots, in position order (a stable sort of "not visible").
-    slots = jnp.argsort(~visible, axis=-1, stable=True)[..., :budget]  # [b, r, M]
-    valid = jnp.take_along_axis(visible, slots, axis=-1)
+    # The first `budget` visible slots in position order, compacted by a prefix sum: O(S), no sort.
+    count = jnp.sum(visible, axis=-1, dtype=jnp.int32)  # [b, r]
+    rank = jnp.cumsum(visible, axis=-1, dtype=jnp.int32) - 1
+    target = jnp.where(visible, rank, budget)  # invisible slots, and visible ones past the budget, drop
     batch = jnp.arange(b)[:, None, None]
+    heads_r = jnp.arange(r)[None, :, None]
+    slot_ids = jnp.broadcast_to(jnp.arange(visible.shape[-1], dtype=jnp.int32), visible.shape)
+    slots = jnp.zeros((b, r, budget), jnp.int32).at[batch, heads_r, target].set(slot_ids, mode="drop")
+    valid = jnp.arange(budget)[None, None, :] < count[..., None]
     k_sel = k[batch, slots, kv_of_r[None, :, None]]  # [b, r, M, d]: only these rows are read
     v_sel = v[batch, slots, kv_of_r[None, :, None]]
     qr = q.reshape(b, r, heads // r, d)
@@ -198,7 +203,7 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Ar
     scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("brgm,brmd->brgd", probs.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
-    most = jnp.max(jnp.sum(visible, axis=-1, dtype=jnp.int32))
+    most = jnp.max(count)
     return out.reshape(b, heads, d).astype(q.dtype), most
 
 
@@ -217,19 +222,20 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
     cos, sin = rope_cos_sin(model.config, lengths[:, None])
     x = model.model.embed_tokens(tokens[:, None]).astype(model.precision.compute)
     batch = jnp.arange(b)
-    ks, vs, codes_per_layer = [], [], []
+    # Written in place, one slot per layer (the cache is donated by `Decoder`): a step never copies it.
+    k_all, v_all, codes_all = cache.k, cache.v, cache.codes
     overflow = jnp.zeros((), bool)
     for index, layer in enumerate(model.model.layers):
         h = layer.input_layernorm(x)
         q, k, v = layer.self_attn.project(h, cos, sin)  # [b, 1, heads or kv, d]
-        k_cache = cache.k[index].at[batch, lengths].set(k[:, 0])
-        v_cache = cache.v[index].at[batch, lengths].set(v[:, 0])
+        k_all = k_all.at[index, batch, lengths].set(k[:, 0])
+        v_all = v_all.at[index, batch, lengths].set(v[:, 0])
+        k_cache, v_cache = k_all[index], v_all[index]
         impl = layer.self_attn.attention_impl
         if isinstance(impl, RoutedAttention):
             new_codes = impl.router(h).codes[:, :, 0]  # [b, r]: its own router on its own x
-            codes = cache.codes[index].at[batch, :, lengths].set(new_codes)
-            codes_per_layer.append(codes)
-            visible = decode_visibility(codes, new_codes, lengths, slots, config)
+            codes_all = codes_all.at[index, batch, :, lengths].set(new_codes)
+            visible = decode_visibility(codes_all[index], new_codes, lengths, slots, config)
         elif impl is dense_attention:  # the same causal slots for every KV head
             visible = jnp.broadcast_to(decode_visibility(None, None, lengths, slots, None), (b, k.shape[2], slots))
         else:
@@ -241,18 +247,16 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
             overflow = overflow | (most > budget)
             out = out[:, None]
         x = _layer_tail(layer, x, out)
-        ks.append(k_cache)
-        vs.append(v_cache)
     logits = model.logits(model.model.norm(x))[:, 0]
-    codes = jnp.stack(codes_per_layer) if codes_per_layer else None
-    return logits, KVCache(jnp.stack(ks), jnp.stack(vs), codes, lengths + 1), overflow
+    return logits, KVCache(k_all, v_all, codes_all, lengths + 1), overflow
 
 
 class Decoder:
     """Jitted prefill and decode steps for one model (split once; one compile per shape and budget).
 
     `budget_step` is the gather granularity: budgets are multiples of it (fewer recompiles), starting
-    at `initial_budget` and doubling on overflow. gather=False: masked decode over the whole cache.
+    at `initial_budget` and doubling on overflow. gather=False (and dense models): masked decode over the
+    whole cache.
     """
 
     def __init__(self, model: LlamaForCausalLM, *, attention: str = "auto", gather: bool = True,
@@ -282,7 +286,7 @@ class Decoder:
     def step(self, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
         """tokens: [b] → logits [b, vocab], cache; repeats the step with a doubled budget on overflow."""
         slots = cache.k.shape[2]
-        if not self.gather:
+        if not self.gather or not self.routed:  # dense decode sees the whole causal prefix: no gather
             logits, cache, _ = self._decode(self.state, cache, tokens, None)
             return logits, cache
         if self.budget is None:
