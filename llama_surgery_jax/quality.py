@@ -9,7 +9,9 @@
 
 Writes OUT/quality.json, OUT/quality.md (every table), OUT/quality_density.png (the curve),
 OUT/density_heatmap.png (per layer × head densities), OUT/tree_path.png (one token's route). Sections
-(each skipped by giving an empty list, e.g. `--niah-lengths ""`):
+(each skipped by giving an empty list, e.g. `--niah-lengths ""`, or `--curve-windows 0`; a section
+not run keeps the results an earlier run wrote into the same OUT/quality.json, so the work can be split
+into several shorter commands):
 
   perplexity   WikiText-2 test at each context: dense, surgery, streaming and MoBA baselines at the
                surgery's own block density (sorted, tile = block_size, measured on the first window),
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -89,12 +92,31 @@ class Attention:
 
 
 def surgery_density(model, tokens: np.ndarray) -> dict:
-    """Densities of the current routers on tokens [b, t] (mean over layers and heads), report.py's measures."""
-    from llama_surgery_jax.report import topology_densities
+    """Densities of the current routers on tokens [b, t], mean over layers and heads, with per layer × head
+    maps: token density, block density at tile = block_size in original order, and sorted (the bucket
+    pass over (code, position) order OR the sink/window band, as report.py and the kernel count it)."""
+    from flax import nnx
+
+    from llama_surgery_jax.topology import band_tiles, bucket_tiles, causal_pairs, tile_mask, token_density
 
     config = routed_layers(model)[0].config
-    per = topology_densities(model, jnp.asarray(tokens), type("C", (), {"router": config}))
     tile = config.block_size
+    aux = nnx.jit(lambda m, x: m(x, train=False, rng=None, return_codes=True)[1])(model, jnp.asarray(tokens))
+    per = {"token": [], f"block_{tile}": [], f"block_{tile}_sorted": []}
+
+    @jax.jit
+    def one_layer(codes):  # [b, h, t] → three [h] densities
+        n = -(-codes.shape[-1] // tile)
+        norm = codes.shape[0] * causal_pairs(n)
+        original = jnp.sum(tile_mask(codes, tile=tile, window=config.window, sink=config.sink), axis=(0, 2, 3))
+        sorted_tiles = bucket_tiles(codes, tile=tile) | band_tiles(n, tile=tile, window=config.window,
+                                                                   sink=config.sink)
+        token = jax.vmap(lambda c: token_density(c, window=config.window, sink=config.sink), in_axes=1)(codes)
+        return token, original / norm, jnp.sum(sorted_tiles, axis=(0, 2, 3)) / norm
+
+    for layer_aux in aux:
+        for key, value in zip(per, one_layer(layer_aux["codes"]), strict=True):
+            per[key].append(np.asarray(value).tolist())
     return {"token_density": float(np.mean(per["token"])),
             "block_density": float(np.mean(per[f"block_{tile}_sorted"])),
             "block_density_original": float(np.mean(per[f"block_{tile}"])), "per_layer_head": per}
@@ -375,22 +397,33 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "quality"
     out.mkdir(parents=True, exist_ok=True)
     att = Attention(model)
-    result = {"run": str(args.run), "step": step, "model": str(model_dir), "router": dataclasses.asdict(router),
-              "curve_context": args.curve_context,
-              "protocol": protocol(args.curve_context, args.curve_windows, data.resolve_data_dir(args.data_dir))}
-    result["perplexity"] = perplexity_table(att, ids, args.contexts, args.windows, args.batch_size)
-    result["curve"] = curve(att, ids, args.curve_context, args.curve_windows, args.batch_size, args.d_max,
-                            args.window_sweep, args.baseline_extra) if args.curve_windows else []
+    # Sections not run this time keep what an earlier invocation on the same folder wrote, so the
+    # measurement can be split into several shorter commands.
+    previous = json.loads((out / "quality.json").read_text()) if (out / "quality.json").is_file() else {}
+    result = {"perplexity": [], "curve": [], "niah": {}, "speed": [], "ablation": []}
+    result |= {k: v for k, v in previous.items() if k in result}
+    result |= {"run": str(args.run), "step": step, "model": str(model_dir), "router": dataclasses.asdict(router),
+               "protocol": protocol(args.curve_context, args.curve_windows, data.resolve_data_dir(args.data_dir))}
+    if args.contexts:
+        result["perplexity"] = perplexity_table(att, ids, args.contexts, args.windows, args.batch_size)
+    if args.curve_windows:
+        result["curve_context"] = args.curve_context
+        result["curve"] = curve(att, ids, args.curve_context, args.curve_windows, args.batch_size, args.d_max,
+                                args.window_sweep, args.baseline_extra)
+    result.setdefault("curve_context", previous.get("curve_context", args.curve_context))
     first = data.windows(ids, args.curve_context, 1)
     density = surgery_density(att.surgery(), first)
     token = min(args.route_token, args.curve_context - 1)
     choices = routing_choices(att.surgery(), jnp.asarray(first))
     result["density_per_layer_head"] = density["per_layer_head"]
-    result["niah"] = niah_section(att, tokenizer, args.data_dir, args.niah_lengths, args.niah_depths,
-                                  args.niah_trials, model.config.max_position_embeddings) if args.niah_lengths else {}
-    result["speed"] = speed_section(model_dir, Path(args.run), ids, args.speed_contexts, args.speed_new_tokens,
-                                    args.speed_dtype) if args.speed_contexts else []
-    result["ablation"] = ablation(args, model_dir, ids, out) if args.ablate_p else []
+    if args.niah_lengths:
+        result["niah"] = niah_section(att, tokenizer, args.data_dir, args.niah_lengths, args.niah_depths,
+                                      args.niah_trials, model.config.max_position_embeddings)
+    if args.speed_contexts:
+        result["speed"] = speed_section(model_dir, Path(args.run), ids, args.speed_contexts, args.speed_new_tokens,
+                                        args.speed_dtype)
+    if args.ablate_p:
+        result["ablation"] = ablation(args, model_dir, ids, out)
     result["seconds"] = time.perf_counter() - started
     write_json_atomic(out / "quality.json", result)
     (out / "quality.md").write_text(markdown(result))

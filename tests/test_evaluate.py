@@ -158,6 +158,14 @@ def test_quality_script_end_to_end_on_tiny(tiny_model_dir, wikitext_dir, tmp_pat
     assert result["ablation"][0]["p"] == 3 and result["ablation"][0]["levels"] == 4  # 3^4 >= 64 > 3^3
     for name in ("quality.md", "quality_density.png", "density_heatmap.png", "tree_path.png"):
         assert (out / name).is_file(), name
+    # A second, shorter invocation replaces the sections it runs and keeps the others.
+    assert quality_main(["--run", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data-dir",
+                         str(wikitext_dir), "--out", str(out), "--contexts", "64", "--windows", "1",
+                         "--curve-context", "64", "--curve-windows", "0", "--niah-lengths", "", "--speed-contexts",
+                         ""]) == 0
+    again = json.loads((out / "quality.json").read_text())
+    assert [r["windows"] for r in again["perplexity"]] == [1]
+    assert all(again[k] == result[k] for k in ("curve", "niah", "speed", "ablation"))
 
 
 def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, wikitext_dir, tmp_path, capsys):
