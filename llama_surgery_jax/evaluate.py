@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.surgery:
             from llama_surgery_jax.router_checkpoint import prepare_for_evaluation
 
-            model, attention_kwargs = prepare_for_evaluation(model, args.surgery)
+            model, attention_kwargs = prepare_for_evaluation(model, args.surgery, context=max(contexts))
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

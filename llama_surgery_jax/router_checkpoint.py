@@ -112,12 +112,17 @@ def load_trained_routers(model, run_or_checkpoints: str | Path):
     return nnx.merge(graphdef, restored.routers, rest), router_config, steps[-1]
 
 
-def prepare_for_evaluation(model, surgery: str):
-    """`--surgery init` (homotopy routers) or a run folder → (model, attention kwargs for evaluation)."""
+def prepare_for_evaluation(model, surgery: str, context: int | None = None):
+    """`--surgery init` (homotopy routers) or a run folder → (model, attention kwargs for evaluation).
+
+    At init the routed attention takes the whole window as one query chunk (`context`), so it runs the
+    dense model's arithmetic and the perplexity is the dense one bit for bit.
+    """
     from llama_surgery_jax.surgery import inject_routers
 
     if surgery == "init":
-        inject_routers(model, RouterConfig(), nnx.Rngs(0))
+        config = RouterConfig() if context is None else RouterConfig(query_chunk=context)
+        inject_routers(model, config, nnx.Rngs(0))
     else:
         model, _, step = load_trained_routers(model, surgery)
         print(f"routers from {surgery} (step {step})")
