@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     """A config that cannot describe a supported Llama model."""
 
 
+def read_preset(kind: str, name: str) -> dict[str, Any]:
+    """The JSON of `configs/KIND/NAME.json` (kind: models or train), shipped as package data."""
+    root = resources.files("configs") / kind
+    names = sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
+    if name not in names:
+        raise ConfigError(f"unknown {kind} preset {name!r}; known presets: {', '.join(names)}")
+    return json.loads((root / f"{name}.json").read_text())
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1's `rope_type: llama3` frequency rescaling."""
@@ -154,12 +163,7 @@ class ModelConfig:
     @classmethod
     def named(cls, name: str) -> ModelConfig:
         """A preset from `configs/models/NAME.json`: llama-3.1-8b, smollm2-135m, tiny."""
-        root = resources.files("configs") / "models"
-        names = sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
-        if name not in names:
-            raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(names)}")
-        hf = json.loads((root / f"{name}.json").read_text())
-        return cls.from_hf_dict(hf, name=name)
+        return cls.from_hf_dict(read_preset("models", name), name=name)
 
     def param_count(self) -> int:
         """Parameters of LlamaForCausalLM with this config (tied output counted once)."""
@@ -297,11 +301,7 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str) -> TrainConfig:
         """A named preset from `configs/train/NAME.json` (fields as here; `router` a nested dict)."""
-        root = resources.files("configs") / "train"
-        names = sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
-        if name not in names:
-            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(names)}")
-        values = json.loads((root / f"{name}.json").read_text())
+        values = read_preset("train", name)
         values.pop("description", None)
         return cls().override([f"{k}={json.dumps(v)}" for k, v in flatten_dict(values)])
 

@@ -114,7 +114,7 @@ def test_two_processes_with_jax_distributed(tiny_model_dir, wikitext_dir, tmp_pa
 
 def test_unknown_preset_and_override(capsys):
     assert main(["--preset", "nope"]) == 2
-    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert "unknown train preset 'nope'" in capsys.readouterr().err
     assert main(["--preset", "smoke", "stepz=3"]) == 2
     assert "unknown override 'stepz'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="wrong type"):
