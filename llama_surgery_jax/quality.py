@@ -422,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_contexts:
         result["speed"] = speed_section(model_dir, Path(args.run), ids, args.speed_contexts, args.speed_new_tokens,
                                         args.speed_dtype)
-    if args.ablate_p:
-        result["ablation"] = ablation(args, model_dir, ids, out)
+    if args.ablate_p:  # rows of other p from earlier invocations are kept: one p per command works
+        kept = [r for r in result["ablation"] if r["p"] not in args.ablate_p]
+        result["ablation"] = sorted(kept + ablation(args, model_dir, ids, out), key=lambda r: r["p"])
     result["seconds"] = time.perf_counter() - started
     write_json_atomic(out / "quality.json", result)
     (out / "quality.md").write_text(markdown(result))
