@@ -213,6 +213,10 @@ class RouterConfig:
     mode: str = "token"  # "token": per-token routes; "block": routes from pooled causal block features
     block_size: int = 128  # block of the block-level mode and tile of the kernels
     query_chunk: int = 128  # query rows per step of the chunked reference attention (memory ~ chunk × seq)
+    # "reference": the chunked plain-JAX attention (masked_attention.py); "kernel": the block-sparse
+    # kernels (kernel_attention.py; interpret mode on CPU); "auto": kernel on a GPU for bf16/fp16 and
+    # head dim 64/128, reference otherwise.
+    attention_backend: str = "auto"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
     tau_start: float = 1.0
@@ -230,7 +234,7 @@ class RouterConfig:
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         choices = {"routing_heads": ("query", "kv"), "mode": ("token", "block"),
-                   "tau_schedule": ("linear", "cosine")}
+                   "tau_schedule": ("linear", "cosine"), "attention_backend": ("auto", "reference", "kernel")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of {list(allowed)}")

@@ -63,7 +63,7 @@ class _Settings(NamedTuple):
     """Static (hashable) settings of one call."""
 
     config: RouterConfig
-    interpret: bool | None  # None: the kernels decide (interpret mode on CPU)
+    interpret: bool | None  # None: interpret mode on CPU, compiled kernels on GPU
 
 
 def kernel_forward(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *, config: RouterConfig,
@@ -73,9 +73,13 @@ def kernel_forward(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *
     q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; codes: [b, h, t] int (h = heads or kv_heads)
     → o [b, t, heads, d] in q's dtype, lse [b, heads, t] float32 (natural log).
     """
+    from pallas_kernels import block_sparse_attention, token_routed_attention
+
+    # Resolved here rather than by the kernels: an explicit interpret=True is what lets float32 through
+    # (CPU oracle tests), and on CPU interpret mode is the only way the kernels run.
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     kwargs = dict(tile=config.block_size, window=config.window, sink=config.sink, return_lse=True,
                   interpret=interpret)
-    from pallas_kernels import block_sparse_attention, token_routed_attention
 
     if config.mode == "token":
         return token_routed_attention(q, k, v, codes, **kwargs)

@@ -20,6 +20,11 @@ aux, one dict per layer (float32 scalars unless said):
     block_density       computed causal tiles / causal tiles at tile = config.block_size, original order.
     codes               [batch, heads, seq] int32, only with return_codes=True.
 
+Backend (`RouterConfig.attention_backend`): "reference" is the chunked plain-JAX attention; "kernel" the
+block-sparse kernels, forward and backward, router gradient included (`kernel_attention`); "auto" (the
+default) the kernels on a GPU for bf16/fp16 activations and head dim 64/128, the reference otherwise,
+so on CPU nothing below changes.
+
 At the homotopy initialisation every code is 0 and the mask is all causal pairs, so with train=False
 or train=True the logits equal the base model's: bit for bit when `query_chunk` ≥ the sequence length
 (the same arithmetic as `model.dense_attention`), and within float32 reassociation otherwise (a
@@ -34,6 +39,7 @@ import jax
 from flax import nnx
 
 from llama_surgery_jax.config import ModelConfig, RouterConfig
+from llama_surgery_jax.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
 from llama_surgery_jax.masked_attention import masked_attention
 from llama_surgery_jax.model import LlamaForCausalLM, dense_attention
 from llama_surgery_jax.router import RouterParam, TopologyRouter
@@ -51,7 +57,9 @@ def routing_head_count(router_config: RouterConfig, model_config: ModelConfig) -
 
 
 class RoutedAttention(nnx.Module):
-    """The `attention_impl` of a routed layer: its router's parameters plus the chunked masked attention."""
+    """The `attention_impl` of a routed layer: its router's parameters plus the routed attention, on the
+    chunked reference (`masked_attention`) or on the block-sparse kernels (`kernel_attention`) as
+    `RouterConfig.attention_backend` says; both compute the same function and the same gradients."""
 
     def __init__(self, router_config: RouterConfig, model_config: ModelConfig, layer_index: int, *,
                  rngs: nnx.Rngs, homotopy: bool = True):
@@ -68,14 +76,18 @@ class RoutedAttention(nnx.Module):
         if rng is not None:
             rng = jax.random.fold_in(rng, self.layer_index)
         routing = self.router(x, tau=tau, rng=rng, hard=hard)
-        out, visible_pairs = masked_attention(q, k, v, routing.codes, routing.routes if train else None,
-                                              config=self.config)
+        routes = routing.routes if train else None
+        if resolve_backend(self.config.attention_backend, q) == "kernel":
+            out = kernel_routed_attention(q, k, v, routing.codes, routes, config=self.config)
+            pairs = visible_pairs(routing.codes, window=self.config.window, sink=self.config.sink)
+        else:
+            out, pairs = masked_attention(q, k, v, routing.codes, routes, config=self.config)
         batch, heads, t = routing.codes.shape
         tiles = tile_mask(routing.codes, tile=self.config.block_size, window=self.config.window,
                           sink=self.config.sink)
         aux = {
             "load_balance_loss": routing.load_balance_loss,
-            "token_density": visible_pairs / (batch * heads * causal_pairs(t)),
+            "token_density": pairs / (batch * heads * causal_pairs(t)),
             "block_density": block_density(tiles),
         }
         if return_codes:
