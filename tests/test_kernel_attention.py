@@ -131,35 +131,50 @@ SMALL = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_h
                     rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, name="small-d64")
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_one_training_step_kernel_vs_reference(dtype):
-    """A whole model (head dim 64, GQA 4:1), routers trained one step through the real train step."""
+def train_one_step(seed, tokens, backend, compute_dtype):
+    """(metrics, router gradients) of one real train step of the SMALL model (bf16 weights, routers f32)."""
     from llama_surgery_jax.train import make_train_step
 
+    model = LlamaForCausalLM(SMALL, precision=Precision("bfloat16", compute_dtype), rngs=nnx.Rngs(0))
+    config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16, attention_backend=backend)
+    inject_routers(model, config, nnx.Rngs(1), homotopy=False)
+    graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
+    optimizer = optax.sgd(1.0)
+    new_routers, _, metrics = jax.jit(make_train_step(graphdef, config, optimizer))(
+        routers, optimizer.init(routers), frozen, tokens, 3, seed)
+    return metrics, jax.tree.map(jnp.subtract, routers, new_routers)  # sgd at lr 1: the gradients
+
+
+def grad_distance(a, b) -> float:
+    return float(optax.tree.norm(jax.tree.map(jnp.subtract, a, b)) / optax.tree.norm(b))
+
+
+def test_one_training_step_kernel_vs_reference():
+    """A whole model (head dim 64, GQA 4:1), routers trained one step through the real train step.
+
+    float32 activations: kernel and reference paths agree to reassociation, the codes exactly.
+    bf16 activations: every layer's activations and the frozen base's backward are rounded to bf16 on both
+    paths, and a rounded router input can flip a code, so neither bf16 run matches the other to the
+    per-op bound. Each is compared with the float32 run of the same weights: the kernel path may be off by
+    the reference path's own bf16 error plus the issue's per-op bound, no more.
+    """
     seed = fresh_seed()
     tokens = jax.random.randint(jax.random.key(seed), (2, 50), 0, SMALL.vocab_size)
-    results = {}
-    for backend in ("kernel", "reference"):
-        model = LlamaForCausalLM(SMALL, precision=Precision(dtype, dtype), rngs=nnx.Rngs(0))
-        config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16,
-                              attention_backend=backend)
-        inject_routers(model, config, nnx.Rngs(1), homotopy=False)
-        graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
-        optimizer = optax.sgd(1.0)
-        step = jax.jit(make_train_step(graphdef, config, optimizer))
-        new_routers, _, metrics = step(routers, optimizer.init(routers), frozen, tokens, 3, seed)
-        updates = jax.tree.map(lambda new, old: old - new, new_routers, routers)  # = the gradients (sgd, lr 1)
-        results[backend] = metrics, updates
-    (kernel_metrics, kernel_grads), (ref_metrics, ref_grads) = results["kernel"], results["reference"]
-    assert bool(kernel_metrics["finite"]) and bool(ref_metrics["finite"]), seed
-    assert 0.0 < float(ref_metrics["token_density"]) < 1.0, seed  # a real, partial mask
+    runs = {(backend, dtype): train_one_step(seed, tokens, backend, dtype)
+            for backend in ("kernel", "reference") for dtype in ("float32", "bfloat16")}
+    oracle_metrics, oracle_grads = runs["reference", "float32"]
+    kernel_metrics, kernel_grads = runs["kernel", "float32"]
+    assert 0.0 < float(oracle_metrics["token_density"]) < 1.0, seed  # a real, partial mask
+    assert float(optax.tree.norm(oracle_grads)) > 0, seed
+    assert all(bool(metrics["finite"]) for metrics, _ in runs.values()), seed
     for name in ("token_density", "block_density"):
-        assert float(kernel_metrics[name]) == pytest.approx(float(ref_metrics[name]), rel=1e-6), (seed, name)
-    # float32: reassociation only. bf16: both paths round activations to bf16 in every layer, the kernels
-    # P and dS too; the loss is a mean of cross-entropies (~5), so 2^-8 relative is one bf16 rounding.
-    loss_rtol = 1e-5 if dtype == "float32" else 2**-8
-    assert float(kernel_metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=loss_rtol), seed
-    grad_tol = TOLERANCE[jnp.float32 if dtype == "float32" else jnp.bfloat16]
-    grad_norm = float(optax.tree.norm(ref_grads))
-    assert grad_norm > 0, seed
-    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, kernel_grads, ref_grads))) <= grad_tol * grad_norm, seed
+        # Same counts; the division and the mean over layers may round differently under jit.
+        assert float(kernel_metrics[name]) == pytest.approx(float(oracle_metrics[name]), rel=1e-6), (seed, name)
+    assert float(kernel_metrics["loss"]) == pytest.approx(float(oracle_metrics["loss"]), rel=1e-5), seed
+    assert grad_distance(kernel_grads, oracle_grads) <= TOLERANCE[jnp.float32], seed
+
+    loss_error = {b: abs(float(runs[b, "bfloat16"][0]["loss"]) / float(oracle_metrics["loss"]) - 1)
+                  for b in ("kernel", "reference")}
+    grad_error = {b: grad_distance(runs[b, "bfloat16"][1], oracle_grads) for b in ("kernel", "reference")}
+    assert loss_error["kernel"] <= loss_error["reference"] + 2**-8, (seed, loss_error)  # one bf16 rounding
+    assert grad_error["kernel"] <= grad_error["reference"] + TOLERANCE[jnp.bfloat16], (seed, grad_error)
