@@ -1,0 +1,171 @@
+"""One surgery training step (routers only, frozen base), reference path vs kernel path: time and peak memory.
+
+    python -m llama_surgery_jax.step_bench                       # SmolLM2 and Llama 3.1 8B shapes, 4k/8k/16k
+    python -m llama_surgery_jax.step_bench --models llama-3.1-8b --lengths 8192
+    python -m llama_surgery_jax.step_bench --tiny                # CPU smoke run (kernels in interpret mode)
+
+Random weights in bf16 (`--dtype`), batch 1, the real train step (`train.make_train_step`: AdamW on the
+router parameters, gradients w.r.t. them alone). Routers start from a random route head (`--init random`,
+tokens spread by content, so the mask is sparse; the table gives its token and block density) or from the
+homotopy init (`--init homotopy`, the dense step 0). Each row runs in a fresh process, so that
+`peak_bytes_in_use` is that row's peak and an out-of-memory row does not end the others (`--in-process`
+runs them here instead: the tiny test). One markdown table on stdout, all rows as JSON in `--out`.
+
+Columns: ms = median over `--repeats` timed steps after one warm-up; peak GiB = the device's
+peak_bytes_in_use (None on CPU); compiled temp GiB = XLA's scratch estimate for the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import optax
+from flax import nnx
+
+from llama_surgery_jax.config import ModelConfig, Precision, RouterConfig
+
+MODELS = ("smollm2-135m", "llama-3.1-8b")
+LENGTHS = (4096, 8192, 16384)
+BACKENDS = ("reference", "kernel")
+TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
+                   rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=False, name="tiny-d64")
+TINY_LENGTHS = (64, 128)
+
+
+def model_config(name: str) -> ModelConfig:
+    return TINY if name == TINY.name else ModelConfig.named(name)
+
+
+def router_config(tiny: bool, backend: str) -> RouterConfig:
+    """The default router (L = 13, d_max = 6, window 128, tile 128); tiles and chunks of 16 / 32 when tiny."""
+    if tiny:
+        return RouterConfig(levels=6, d_max=2, window=8, block_size=16, query_chunk=32, attention_backend=backend)
+    return RouterConfig(attention_backend=backend)
+
+
+def run_row(model_name: str, tokens_count: int, backend: str, *, dtype: str, init: str, repeats: int,
+            seed: int = 0) -> dict:
+    """Builds the model, compiles the step once, times `repeats` steps → one result row (a dict)."""
+    from llama_surgery_jax.model import LlamaForCausalLM
+    from llama_surgery_jax.router import RouterParam
+    from llama_surgery_jax.surgery import inject_routers
+    from llama_surgery_jax.train import make_train_step
+
+    config = model_config(model_name)
+    router = router_config(model_name == TINY.name, backend)
+    model = LlamaForCausalLM(config, precision=Precision(dtype, dtype), rngs=nnx.Rngs(seed))
+    inject_routers(model, router, nnx.Rngs(seed + 1), homotopy=init == "homotopy")
+    graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
+    del model
+    optimizer = optax.adamw(1e-3)
+    opt_state = optimizer.init(routers)
+    tokens = jax.random.randint(jax.random.key(seed + 2), (1, tokens_count), 0, config.vocab_size)
+    step = jax.jit(make_train_step(graphdef, router, optimizer), donate_argnums=(0, 1))
+    compiled = step.lower(routers, opt_state, frozen, tokens, 0, seed).compile()
+    analysis = compiled.memory_analysis()
+    times, first = [], None
+    for i in range(repeats + 1):  # the first call warms up (allocations, autotuning)
+        start = time.perf_counter()
+        routers, opt_state, metrics = compiled(routers, opt_state, frozen, tokens, i, seed)
+        jax.block_until_ready((routers, opt_state, metrics))
+        times.append(time.perf_counter() - start)
+        first = metrics if first is None else first  # loss and densities of the first step: same routers
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {
+        "model": model_name, "tokens": tokens_count, "backend": backend, "dtype": dtype, "init": init,
+        "ms": 1e3 * statistics.median(times[1:]) if repeats else None,
+        "peak_gib": None if peak is None else peak / 2**30,
+        "compiled_temp_gib": None if analysis is None else analysis.temp_size_in_bytes / 2**30,
+        "loss": float(first["loss"]), "finite": bool(first["finite"]),
+        "token_density": float(first["token_density"]), "block_density": float(first["block_density"]),
+        "device": jax.devices()[0].device_kind, "router": dataclasses.asdict(router),
+    }
+
+
+def run_in_subprocess(model_name: str, tokens_count: int, backend: str, args: argparse.Namespace) -> dict:
+    """The row in a fresh process (its own peak memory; an OOM ends that process only)."""
+    command = [sys.executable, "-m", "llama_surgery_jax.step_bench", "--row", f"{model_name}:{tokens_count}:{backend}",
+               "--dtype", args.dtype, "--init", args.init, "--repeats", str(args.repeats)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+    return {"model": model_name, "tokens": tokens_count, "backend": backend, "dtype": args.dtype, "init": args.init,
+            "error": " | ".join(tail)}
+
+
+def table(rows: list[dict]) -> str:
+    def cell(row, key, fmt):
+        value = row.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    lines = ["| model | N | path | ms | peak GiB | compiled temp GiB | token density | block density | loss |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['tokens']} | {row['backend']} | failed: {row['error'][:120]} "
+                         "| | | | | |")
+            continue
+        lines.append(f"| {row['model']} | {row['tokens']} | {row['backend']} | {cell(row, 'ms', '.1f')} | "
+                     f"{cell(row, 'peak_gib', '.2f')} | {cell(row, 'compiled_temp_gib', '.3g')} | "
+                     f"{cell(row, 'token_density', '.3f')} | {cell(row, 'block_density', '.3f')} | "
+                     f"{cell(row, 'loss', '.4f')} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated presets (configs/models)")
+    parser.add_argument("--lengths", help=f"comma-separated token counts (default {LENGTHS}; tiny {TINY_LENGTHS})")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="reference, kernel or both")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--init", default="random", choices=["random", "homotopy"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="step_bench.json")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer head-dim-64 model at 64/128 tokens (CPU)")
+    parser.add_argument("--in-process", action="store_true", help="all rows in this process (peaks accumulate)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # MODEL:N:BACKEND, one row, JSON on stdout
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.row:
+        model_name, tokens_count, backend = args.row.split(":")
+        row = run_row(model_name, int(tokens_count), backend, dtype=args.dtype, init=args.init, repeats=args.repeats)
+        print(json.dumps(row))
+        return [row]
+    models = [TINY.name] if args.tiny else args.models.split(",")
+    lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else TINY_LENGTHS if args.tiny else LENGTHS
+    rows = []
+    for model_name in models:
+        for tokens_count in lengths:
+            for backend in args.backends.split(","):
+                if args.in_process:
+                    row = run_row(model_name, tokens_count, backend, dtype=args.dtype, init=args.init,
+                                  repeats=args.repeats)
+                else:
+                    row = run_in_subprocess(model_name, tokens_count, backend, args)
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "router"}), file=sys.stderr, flush=True)
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, dtype {args.dtype}, init {args.init}, "
+          f"batch 1, median of {args.repeats} steps")
+    print(table(rows))
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
