@@ -28,8 +28,10 @@ TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 # Small shapes: ragged t (not a multiple of the tile 16 nor of the query chunk 32), GQA 4:1, head dim 64.
 B, T, HEADS, KV, D, HIDDEN = 2, 77, 4, 1, 64, 12
 WINDOW = 5
-# "coarse": 4 codes, large buckets; "spread": 64 codes for 77 tokens, so most rows see only sink + window.
-SHAPES = {"coarse": dict(p=2, levels=4, d_max=2), "spread": dict(p=2, levels=6, d_max=0)}
+# "coarse": 4 codes, large buckets; "spread": 64 codes for 77 tokens, so most rows see only sink + window;
+# "block": block-level routing (one route per tile of 16 tokens), which runs the tile-OR kernel instead.
+SHAPES = {"coarse": dict(p=2, levels=4, d_max=2), "spread": dict(p=2, levels=6, d_max=0),
+          "block": dict(p=2, levels=4, d_max=1, mode="block")}
 
 
 def rel_err(actual, expected) -> float:
@@ -85,7 +87,8 @@ def test_forward_is_the_hard_mask_attention(dtype, mode):
 # Every combination in float32; bf16 and fp16 each meet both routings and both code spreads once.
 CASES = [(jnp.float32, r, s) for r in ("query", "kv") for s in ("coarse", "spread")] + [
     (jnp.bfloat16, "query", "coarse"), (jnp.bfloat16, "kv", "spread"),
-    (jnp.float16, "query", "spread"), (jnp.float16, "kv", "coarse")]
+    (jnp.float16, "query", "spread"), (jnp.float16, "kv", "coarse"),
+    (jnp.float32, "query", "block"), (jnp.bfloat16, "kv", "block")]
 
 
 @pytest.mark.parametrize(("dtype", "routing_heads", "shape"), CASES)
