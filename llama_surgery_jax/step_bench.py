@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -95,7 +96,13 @@ def run_in_subprocess(model_name: str, tokens_count: int, backend: str, args: ar
     """The row in a fresh process (its own peak memory; an OOM ends that process only)."""
     command = [sys.executable, "-m", "llama_surgery_jax.step_bench", "--row", f"{model_name}:{tokens_count}:{backend}",
                "--dtype", args.dtype, "--init", args.init, "--repeats", str(args.repeats)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    # JAX preallocates 75 % of the GPU by default; a training step at 16k may need more than that.
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": model_name, "tokens": tokens_count, "backend": backend, "dtype": args.dtype,
+                "init": args.init, "error": f"timed out after {args.row_timeout} s"}
     lines = done.stdout.strip().splitlines()
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -134,6 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="step_bench.json")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer head-dim-64 model at 64/128 tokens (CPU)")
+    parser.add_argument("--row-timeout", type=float, default=540.0, help="seconds per row (own process)")
     parser.add_argument("--in-process", action="store_true", help="all rows in this process (peaks accumulate)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # MODEL:N:BACKEND, one row, JSON on stdout
     return parser.parse_args(argv)
