@@ -212,7 +212,7 @@ def test_kernel_path_memory_grows_linearly():
 def test_step_bench_tiny(tmp_path):
     from llama_surgery_jax import step_bench
 
-    rows = step_bench.main(["--tiny", "--lengths", "64", "--in-process", "--repeats", "1",
+    rows = step_bench.main(["--tiny", "--lengths", "64", "--in-process", "--repeats", "1", "--remat",
                             "--out", str(tmp_path / "bench.json")])
     assert [(r["tokens"], r["backend"]) for r in rows] == [(64, "reference"), (64, "kernel")]
     assert all(r["finite"] and r["ms"] > 0 for r in rows)
