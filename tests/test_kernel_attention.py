@@ -187,6 +187,22 @@ def test_one_training_step_kernel_vs_reference():
     assert grad_error["kernel"] <= grad_error["reference"] + TOLERANCE[jnp.bfloat16], (seed, grad_error)
 
 
+def test_evaluation_forward_kernel_vs_reference():
+    """train=False (the hard mask alone, no soft mask built) through the whole model on either backend."""
+    seed = fresh_seed()
+    tokens = jax.random.randint(jax.random.key(seed), (2, 40), 0, SMALL.vocab_size)
+    logits = {}
+    for backend in ("kernel", "reference"):
+        model = LlamaForCausalLM(SMALL, rngs=nnx.Rngs(0))
+        config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, attention_backend=backend)
+        inject_routers(model, config, nnx.Rngs(1), homotopy=False)
+        graphdef, state = nnx.split(model)
+        run = jax.jit(lambda s, t, graphdef=graphdef: nnx.merge(graphdef, s)(t))
+        logits[backend], aux = run(state, tokens)
+        assert 0.0 < float(aux[0]["token_density"]) < 1.0, seed
+    assert rel_err(logits["kernel"], logits["reference"]) <= TOLERANCE[jnp.float32], seed
+
+
 def test_kernel_path_memory_grows_linearly():
     """Scratch of the compiled kernel-path backward (router gradient included) is O(chunk · N), not O(N²)."""
     config = RouterConfig(query_chunk=128)
