@@ -30,6 +30,7 @@ from pallas_kernels.block_sparse_attention import (
     transpose_schedule,
     validate_schedule,
 )
+from pallas_kernels.block_sparse_attention.bench import random_qkv
 
 # Relative Frobenius error bounds (the issue's): the kernel accumulates in float32, so the error
 # is the rounding of P (before P.V) and of O to the input type: 8 mantissa bits for bf16, 11 for
@@ -38,12 +39,8 @@ TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
 
 
 def qkv(seed, b, n, hq, hkv, d, dtype):
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return (
-        jax.random.normal(kq, (b, n, hq, d), dtype),
-        jax.random.normal(kk, (b, n, hkv, d), dtype),
-        jax.random.normal(kv, (b, n, hkv, d), dtype),
-    )
+    """Fresh q [b, n, hq, d], k and v [b, n, hkv, d]: the bench's inputs, from a seed."""
+    return random_qkv(jax.random.PRNGKey(seed), b, n, hq, hkv, d, dtype)
 
 
 def rel_err(out, ref):
