@@ -6,7 +6,7 @@ array:
     forward   o, lse = the kernel over the exact hard mask (codes + sink / window / diagonal)
     backward  dq, dk, dv: the kernels' backward (custom_vjp in `pallas_kernels`)
               d routes:  per query chunk, recompute P = exp(S − lse) on the hard mask, then
-                         dS = P ⊙ (dO Vᵀ − D), D_i = dO_i · O_i, and pull dS back through the soft mask
+                         dS = P ⊙ (dO Vᵀ − D), D_i = Σ_j P_ij (dO Vᵀ)_ij, and pull dS back through the soft mask
 
 Why dS is the mask's gradient. masked_attention computes A = (E ⊙ m) / Σ_s (E ⊙ m) with E = exp(S − max S)
 on the hard mask (no ε: the row maximum is visible, so the sum is ≥ 1; §5's ε plays no role). With
@@ -87,11 +87,11 @@ def kernel_forward(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *
     return block_sparse_attention(q, k, v, tiles, codes=codes, **kwargs)
 
 
-def route_gradient(q: jax.Array, k: jax.Array, v: jax.Array, o: jax.Array, lse: jax.Array, do: jax.Array,
+def route_gradient(q: jax.Array, k: jax.Array, v: jax.Array, lse: jax.Array, do: jax.Array,
                    codes: jax.Array, routes: jax.Array, *, config: RouterConfig) -> jax.Array:
     """∂L/∂routes of the straight-through mask, chunked over queries (never an N × N array).
 
-    q, o, do: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; lse: [b, heads, t] float32; codes: [b, h, t];
+    q, do: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; lse: [b, heads, t] float32; codes: [b, h, t];
     routes: [b, h, t, l, c] float32 → [b, h, t, l, c] float32. Scores are recomputed as the oracle computes
     them (inputs in their dtype, float32 accumulation); memory per chunk O(chunk · t · (heads + levels)).
     """
@@ -108,14 +108,12 @@ def route_gradient(q: jax.Array, k: jax.Array, v: jax.Array, o: jax.Array, lse: 
         x = x.reshape(*x.shape[:axis], n_chunks, chunk, *x.shape[axis + 1:])
         return jnp.moveaxis(x, axis, 0)
 
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # empty rows have P = 0 anyway
-    xs = (jnp.arange(n_chunks), chunks(q, 1), chunks(do, 1), chunks(lse, 2), chunks(delta, 2), chunks(codes, 2),
-          chunks(routes, 2))
+    xs = (jnp.arange(n_chunks), chunks(q, 1), chunks(do, 1), chunks(lse, 2), chunks(codes, 2), chunks(routes, 2))
     positions_k = jnp.arange(t)
 
     def one_chunk(d_routes_k, args):
-        index, q_c, do_c, lse_c, delta_c, codes_c, routes_c = args
+        index, q_c, do_c, lse_c, codes_c, routes_c = args
         positions_q = index * chunk + jnp.arange(chunk)
         hard = token_mask(codes_c, codes, positions_q, positions_k, window=config.window, sink=config.sink)
         hard = hard & (positions_q < t)[:, None]  # padded rows teach nothing
@@ -125,7 +123,10 @@ def route_gradient(q: jax.Array, k: jax.Array, v: jax.Array, o: jax.Array, lse: 
         probs = jnp.where(hard, jnp.exp(scores - lse_c.reshape(b, kv, groups, chunk)[..., None]), 0.0)
         d_probs = jnp.einsum("btkgd,bskd->bkgts", do_c.reshape(b, chunk, kv, groups, d), v,
                              preferred_element_type=jnp.float32)
-        d_scores = probs * (d_probs - delta_c.reshape(b, kv, groups, chunk)[..., None])
+        # D_i = Σ_j P_ij dP_ij in float32 over the chunk's whole rows, not dO_i · O_i: O is rounded to the input
+        # type, and an error in D shifts every dS of the row the same way, a bias the router would learn from.
+        delta = jnp.sum(probs * d_probs, axis=-1, keepdims=True)
+        d_scores = probs * (d_probs - delta)
         d_mask = d_scores.reshape(b, heads, chunk, t) if h == heads else jnp.sum(d_scores, axis=2)
         _, pullback = jax.vjp(
             lambda rq, rk: soft_mask(tree_distance(rq, rk), d_max=config.d_max,
@@ -153,11 +154,11 @@ def _routed_fwd(q, k, v, codes, routes, settings):
 
 def _routed_bwd(settings, residuals, do):
     q, k, v, codes, routes = residuals
-    (o, lse), pullback = jax.vjp(
+    (_, lse), pullback = jax.vjp(
         lambda q, k, v: kernel_forward(q, k, v, codes, config=settings.config, interpret=settings.interpret),
         q, k, v)
     dq, dk, dv = pullback((do, jnp.zeros_like(lse)))
-    d_routes = route_gradient(q, k, v, o, lse, do, codes, routes, config=settings.config)
+    d_routes = route_gradient(q, k, v, lse, do, codes, routes, config=settings.config)
     return dq, dk, dv, None, d_routes
 
 

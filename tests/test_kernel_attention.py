@@ -3,6 +3,8 @@
 Fresh random inputs each run (the seed is in every message). Errors are relative Frobenius norms.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,11 +140,11 @@ SMALL = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_h
                     rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, name="small-d64")
 
 
-def train_one_step(seed, tokens, backend, compute_dtype):
-    """(metrics, router gradients) of one real train step of the SMALL model (bf16 weights, routers f32)."""
+def train_one_step(seed, tokens, backend, compute_dtype, model_config=SMALL):
+    """(metrics, router gradients) of one real train step of a small model (bf16 weights, routers f32)."""
     from llama_surgery_jax.train import make_train_step
 
-    model = LlamaForCausalLM(SMALL, precision=Precision("bfloat16", compute_dtype), rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(model_config, precision=Precision("bfloat16", compute_dtype), rngs=nnx.Rngs(0))
     config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16, attention_backend=backend)
     inject_routers(model, config, nnx.Rngs(1), homotopy=False)
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
@@ -157,34 +159,35 @@ def grad_distance(a, b) -> float:
 
 
 def test_one_training_step_kernel_vs_reference():
-    """A whole model (head dim 64, GQA 4:1), routers trained one step through the real train step.
+    """Whole models (head dim 64, GQA 4:1), routers trained one step through the real train step.
 
-    float32 activations: kernel and reference paths agree to reassociation, the codes exactly.
-    bf16 activations: every layer's activations and the frozen base's backward are rounded to bf16 on both
-    paths, and a rounded router input can flip a code, so neither bf16 run matches the other to the
-    per-op bound. Each is compared with the float32 run of the same weights: the kernel path may be off by
-    the reference path's own bf16 error plus the issue's per-op bound, no more.
+    float32 activations, two layers: kernel and reference paths agree to reassociation, the codes exactly.
+    bf16 activations, one layer: a layer's routes are an argmax over its input, so in a deeper model the
+    bf16 rounding of layer 1's attention (online softmax in the kernel, one softmax in the reference) can
+    flip a near-tie in layer 2's routes, and the router gradient jumps (measured: 5 % to 36 % between any
+    two bf16 or float32 runs, for either path). With one layer both paths route the same input, bit for
+    bit, so they must agree to the issue's per-op bf16 bound (measured 0.004 over 10 seeds).
     """
     seed = fresh_seed()
     tokens = jax.random.randint(jax.random.key(seed), (2, 50), 0, SMALL.vocab_size)
-    runs = {(backend, dtype): train_one_step(seed, tokens, backend, dtype)
-            for backend in ("kernel", "reference") for dtype in ("float32", "bfloat16")}
-    oracle_metrics, oracle_grads = runs["reference", "float32"]
-    kernel_metrics, kernel_grads = runs["kernel", "float32"]
+    kernel_metrics, kernel_grads = train_one_step(seed, tokens, "kernel", "float32")
+    oracle_metrics, oracle_grads = train_one_step(seed, tokens, "reference", "float32")
     assert 0.0 < float(oracle_metrics["token_density"]) < 1.0, seed  # a real, partial mask
     assert float(optax.tree.norm(oracle_grads)) > 0, seed
-    assert all(bool(metrics["finite"]) for metrics, _ in runs.values()), seed
     for name in ("token_density", "block_density"):
         # Same counts; the division and the mean over layers may round differently under jit.
         assert float(kernel_metrics[name]) == pytest.approx(float(oracle_metrics[name]), rel=1e-6), (seed, name)
     assert float(kernel_metrics["loss"]) == pytest.approx(float(oracle_metrics["loss"]), rel=1e-5), seed
     assert grad_distance(kernel_grads, oracle_grads) <= TOLERANCE[jnp.float32], seed
 
-    loss_error = {b: abs(float(runs[b, "bfloat16"][0]["loss"]) / float(oracle_metrics["loss"]) - 1)
-                  for b in ("kernel", "reference")}
-    grad_error = {b: grad_distance(runs[b, "bfloat16"][1], oracle_grads) for b in ("kernel", "reference")}
-    assert loss_error["kernel"] <= loss_error["reference"] + 2**-8, (seed, loss_error)  # one bf16 rounding
-    assert grad_error["kernel"] <= grad_error["reference"] + TOLERANCE[jnp.bfloat16], (seed, grad_error)
+    one_layer = dataclasses.replace(SMALL, num_hidden_layers=1)
+    (kernel_metrics, kernel_grads), (oracle_metrics, oracle_grads) = (
+        train_one_step(seed, tokens, backend, "bfloat16", one_layer) for backend in ("kernel", "reference"))
+    assert bool(kernel_metrics["finite"]) and bool(oracle_metrics["finite"]), seed
+    assert float(kernel_metrics["token_density"]) == float(oracle_metrics["token_density"]), seed
+    assert float(kernel_metrics["loss"]) == pytest.approx(float(oracle_metrics["loss"]), rel=2**-8), seed
+    assert float(optax.tree.norm(oracle_grads)) > 0, seed
+    assert grad_distance(kernel_grads, oracle_grads) <= TOLERANCE[jnp.bfloat16], seed
 
 
 def test_evaluation_forward_kernel_vs_reference():
