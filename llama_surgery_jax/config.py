@@ -217,6 +217,11 @@ class RouterConfig:
     # kernels (kernel_attention.py; interpret mode on CPU); "auto": kernel on a GPU for bf16/fp16 and
     # head dim 64/128, reference otherwise.
     attention_backend: str = "auto"
+    # The router's gradient on the kernel backend. "chunked": plain JAX over query chunks against all keys
+    # (O(N²) elementwise, measured on the H100); "fused": inside the backward kernels, on computed tiles
+    # only (pallas_kernels/block_sparse_attention/route_gradient.py; checked in interpret mode, its GPU
+    # run is pending). The reference backend differentiates masked_attention either way.
+    router_gradient: str = "chunked"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
     tau_start: float = 1.0
@@ -234,7 +239,8 @@ class RouterConfig:
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         choices = {"routing_heads": ("query", "kv"), "mode": ("token", "block"),
-                   "tau_schedule": ("linear", "cosine"), "attention_backend": ("auto", "reference", "kernel")}
+                   "tau_schedule": ("linear", "cosine"), "attention_backend": ("auto", "reference", "kernel"),
+                   "router_gradient": ("chunked", "fused")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of {list(allowed)}")
@@ -279,6 +285,7 @@ class TrainConfig:
     seed: int = 0
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    remat: bool = False  # recompute each decoder layer in the backward pass (long sequences, large models)
     router: RouterConfig = RouterConfig()
     log_every: int = 1
     checkpoint_every: int = 50

@@ -25,9 +25,13 @@ is fully dense once the codes of a tile spread (block density 1.000 for random c
 token of a block shares its block's code, so the tile-OR mask is exact and already block-sparse: there
 `block_sparse_attention` with the tile mask and codes runs it, with no sorting or gathers.
 
-The router gradient is plain JAX over query chunks of `RouterConfig.query_chunk` rows against all keys:
-memory O(chunk · N), compute O(N²) elementwise (the kernels' forward and backward are block-sparse; this
-part is not yet). Fusing it into the dq kernel, per computed tile, is the next step.
+Two ways to the router gradient (`RouterConfig.router_gradient`):
+- "chunked" (default, measured on the H100): `route_gradient` below, plain JAX over query chunks of
+  `RouterConfig.query_chunk` rows against all keys: memory O(chunk · N), compute O(N²) elementwise.
+- "fused": the backward kernels compute it where they hold dS, on computed tiles only, from both passes
+  of the sorted execution (each visible pair lies in exactly one pass, and each pass's dS is the global
+  one: P / w · (w dP − w D) with w the pass's merge weight). `pallas_kernels/.../route_gradient.py`.
+  Checked against this module's oracle in interpret mode; its GPU run is pending.
 """
 
 from __future__ import annotations
@@ -67,19 +71,24 @@ class _Settings(NamedTuple):
 
 
 def kernel_forward(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *, config: RouterConfig,
-                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                   interpret: bool | None = None, routes: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The hard-mask attention on the kernels, differentiable in q, k, v (kernel backward).
 
     q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; codes: [b, h, t] int (h = heads or kv_heads)
     → o [b, t, heads, d] in q's dtype, lse [b, heads, t] float32 (natural log).
+    routes: optional [b, h, t, l, c] float32; the forward ignores them, and the backward kernels give
+    their gradient through the straight-through soft mask (the "fused" router gradient).
     """
-    from pallas_kernels import block_sparse_attention, token_routed_attention
+    from pallas_kernels import SoftMask, block_sparse_attention, token_routed_attention
 
     # Resolved here rather than by the kernels: an explicit interpret=True is what lets float32 through
     # (CPU oracle tests), and on CPU interpret mode is the only way the kernels run.
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     kwargs = dict(tile=config.block_size, window=config.window, sink=config.sink, return_lse=True,
                   interpret=interpret)
+    if routes is not None:
+        kwargs.update(routes=routes, soft_mask=SoftMask(float(config.d_max), config.soft_mask_temperature,
+                                                        config.levels, config.p))
 
     if config.mode == "token":
         return token_routed_attention(q, k, v, codes, **kwargs)
@@ -154,6 +163,12 @@ def _routed_fwd(q, k, v, codes, routes, settings):
 
 def _routed_bwd(settings, residuals, do):
     q, k, v, codes, routes = residuals
+    if settings.config.router_gradient == "fused":  # one backward: the kernels give d_routes with dq, dk, dv
+        (_, lse), pullback = jax.vjp(
+            lambda q, k, v, routes: kernel_forward(q, k, v, codes, config=settings.config,
+                                                   interpret=settings.interpret, routes=routes), q, k, v, routes)
+        dq, dk, dv, d_routes = pullback((do, jnp.zeros_like(lse)))
+        return dq, dk, dv, None, d_routes
     (_, lse), pullback = jax.vjp(
         lambda q, k, v: kernel_forward(q, k, v, codes, config=settings.config, interpret=settings.interpret),
         q, k, v)

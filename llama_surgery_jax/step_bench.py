@@ -8,7 +8,7 @@ Random weights in bf16 (`--dtype`), batch 1, the real train step (`train.make_tr
 router parameters, gradients w.r.t. them alone). Routers start from a random route head (`--init random`,
 tokens spread by content, so the mask is sparse; the table gives its token and block density) or from the
 homotopy init (`--init homotopy`, the dense step 0). `--remat` recomputes each decoder layer in the
-backward pass (`CheckpointedLayer`; without it Llama 3.1 8B at 8k needs ~61 GB of saved activations by
+backward pass (`model.checkpointed`; without it Llama 3.1 8B at 8k needs ~61 GB of saved activations by
 estimate, beside 16 GB of weights). Each row runs in a fresh process, so that `peak_bytes_in_use` is that
 row's peak and an out-of-memory row does not end the others (`--in-process`
 runs them here instead: the tiny test). One markdown table on stdout, all rows as JSON in `--out`.
@@ -36,33 +36,13 @@ from llama_surgery_jax.config import ModelConfig, Precision, RouterConfig
 
 MODELS = ("smollm2-135m", "llama-3.1-8b")
 LENGTHS = (4096, 8192, 16384)
-BACKENDS = ("reference", "kernel")
+# kernel: the kernels with the chunked JAX router gradient; kernel-fused: the router gradient inside the
+# backward kernels (RouterConfig.router_gradient).
+BACKENDS = ("reference", "kernel", "kernel-fused")
 TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
                    rope_theta=10000.0, max_position_embeddings=1024, tie_word_embeddings=False, name="tiny-d64")
 TINY_LENGTHS = (64, 128)
-
-
-class CheckpointedLayer(nnx.Module):
-    """A decoder layer whose activations are recomputed in the backward pass (`--remat`).
-
-    Without it the step keeps every layer's activations for the backward pass through the frozen base:
-    about 1.9 GB per layer of Llama 3.1 8B at 8k tokens in bf16, ~61 GB over 32 layers, more than one
-    H100 holds beside the weights. Python scalars among the attention kwargs (train, hard) stay static.
-    """
-
-    def __init__(self, layer: nnx.Module):
-        self.layer = layer
-
-    def __call__(self, x, cos, sin, **attention_kwargs):
-        static = {k: v for k, v in attention_kwargs.items() if isinstance(v, (bool, int, float, type(None)))}
-        dynamic = {k: v for k, v in attention_kwargs.items() if k not in static}
-        graphdef, state = nnx.split(self.layer)
-
-        def run(state, x, cos, sin, dynamic):
-            return nnx.merge(graphdef, state)(x, cos, sin, **static, **dynamic)
-
-        return jax.checkpoint(run)(state, x, cos, sin, dynamic)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -71,9 +51,11 @@ def model_config(name: str) -> ModelConfig:
 
 def router_config(tiny: bool, backend: str) -> RouterConfig:
     """The default router (L = 13, d_max = 6, window 128, tile 128); tiles and chunks of 16 / 32 when tiny."""
+    paths = dict(attention_backend=backend.removesuffix("-fused"),
+                 router_gradient="fused" if backend.endswith("-fused") else "chunked")
     if tiny:
-        return RouterConfig(levels=6, d_max=2, window=8, block_size=16, query_chunk=32, attention_backend=backend)
-    return RouterConfig(attention_backend=backend)
+        return RouterConfig(levels=6, d_max=2, window=8, block_size=16, query_chunk=32, **paths)
+    return RouterConfig(**paths)
 
 
 def run_row(model_name: str, tokens_count: int, backend: str, *, dtype: str, init: str, repeats: int,
@@ -88,14 +70,12 @@ def run_row(model_name: str, tokens_count: int, backend: str, *, dtype: str, ini
     router = router_config(model_name == TINY.name, backend)
     model = LlamaForCausalLM(config, precision=Precision(dtype, dtype), rngs=nnx.Rngs(seed))
     inject_routers(model, router, nnx.Rngs(seed + 1), homotopy=init == "homotopy")
-    if remat:
-        model.model.layers = nnx.List([CheckpointedLayer(layer) for layer in model.model.layers])
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
     del model
     optimizer = optax.adamw(1e-3)
     opt_state = optimizer.init(routers)
     tokens = jax.random.randint(jax.random.key(seed + 2), (1, tokens_count), 0, config.vocab_size)
-    step = jax.jit(make_train_step(graphdef, router, optimizer), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, router, optimizer, remat=remat), donate_argnums=(0, 1))
     compiled = step.lower(routers, opt_state, frozen, tokens, 0, seed).compile()
     analysis = compiled.memory_analysis()
     times, first = [], None
@@ -161,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated presets (configs/models)")
     parser.add_argument("--lengths", help=f"comma-separated token counts (default {LENGTHS}; tiny {TINY_LENGTHS})")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="reference, kernel or both")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="any of " + ", ".join(BACKENDS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--init", default="random", choices=["random", "homotopy"])
     parser.add_argument("--repeats", type=int, default=3)

@@ -91,12 +91,14 @@ def lm_loss(model, tokens: jax.Array, **attention_kwargs):
     return nll.mean(), aux
 
 
-def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.GradientTransformation):
+def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.GradientTransformation, *,
+                    remat: bool = False):
     """The pure step: (routers, opt_state, frozen, tokens, step, seed) → (routers, opt_state, metrics).
 
     Gradients are taken with respect to the router parameters alone: the frozen base enters as a
     constant, so no weight gradient of the base is ever computed. A step whose loss or gradients are
-    not finite leaves routers and optimizer state unchanged (metrics say so).
+    not finite leaves routers and optimizer state unchanged (metrics say so). remat: recompute each
+    decoder layer in the backward pass (`model.checkpointed`): activation memory of one layer, not all.
     """
 
     def step_fn(routers, opt_state, frozen, tokens, step, seed):
@@ -106,7 +108,7 @@ def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.Grad
 
         def loss_fn(routers):
             model = nnx.merge(graphdef, routers, frozen)
-            ce, aux = lm_loss(model, tokens, train=True, tau=tau, rng=rng, hard=True)
+            ce, aux = lm_loss(model, tokens, remat=remat, train=True, tau=tau, rng=rng, hard=True)
             # Mean over layers, so λ means the same for 2 layers or 32.
             balance = jnp.mean(jnp.stack([a["load_balance_loss"] for a in aux]))
             densities = (jnp.mean(jnp.stack([a["token_density"] for a in aux])),
@@ -167,7 +169,7 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(routers)
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
-        make_train_step(graphdef, config.router, optimizer),
+        make_train_step(graphdef, config.router, optimizer, remat=config.remat),
         in_shardings=(router_shardings, opt_shardings, frozen_shardings, sharding.batch_sharding(mesh),
                       replicated, replicated),
         out_shardings=(router_shardings, opt_shardings, replicated),

@@ -1,6 +1,7 @@
 """Pallas GPU kernels for llama-surgery-jax."""
 
 from .block_sparse_attention import (
+    SoftMask,
     block_sparse_attention,
     build_schedule,
     chunked_reference_attention,
@@ -12,6 +13,7 @@ from .block_sparse_attention import (
 )
 
 __all__ = [
+    "SoftMask",
     "block_sparse_attention",
     "build_schedule",
     "chunked_reference_attention",

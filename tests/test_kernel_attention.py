@@ -55,11 +55,11 @@ def inputs(seed, dtype, routing_heads):
     return q, k, v, x, heads, keys[4]
 
 
-def routed_loss(config, x, heads, rng, weights, kernel):
+def routed_loss(config, x, heads, rng, weights, kernel, hard=True):
     """L(router params, q, k, v) = Σ sin(o) ⊙ weights, through the kernels or the float32 reference."""
 
     def loss(params, q, k, v):
-        routing = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=rng)
+        routing = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=rng, hard=hard)
         if kernel:
             out = kernel_routed_attention(q, k, v, routing.codes, routing.routes, config=config, interpret=True)
         else:
@@ -87,17 +87,22 @@ def test_forward_is_the_hard_mask_attention(dtype, mode):
 
 
 # Every combination in float32; bf16 and fp16 each meet both routings and both code spreads once.
-CASES = [(jnp.float32, r, s) for r in ("query", "kv") for s in ("coarse", "spread")] + [
-    (jnp.bfloat16, "query", "coarse"), (jnp.bfloat16, "kv", "spread"),
-    (jnp.float16, "query", "spread"), (jnp.float16, "kv", "coarse"),
-    (jnp.float32, "query", "block"), (jnp.bfloat16, "kv", "block")]
+# The fused router gradient (inside the backward kernels) meets each routing, shape and dtype once.
+CASES = [(jnp.float32, r, s, "chunked") for r in ("query", "kv") for s in ("coarse", "spread")] + [
+    (jnp.bfloat16, "query", "coarse", "chunked"), (jnp.bfloat16, "kv", "spread", "chunked"),
+    (jnp.float16, "query", "spread", "chunked"), (jnp.float16, "kv", "coarse", "chunked"),
+    (jnp.float32, "query", "block", "chunked"), (jnp.bfloat16, "kv", "block", "chunked"),
+    (jnp.float32, "query", "coarse", "fused"), (jnp.float32, "kv", "spread", "fused"),
+    (jnp.float32, "kv", "block", "fused"), (jnp.bfloat16, "query", "spread", "fused"),
+    (jnp.bfloat16, "query", "block", "fused"), (jnp.float16, "kv", "coarse", "fused")]
 
 
-@pytest.mark.parametrize(("dtype", "routing_heads", "shape"), CASES)
-def test_gradients_match_the_reference(dtype, routing_heads, shape):
-    """q, k, v and router-parameter gradients: kernels + chunked dS vs jax.grad through masked_attention."""
+@pytest.mark.parametrize(("dtype", "routing_heads", "shape", "router_gradient"), CASES)
+def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradient, hard=True):
+    """q, k, v and router-parameter gradients: kernels + router gradient (chunked dS in JAX, or fused into
+    the backward kernels) vs jax.grad through masked_attention."""
     seed = fresh_seed()
-    config = router_config(shape)
+    config = router_config(shape, router_gradient=router_gradient)
     q, k, v, x, heads, rng = inputs(seed, dtype, routing_heads)
     params = init_router_params(jax.random.key(seed + 1), HIDDEN, heads, config, homotopy=False)
     weights = jax.random.normal(jax.random.key(seed + 2), (B, T, HEADS, D))
@@ -110,13 +115,19 @@ def test_gradients_match_the_reference(dtype, routing_heads, shape):
     if shape == "spread":
         assert int(jnp.sum(only_local)) > 10, "the case of rows that see only sink + window is exercised"
 
-    grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel), argnums=(0, 1, 2, 3)))(
-        params, q, k, v) for kernel in (True, False)}
+    grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel, hard),
+                                      argnums=(0, 1, 2, 3)))(params, q, k, v) for kernel in (True, False)}
     names = ["router " + n for n in sorted(params)] + ["q", "k", "v"]
     errors = {name: rel_err(a, e) for name, a, e in
               zip(names, jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False]), strict=True)}
     assert max(errors.values()) <= TOLERANCE[dtype], (seed, errors)
     assert np.any(grads[True][0]["route_weight"] != 0), seed
+
+
+def test_fused_router_gradient_with_soft_routes():
+    """Soft (not one-hot) routes: agreements in (0, 1), so the suffix minima rarely tie (one-hot routes tie
+    everywhere, the cases above)."""
+    test_gradients_match_the_reference(jnp.float32, "kv", "coarse", "fused", hard=False)
 
 
 def test_visible_pairs_counts_the_hard_mask():
@@ -140,12 +151,13 @@ SMALL = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_h
                     rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False, name="small-d64")
 
 
-def train_one_step(seed, tokens, backend, compute_dtype, model_config=SMALL):
+def train_one_step(seed, tokens, backend, compute_dtype, model_config=SMALL, router_gradient="chunked"):
     """(metrics, router gradients) of one real train step of a small model (bf16 weights, routers f32)."""
     from llama_surgery_jax.train import make_train_step
 
     model = LlamaForCausalLM(model_config, precision=Precision("bfloat16", compute_dtype), rngs=nnx.Rngs(0))
-    config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16, attention_backend=backend)
+    config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16, attention_backend=backend,
+                          router_gradient=router_gradient)
     inject_routers(model, config, nnx.Rngs(1), homotopy=False)
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
     optimizer = optax.sgd(1.0)
@@ -179,6 +191,9 @@ def test_one_training_step_kernel_vs_reference():
         assert float(kernel_metrics[name]) == pytest.approx(float(oracle_metrics[name]), rel=1e-6), (seed, name)
     assert float(kernel_metrics["loss"]) == pytest.approx(float(oracle_metrics["loss"]), rel=1e-5), seed
     assert grad_distance(kernel_grads, oracle_grads) <= TOLERANCE[jnp.float32], seed
+    fused_metrics, fused_grads = train_one_step(seed, tokens, "kernel", "float32", router_gradient="fused")
+    assert float(fused_metrics["loss"]) == float(kernel_metrics["loss"]), seed  # the same forward kernels
+    assert grad_distance(fused_grads, oracle_grads) <= TOLERANCE[jnp.float32], seed
 
     one_layer = dataclasses.replace(SMALL, num_hidden_layers=1)
     (kernel_metrics, kernel_grads), (oracle_metrics, oracle_grads) = (
@@ -206,9 +221,10 @@ def test_evaluation_forward_kernel_vs_reference():
     assert rel_err(logits["kernel"], logits["reference"]) <= TOLERANCE[jnp.float32], seed
 
 
-def test_kernel_path_memory_grows_linearly():
+@pytest.mark.parametrize("router_gradient", ["chunked", "fused"])
+def test_kernel_path_memory_grows_linearly(router_gradient):
     """Scratch of the compiled kernel-path backward (router gradient included) is O(chunk · N), not O(N²)."""
-    config = RouterConfig(query_chunk=128)
+    config = RouterConfig(query_chunk=128, router_gradient=router_gradient)
     heads = 4
 
     def backward_scratch(t):
@@ -233,8 +249,9 @@ def test_step_bench_tiny(tmp_path):
 
     rows = step_bench.main(["--tiny", "--lengths", "64", "--in-process", "--repeats", "1", "--remat",
                             "--out", str(tmp_path / "bench.json")])
-    assert [(r["tokens"], r["backend"]) for r in rows] == [(64, "reference"), (64, "kernel")]
+    assert [(r["tokens"], r["backend"]) for r in rows] == [(64, "reference"), (64, "kernel"), (64, "kernel-fused")]
     assert all(r["finite"] and r["ms"] > 0 for r in rows)
     # bf16 activations; the second layer's codes may differ where its input rounds differently.
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=2**-8)
+    assert rows[2]["loss"] == rows[1]["loss"]  # the same forward kernels
     assert (tmp_path / "bench.json").is_file()

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
+from .route_gradient import SoftMask
 from .schedule import build_schedule, causal_tiles, sink_window_tiles
 
 DEFAULT_TILE = 128
@@ -30,6 +31,7 @@ class _Config(NamedTuple):
     num_stages: int
     backend: str  # "triton" or "hopper", resolved
     poison: bool = False
+    soft_mask: SoftMask | None = None  # with routes: the router's gradient, fused into the backward
 
 
 def _forward(q, k, v, sched, extras, cfg: _Config):
@@ -55,23 +57,24 @@ def _forward(q, k, v, sched, extras, cfg: _Config):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, sched, sched_t, extras, cfg: _Config):
-    """(o, lse) of the kernels, differentiable in q, k, v through the backward kernels."""
-    del sched_t  # only the backward walks the transposed lists
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attention(q, k, v, routes, sched, sched_t, extras, cfg: _Config):
+    """(o, lse) of the kernels, differentiable in q, k, v (and routes, [B, R, levels · choices, N] or None)
+    through the backward kernels. The forward never reads routes: it runs the hard mask."""
+    del routes, sched_t  # only the backward reads them
     return _forward(q, k, v, sched, extras, cfg)
 
 
-def _attention_fwd(q, k, v, sched, sched_t, extras, cfg):
+def _attention_fwd(q, k, v, routes, sched, sched_t, extras, cfg):
     o, lse = _forward(q, k, v, sched, extras, cfg)
-    return (o, lse), (q, k, v, o, lse, sched, sched_t, extras)
+    return (o, lse), (q, k, v, routes, o, lse, sched, sched_t, extras)
 
 
 def _attention_bwd(cfg, res, cotangents):
-    q, k, v, o, lse, sched, sched_t, extras = res
+    q, k, v, routes, o, lse, sched, sched_t, extras = res
     do, dlse = cotangents
     codes, positions = extras
-    dq, dk, dv = sparse_attention_backward(
+    dq, dk, dv, d_routes = sparse_attention_backward(
         q,
         k,
         v,
@@ -90,8 +93,10 @@ def _attention_bwd(cfg, res, cotangents):
         sm_scale=cfg.sm_scale,
         interpret=cfg.interpret,
         num_warps=cfg.num_warps,
+        routes=routes,
+        soft_mask=cfg.soft_mask,
     )
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, d_routes, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -150,6 +155,7 @@ def _pad_tokens(x, n_pad, axis, value=0):
         "num_stages",
         "poison",
         "backend",
+        "soft_mask",
     ),
 )
 def block_sparse_attention(
@@ -169,6 +175,8 @@ def block_sparse_attention(
     num_stages: int = 3,
     poison: bool = False,
     backend: str = "auto",
+    routes: jax.Array | None = None,
+    soft_mask: SoftMask | None = None,
 ):
     """Causal attention over the tiles of `tile_mask`, with an optional exact token rule inside.
 
@@ -187,12 +195,16 @@ def block_sparse_attention(
     codes, the Triton-lowered kernel otherwise), "triton" or "hopper". num_warps / num_stages:
     Triton launch parameters; poison: NaN-fill the outputs first (tests, Triton kernel).
     Differentiable in q, k, v (and through lse): the backward runs block-sparse kernels too.
+    routes: optional [batch, routing_heads, tokens, levels, choices] float32 route probabilities with
+    soft_mask: the forward ignores them; the backward gives their gradient through the router's
+    straight-through soft mask, on the computed tiles (`route_gradient.py`).
     """
     _check_shapes(q, k, v, tile, interpret)
     b, n, hq, _ = q.shape
     nt = -(-n // tile)
     if tile_mask.shape[-2:] != (nt, nt) or tile_mask.shape[1] not in (hq, k.shape[2]):
         raise ValueError(f"tile_mask {tile_mask.shape} must be [{b}, {hq} or {k.shape[2]}, {nt}, {nt}]")
+    routes = _kernel_routes(routes, soft_mask, (b, tile_mask.shape[1], n), nt * tile)
     pad = nt * tile - n
     # Padding keys sit after every real query, so causality alone hides them.
     q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
@@ -201,10 +213,26 @@ def block_sparse_attention(
     interpret = _default_interpret(interpret)
     rule = Rule.TILE if codes is None else Rule.CODES
     backend = "triton" if poison else _resolve_backend(backend, q, tile, rule, interpret)
-    cfg = _Config(tile, rule, window, sink, sm_scale, interpret, num_warps, num_stages, backend, poison)
-    o, lse = _attention(q, k, v, build_schedule(tile_mask), transpose_schedule(tile_mask), (codes, None), cfg)
+    cfg = _Config(tile, rule, window, sink, sm_scale, interpret, num_warps, num_stages, backend, poison, soft_mask)
+    o, lse = _attention(q, k, v, routes, build_schedule(tile_mask), transpose_schedule(tile_mask), (codes, None),
+                        cfg)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o
+
+
+def _kernel_routes(routes, soft_mask, lead, padded):
+    """Router routes [B, R, N, levels, choices] → the kernels' [B, R, levels · choices, padded N] float32
+    (padding tokens route nowhere: zeros), checked against soft_mask; None passes through."""
+    if routes is None:
+        return None
+    if soft_mask is None:
+        raise ValueError("routes need soft_mask (d_max, temperature, levels, choices) to define their gradient")
+    expected = (*lead, soft_mask.levels, soft_mask.choices)
+    if routes.shape != expected:
+        raise ValueError(f"routes {routes.shape} must be {expected} (batch, routing heads, tokens, levels, choices)")
+    b, r, n = lead
+    routes = _pad_tokens(routes.astype(jnp.float32), padded - n, 2)
+    return jnp.moveaxis(routes, 2, -1).reshape(b, r, -1, padded)
 
 
 def merge_partials(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array, out_dtype=None):
@@ -248,7 +276,9 @@ def bucket_tiles(sorted_codes: jax.Array, tile: int) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("tile", "window", "sink", "sm_scale", "return_lse", "interpret", "num_warps", "num_stages"),
+    static_argnames=(
+        "tile", "window", "sink", "sm_scale", "return_lse", "interpret", "num_warps", "num_stages", "soft_mask"
+    ),
 )
 def token_routed_attention(
     q: jax.Array,
@@ -264,6 +294,8 @@ def token_routed_attention(
     interpret: bool | None = None,
     num_warps: int | None = None,
     num_stages: int = 3,
+    routes: jax.Array | None = None,
+    soft_mask: SoftMask | None = None,
 ):
     """Exact token-level routing, fast (METHOD.md §9): the same function as
     `block_sparse_attention(q, k, v, all_tiles_on, codes=codes, ...)`.
@@ -277,6 +309,7 @@ def token_routed_attention(
     q: [B, N, Hq, D]; k, v: [B, N, Hkv, D]; codes: [B, R, N] int, R = Hq or Hkv. Routing per KV
     head keeps one permutation for the GQA group and never copies K/V per query head; routing
     per query head needs one permuted K/V copy per query head for the bucket pass.
+    routes, soft_mask: as `block_sparse_attention` (the router's gradient from both passes' backward).
     """
     _check_shapes(q, k, v, tile, interpret)
     b, n, hq, d = q.shape
@@ -285,8 +318,10 @@ def token_routed_attention(
     if codes.shape != (b, r, n) or r not in (hq, hkv):
         raise ValueError(f"codes {codes.shape} must be [{b}, {hq} or {hkv}, {n}]")
     interpret = _default_interpret(interpret)
-    cfg = _Config(tile, Rule.BUCKET, window, sink, sm_scale, interpret, num_warps, num_stages, "triton")
+    cfg = _Config(tile, Rule.BUCKET, window, sink, sm_scale, interpret, num_warps, num_stages, "triton",
+                  soft_mask=soft_mask)
     nt = -(-n // tile)
+    routes = _kernel_routes(routes, soft_mask, (b, r, n), nt * tile)
     pad = nt * tile - n
     q, k, v = (_pad_tokens(x, pad, 1) for x in (q, k, v))
     # Padding tokens get a code of their own, sorted last: no real token shares it.
@@ -294,11 +329,13 @@ def token_routed_attention(
 
     perm = jnp.argsort(codes, axis=-1, stable=True).astype(jnp.int32)  # (code, position) order
     sorted_codes = jnp.take_along_axis(codes, perm, axis=-1)
+    sorted_routes = None if routes is None else jnp.take_along_axis(routes, perm[:, :, None, :], axis=-1)
     q_group = hq // r
     qs = _gather_tokens(q, perm, q_group)
     ks, vs = (_gather_tokens(x, perm, 1) for x in (k, v))
     bucket = bucket_tiles(sorted_codes, tile)
-    o1, lse1 = _attention(qs, ks, vs, build_schedule(bucket), transpose_schedule(bucket), (sorted_codes, perm), cfg)
+    o1, lse1 = _attention(qs, ks, vs, sorted_routes, build_schedule(bucket), transpose_schedule(bucket),
+                          (sorted_codes, perm), cfg)
     # Un-permute: the inverse permutation gathers each token back to its position.
     inv = jnp.argsort(perm, axis=-1).astype(jnp.int32)
     o1 = _gather_tokens(o1, inv, q_group)
@@ -306,7 +343,7 @@ def token_routed_attention(
 
     local = sink_window_tiles(nt, tile, window, sink)[None, None]
     o2, lse2 = _attention(
-        q, k, v, build_schedule(local), transpose_schedule(local), (None, None), cfg._replace(rule=Rule.LOCAL)
+        q, k, v, routes, build_schedule(local), transpose_schedule(local), (None, None), cfg._replace(rule=Rule.LOCAL)
     )
     o, lse = merge_partials(o1, lse1, o2, lse2)
     o, lse = o[:, :n], lse[..., :n]
