@@ -11,6 +11,7 @@ run, PERFORMANCE.md's convention); speedup is over dense cuDNN in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -25,6 +26,7 @@ from .api import block_sparse_attention, token_routed_attention
 from .forward import sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
 from .reference import chunked_reference_attention
+from .route_gradient import SoftMask
 from .schedule import block_density, build_schedule, causal_tiles, codes_tile_mask
 
 # Relative Frobenius error bounds (the issue's): bf16 keeps 8 mantissa bits, fp16 11; with float32
@@ -341,6 +343,22 @@ def main(argv=None):
                 )
                 t_or = time_jax(f_or, q, k, v, codes, tile_or)
                 t_sort = time_jax(f_sort, q, k, v, codes)
+                # Training: fwd + bwd (dq, dk, dv), and with the router's gradient fused into the backward
+                # (routes of the paper preset: L = 13 levels of p = 2, one-hot as the straight-through
+                # forward gives them).
+                soft = SoftMask(6.0, 0.5, 13, 2)
+                routes = jax.nn.one_hot(jax.random.randint(jax.random.PRNGKey(7), (1, hkv, n, 13), 0, 2), 2)
+                ct = jax.random.normal(jax.random.PRNGKey(n + 3), q.shape, jnp.bfloat16)
+
+                def sorted_loss(q, k, v, r, c, ct, routed):
+                    o = token_routed_attention(q, k, v, c, window=128, num_warps=warps, num_stages=stages,
+                                               routes=r if routed else None, soft_mask=soft if routed else None)
+                    return jnp.vdot(o, ct).astype(jnp.float32)
+
+                t_fb, t_fb_routes = (
+                    time_jax(jax.jit(jax.grad(functools.partial(sorted_loss, routed=routed), argnums=(0, 1, 2, 3))),
+                             q, k, v, routes, codes, ct)
+                    for routed in (False, True))
                 err = rel_err(f_sort(q, k, v, codes), f_or(q, k, v, codes, tile_or).astype(jnp.float32))
                 row = dict(
                     N=n,
@@ -349,11 +367,14 @@ def main(argv=None):
                     tile_or_ms=t_or * 1e3,
                     sorted_ms=t_sort * 1e3,
                     sorted_vs_tile_or_err=err,
+                    sorted_fwdbwd_ms=t_fb * 1e3,
+                    sorted_fwdbwd_router_ms=t_fb_routes * 1e3,
                 )
                 result["token"].append(row)
                 log(
                     f"  N={n} codes={num_codes}: tile-OR density {row['tile_or_density']:.3f} "
-                    f"{t_or * 1e3:.3f} ms; sorted {t_sort * 1e3:.3f} ms; diff {err:.1e}"
+                    f"{t_or * 1e3:.3f} ms; sorted {t_sort * 1e3:.3f} ms; diff {err:.1e}; sorted fwd+bwd "
+                    f"{t_fb * 1e3:.3f} ms, with the fused router gradient {t_fb_routes * 1e3:.3f} ms"
                 )
         except Exception:
             log(traceback.format_exc())
@@ -418,6 +439,16 @@ def print_table(result, log):
             f"crossover N={n}: ours beats dense cuDNN up to block density "
             f"{max(beat) if beat else 0:.3f} (largest measured density where it wins)"
         )
+    if result["token"]:
+        log("")
+        log("Token-level routing, exact codes, window 128 (same shapes): the tile-OR schedule of the codes vs the "
+            "code-sorted passes; training fwd+bwd of the sorted passes, without and with the router's gradient "
+            "fused into the backward (L 13, p 2)")
+        log("| N | codes | tile-OR density | tile-OR ms | sorted ms | sorted fwd+bwd ms | + router gradient ms |")
+        log("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in result["token"]:
+            log(f"| {r['N']} | {r['num_codes']} | {r['tile_or_density']:.3f} | {r['tile_or_ms']:.3f} | "
+                f"{r['sorted_ms']:.3f} | {r['sorted_fwdbwd_ms']:.3f} | {r['sorted_fwdbwd_router_ms']:.3f} |")
 
 
 if __name__ == "__main__":
