@@ -9,7 +9,10 @@ from its own router on its own attention input x, and query i sees cached key j 
 
     j <= i  and  (codes[i] == codes[j]  or  (sink and j == 0)  or  i - j <= window  or  i == j)
 
-(`topology.token_mask`'s rule). Prompts of different lengths are right-padded: position = index, and a
+(`topology.token_mask`'s rule). Block-mode routers (`RouterConfig.mode="block"`) route a block of T tokens
+from the mean of the T router inputs that end at its first token (`router.pooled_block_features`): the
+cache keeps those inputs for the last T positions (a ring per layer), a token that opens a block routes
+it, and the block's other tokens take its code from the cache. Prompts of different lengths are right-padded: position = index, and a
 padding slot is never visible (causality hides it from the prompt; decode overwrites it before any
 query can see it, because sequence b writes its next token at index lengths[b]).
 
@@ -29,6 +32,7 @@ Shapes: b batch, t tokens, S cache slots, h query heads, k KV heads, r routing h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -39,6 +43,7 @@ from flax import nnx
 from llama_surgery_jax.config import RouterConfig
 from llama_surgery_jax.masked_attention import attend, masked_attention
 from llama_surgery_jax.model import LlamaForCausalLM, dense_attention, rope_cos_sin
+from llama_surgery_jax.router import route
 from llama_surgery_jax.surgery import RoutedAttention, routed_layers
 
 ATTENTION_CHOICES = ("auto", "reference", "kernel")
@@ -51,20 +56,20 @@ class ContextError(ValueError):
 
 class KVCache(NamedTuple):
     """k, v: [layers, b, S, k, d] in the compute dtype; codes: [layers, b, r, S] int32 (None for a dense
-    model); lengths: [b] int32, tokens written per sequence (the next token goes to index lengths[b])."""
+    model); lengths: [b] int32, tokens written per sequence (the next token goes to index lengths[b]);
+    router_inputs: block-mode routers only, [layers, b, T, hidden]: the router input of position p at
+    slot p mod T, for the last T positions."""
 
     k: jax.Array
     v: jax.Array
     codes: jax.Array | None
     lengths: jax.Array
+    router_inputs: jax.Array | None = None
 
 
 def router_config(model: LlamaForCausalLM) -> RouterConfig | None:
     """The routers' config (the same in every layer), or None for a dense model."""
     layers = routed_layers(model)
-    if layers and layers[0].config.mode != "token":
-        raise NotImplementedError("KV-cache decoding supports token-mode routers only (block mode pools "
-                                  "features over past tokens, which the cache does not keep)")
     return layers[0].config if layers else None
 
 
@@ -131,11 +136,14 @@ def prefill(model: LlamaForCausalLM, tokens: jax.Array, lengths: jax.Array, *, m
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     cos, sin = rope_cos_sin(model.config, positions)
     x = model.model.embed_tokens(tokens).astype(model.precision.compute)
-    ks, vs, codes_per_layer = [], [], []
+    ks, vs, codes_per_layer, rings = [], [], [], []
+    block = config is not None and config.mode == "block"
     for layer in model.model.layers:
         h = layer.input_layernorm(x)
         q, k, v = layer.self_attn.project(h, cos, sin)
         impl = layer.self_attn.attention_impl
+        if block:
+            rings.append(last_positions_ring(h, jnp.asarray(lengths), config.block_size))
         if isinstance(impl, RoutedAttention):
             codes = impl.router(h).codes  # argmax routes, no noise: evaluation
             if attention == "kernel":
@@ -153,7 +161,39 @@ def prefill(model: LlamaForCausalLM, tokens: jax.Array, lengths: jax.Array, *, m
         vs.append(jnp.pad(v, pad))
     logits = model.logits(model.model.norm(x))
     codes = jnp.stack(codes_per_layer) if config is not None else None
-    return logits, KVCache(jnp.stack(ks), jnp.stack(vs), codes, jnp.asarray(lengths, jnp.int32))
+    ring = jnp.stack(rings) if block else None
+    return logits, KVCache(jnp.stack(ks), jnp.stack(vs), codes, jnp.asarray(lengths, jnp.int32), ring)
+
+
+def last_positions_ring(h: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
+    """h: [b, t, hidden], lengths: [b] → [b, size, hidden]: slot s holds h at the position p ≡ s (mod size)
+    among the last `size` positions before lengths[b] (zeros where p < 0)."""
+    slots = jnp.arange(size)
+    first = lengths[:, None] - size
+    positions = first + (slots[None, :] - first) % size  # [b, size], in [lengths - size, lengths)
+    taken = jnp.take_along_axis(h, jnp.clip(positions, 0)[..., None], axis=1)
+    return jnp.where((positions >= 0)[..., None], taken, 0).astype(h.dtype)
+
+
+def decode_block_codes(router, config: RouterConfig, ring: jax.Array, cached_codes: jax.Array,
+                       lengths: jax.Array) -> jax.Array:
+    """A block-mode router's codes [b, r] for the token at index lengths[b], whose input is already in the ring.
+
+    The first token of block n = p // T routes it from the mean of the T inputs ending at p (as
+    `router.pooled_block_features`, same order of summation); any other token takes block n's code,
+    written in the cache at index n · T.
+    """
+    size = config.block_size
+    positions = lengths[:, None] - jnp.arange(size)[None, :]  # p, p − 1, …, p − T + 1
+    window = jnp.take_along_axis(ring, (positions % size)[..., None], axis=1).astype(jnp.float32)
+    valid = positions >= 0
+    features = (jnp.sum(jnp.where(valid[..., None], window, 0.0), axis=1)
+                / jnp.sum(valid, axis=1)[:, None].astype(jnp.float32))
+    fresh = route(router.parameters(), features[:, None], config=dataclasses.replace(config, mode="token"),
+                  routing_heads=router.routing_heads).codes[:, :, 0]
+    batch = jnp.arange(lengths.shape[0])
+    opened = cached_codes[batch, :, (lengths // size) * size]  # [b, r]
+    return jnp.where((lengths % size == 0)[:, None], fresh, opened)
 
 
 def decode_visibility(cached_codes: jax.Array | None, new_codes: jax.Array | None, lengths: jax.Array,
@@ -223,7 +263,8 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
     x = model.model.embed_tokens(tokens[:, None]).astype(model.precision.compute)
     batch = jnp.arange(b)
     # Written in place, one slot per layer (the cache is donated by `Decoder`): a step never copies it.
-    k_all, v_all, codes_all = cache.k, cache.v, cache.codes
+    k_all, v_all, codes_all, ring_all = cache.k, cache.v, cache.codes, cache.router_inputs
+    block = config is not None and config.mode == "block"
     overflow = jnp.zeros((), bool)
     for index, layer in enumerate(model.model.layers):
         h = layer.input_layernorm(x)
@@ -232,7 +273,13 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
         v_all = v_all.at[index, batch, lengths].set(v[:, 0])
         k_cache, v_cache = k_all[index], v_all[index]
         impl = layer.self_attn.attention_impl
-        if isinstance(impl, RoutedAttention):
+        if block:
+            ring_all = ring_all.at[index, batch, lengths % config.block_size].set(h[:, 0])
+        if isinstance(impl, RoutedAttention) and block:
+            new_codes = decode_block_codes(impl.router, config, ring_all[index], codes_all[index], lengths)
+            codes_all = codes_all.at[index, batch, :, lengths].set(new_codes)
+            visible = decode_visibility(codes_all[index], new_codes, lengths, slots, config)
+        elif isinstance(impl, RoutedAttention):
             new_codes = impl.router(h).codes[:, :, 0]  # [b, r]: its own router on its own x
             codes_all = codes_all.at[index, batch, :, lengths].set(new_codes)
             visible = decode_visibility(codes_all[index], new_codes, lengths, slots, config)
@@ -248,7 +295,7 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
             out = out[:, None]
         x = _layer_tail(layer, x, out)
     logits = model.logits(model.model.norm(x))[:, 0]
-    return logits, KVCache(k_all, v_all, codes_all, lengths + 1), overflow
+    return logits, KVCache(k_all, v_all, codes_all, lengths + 1, ring_all), overflow
 
 
 class Decoder:

@@ -72,6 +72,29 @@ def test_three_paths_agree_tiny(routing_heads):
     assert_close(train_path, decoded, f"seed {seed}: prefill + decode (gather={gather}) vs training path")
 
 
+def test_three_paths_agree_block_mode():
+    """Block-mode routers (one route per block of 8, from the mean of the 8 router inputs ending at the block's
+    first token): prompts that end inside a block, decode across block starts, and a batch of two lengths."""
+    seed = fresh_seed()
+    model = LlamaForCausalLM(ModelConfig.named("tiny"), rngs=nnx.Rngs(seed))
+    config = dataclasses.replace(SPARSE_ROUTER, mode="block", block_size=8, routing_heads="kv")
+    inject_routers(model, config, nnx.Rngs(seed + 1), homotopy=False)
+    tokens = jax.random.randint(jax.random.key(seed), (2, 40), 0, 512)
+    _, aux = model(tokens)
+    assert max(float(a["token_density"]) for a in aux) < 0.8, f"seed {seed}: masks too dense to test"
+    train_path, prefilled, decoded, decoder = three_paths(model, tokens, prompt_len=21, gather=True)
+    assert_close(train_path, prefilled, f"seed {seed}: block-mode prefill vs training path")
+    assert_close(train_path, decoded, f"seed {seed}: block-mode prefill + decode vs training path")
+
+    lengths = jnp.array([21, 13])  # ragged: each sequence decodes its own continuation
+    logits, cache = decoder.prefill(tokens[:, :21], lengths, 40)
+    for _ in range(19):
+        step_logits, cache = decoder.step(cache, tokens[jnp.arange(2), cache.lengths])
+        for b in range(2):
+            position = int(cache.lengths[b]) - 1
+            assert_close(train_path[b, position], step_logits[b], f"seed {seed}: sequence {b} at {position}")
+
+
 def test_gather_reads_only_the_budget_and_flags_overflow():
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
