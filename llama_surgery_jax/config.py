@@ -218,9 +218,10 @@ class RouterConfig:
     # head dim 64/128, reference otherwise.
     attention_backend: str = "auto"
     # The router's gradient on the kernel backend. "chunked": plain JAX over query chunks against all keys
-    # (O(N²) elementwise, measured on the H100); "fused": inside the backward kernels, on computed tiles
-    # only (pallas_kernels/block_sparse_attention/route_gradient.py; checked in interpret mode, its GPU
-    # run is pending). The reference backend differentiates masked_attention either way.
+    # (O(N²) elementwise, measured on the H100); "fused": Pallas kernels beside the attention's backward,
+    # on its computed tiles only (pallas_kernels/block_sparse_attention/route_gradient.py; checked in
+    # interpret mode and compiled offline for sm_90, its GPU run is pending). The reference backend
+    # differentiates masked_attention either way.
     router_gradient: str = "chunked"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others

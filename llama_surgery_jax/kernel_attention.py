@@ -28,10 +28,10 @@ token of a block shares its block's code, so the tile-OR mask is exact and alrea
 Two ways to the router gradient (`RouterConfig.router_gradient`):
 - "chunked" (default, measured on the H100): `route_gradient` below, plain JAX over query chunks of
   `RouterConfig.query_chunk` rows against all keys: memory O(chunk · N), compute O(N²) elementwise.
-- "fused": the backward kernels compute it where they hold dS, on computed tiles only, from both passes
-  of the sorted execution (each visible pair lies in exactly one pass, and each pass's dS is the global
-  one: P / w · (w dP − w D) with w the pass's merge weight). `pallas_kernels/.../route_gradient.py`.
-  Checked against this module's oracle in interpret mode; its GPU run is pending.
+- "fused": Pallas kernels beside the attention's backward compute it on the computed tiles only, from
+  both passes of the sorted execution (each visible pair lies in exactly one pass, and each pass's dS is
+  the global one: P / w · (w dP − w D) with w the pass's merge weight). `pallas_kernels/.../
+  route_gradient.py`. Checked against this module's oracle in interpret mode; its GPU run is pending.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ from its own router on its own attention input x, and query i sees cached key j 
 (`topology.token_mask`'s rule). Block-mode routers (`RouterConfig.mode="block"`) route a block of T tokens
 from the mean of the T router inputs that end at its first token (`router.pooled_block_features`): the
 cache keeps those inputs for the last T positions (a ring per layer), a token that opens a block routes
-it, and the block's other tokens take its code from the cache. Prompts of different lengths are right-padded: position = index, and a
-padding slot is never visible (causality hides it from the prompt; decode overwrites it before any
-query can see it, because sequence b writes its next token at index lengths[b]).
+it, and the block's other tokens take its code from the cache. Prompts of different lengths are
+right-padded: position = index, and a padding slot is never visible (causality hides it from the prompt;
+decode overwrites it before any query can see it, because sequence b writes its next token at index
+lengths[b]).
 
 Prefill attention (`attention`): "reference" runs the chunked masked attention of the training path
 (float32, any head size); "kernel" runs `pallas_kernels.token_routed_attention` (sorted buckets plus the

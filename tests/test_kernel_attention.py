@@ -124,6 +124,22 @@ def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradi
     assert np.any(grads[True][0]["route_weight"] != 0), seed
 
 
+def test_fused_router_gradient_walks_sub_tiles():
+    """Tiles of 64: the route-gradient kernels take 16-query (or key) sub-tiles of each tile and walk the other
+    side 32 at a time, so one tile is 4 programs × 2 steps; the 77 tokens pad to two tiles."""
+    seed = fresh_seed()
+    config = dataclasses.replace(router_config("coarse", router_gradient="fused"), block_size=64)
+    for routing_heads in ("query", "kv"):
+        q, k, v, x, heads, rng = inputs(seed, jnp.float32, routing_heads)
+        params = init_router_params(jax.random.key(seed + 1), HIDDEN, heads, config, homotopy=False)
+        weights = jax.random.normal(jax.random.key(seed + 2), (B, T, HEADS, D))
+        grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel)))(params, q, k, v)
+                 for kernel in (True, False)}
+        errors = [rel_err(a, e) for a, e in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False]),
+                                                  strict=True)]
+        assert max(errors) <= TOLERANCE[jnp.float32], (seed, routing_heads, errors)
+
+
 def test_fused_router_gradient_with_soft_routes():
     """Soft (not one-hot) routes: agreements in (0, 1), so the suffix minima rarely tie (one-hot routes tie
     everywhere, the cases above)."""

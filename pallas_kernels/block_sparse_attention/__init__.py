@@ -4,8 +4,8 @@ from .api import DEFAULT_TILE, block_sparse_attention, bucket_tiles, merge_parti
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
-from .route_gradient import SoftMask
 from .reference import chunked_reference_attention, reference_attention, token_mask
+from .route_gradient import SoftMask
 from .schedule import Schedule, block_density, build_schedule, codes_tile_mask, sink_window_tiles, validate_schedule
 
 __all__ = [

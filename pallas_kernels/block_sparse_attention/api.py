@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
-from .route_gradient import SoftMask
+from .route_gradient import SoftMask, route_gradient_backward
 from .schedule import build_schedule, causal_tiles, sink_window_tiles
 
 DEFAULT_TILE = 128
@@ -74,7 +74,7 @@ def _attention_bwd(cfg, res, cotangents):
     q, k, v, routes, o, lse, sched, sched_t, extras = res
     do, dlse = cotangents
     codes, positions = extras
-    dq, dk, dv, d_routes = sparse_attention_backward(
+    dq, dk, dv = sparse_attention_backward(
         q,
         k,
         v,
@@ -93,9 +93,13 @@ def _attention_bwd(cfg, res, cotangents):
         sm_scale=cfg.sm_scale,
         interpret=cfg.interpret,
         num_warps=cfg.num_warps,
-        routes=routes,
-        soft_mask=cfg.soft_mask,
     )
+    d_routes = None
+    if routes is not None:
+        d_routes = route_gradient_backward(
+            q, k, v, o, lse, do.astype(q.dtype), dlse, routes, sched, sched_t, tile=cfg.tile, rule=cfg.rule,
+            soft_mask=cfg.soft_mask, codes=codes, positions=positions, window=cfg.window, sink=cfg.sink,
+            sm_scale=cfg.sm_scale, interpret=cfg.interpret)
     return dq, dk, dv, d_routes, None, None, None
 
 

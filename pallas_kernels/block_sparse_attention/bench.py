@@ -350,7 +350,7 @@ def main(argv=None):
                 routes = jax.nn.one_hot(jax.random.randint(jax.random.PRNGKey(7), (1, hkv, n, 13), 0, 2), 2)
                 ct = jax.random.normal(jax.random.PRNGKey(n + 3), q.shape, jnp.bfloat16)
 
-                def sorted_loss(q, k, v, r, c, ct, routed):
+                def sorted_loss(q, k, v, r, c, ct, routed, soft=soft):
                     o = token_routed_attention(q, k, v, c, window=128, num_warps=warps, num_stages=stages,
                                                routes=r if routed else None, soft_mask=soft if routed else None)
                     return jnp.vdot(o, ct).astype(jnp.float32)
