@@ -87,7 +87,7 @@ def test_forward_is_the_hard_mask_attention(dtype, mode):
 
 
 # Every combination in float32; bf16 and fp16 each meet both routings and both code spreads once.
-# The fused router gradient (inside the backward kernels) meets each routing, shape and dtype once.
+# The fused router gradient (its own kernels in the backward) meets each routing, shape and dtype once.
 CASES = [(jnp.float32, r, s, "chunked") for r in ("query", "kv") for s in ("coarse", "spread")] + [
     (jnp.bfloat16, "query", "coarse", "chunked"), (jnp.bfloat16, "kv", "spread", "chunked"),
     (jnp.float16, "query", "spread", "chunked"), (jnp.float16, "kv", "coarse", "chunked"),
@@ -99,8 +99,8 @@ CASES = [(jnp.float32, r, s, "chunked") for r in ("query", "kv") for s in ("coar
 
 @pytest.mark.parametrize(("dtype", "routing_heads", "shape", "router_gradient"), CASES)
 def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradient, hard=True):
-    """q, k, v and router-parameter gradients: kernels + router gradient (chunked dS in JAX, or fused into
-    the backward kernels) vs jax.grad through masked_attention."""
+    """q, k, v and router-parameter gradients: kernels + router gradient (chunked dS in JAX, or the route-gradient
+    kernels) vs jax.grad through masked_attention."""
     seed = fresh_seed()
     config = router_config(shape, router_gradient=router_gradient)
     q, k, v, x, heads, rng = inputs(seed, dtype, routing_heads)

@@ -31,7 +31,7 @@ class _Config(NamedTuple):
     num_stages: int
     backend: str  # "triton" or "hopper", resolved
     poison: bool = False
-    soft_mask: SoftMask | None = None  # with routes: the router's gradient, fused into the backward
+    soft_mask: SoftMask | None = None  # with routes: the router's gradient kernels run in the backward
 
 
 def _forward(q, k, v, sched, extras, cfg: _Config):

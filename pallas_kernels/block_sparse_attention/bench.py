@@ -343,7 +343,7 @@ def main(argv=None):
                 )
                 t_or = time_jax(f_or, q, k, v, codes, tile_or)
                 t_sort = time_jax(f_sort, q, k, v, codes)
-                # Training: fwd + bwd (dq, dk, dv), and with the router's gradient fused into the backward
+                # Training: fwd + bwd (dq, dk, dv), and with the router's gradient kernels in the backward
                 # (routes of the paper preset: L = 13 levels of p = 2, one-hot as the straight-through
                 # forward gives them).
                 soft = SoftMask(6.0, 0.5, 13, 2)
@@ -374,7 +374,7 @@ def main(argv=None):
                 log(
                     f"  N={n} codes={num_codes}: tile-OR density {row['tile_or_density']:.3f} "
                     f"{t_or * 1e3:.3f} ms; sorted {t_sort * 1e3:.3f} ms; diff {err:.1e}; sorted fwd+bwd "
-                    f"{t_fb * 1e3:.3f} ms, with the fused router gradient {t_fb_routes * 1e3:.3f} ms"
+                    f"{t_fb * 1e3:.3f} ms, with the router-gradient kernels {t_fb_routes * 1e3:.3f} ms"
                 )
         except Exception:
             log(traceback.format_exc())
@@ -443,7 +443,7 @@ def print_table(result, log):
         log("")
         log("Token-level routing, exact codes, window 128 (same shapes): the tile-OR schedule of the codes vs the "
             "code-sorted passes; training fwd+bwd of the sorted passes, without and with the router's gradient "
-            "fused into the backward (L 13, p 2)")
+            "kernels in the backward (L 13, p 2)")
         log("| N | codes | tile-OR density | tile-OR ms | sorted ms | sorted fwd+bwd ms | + router gradient ms |")
         log("| --- | --- | --- | --- | --- | --- | --- |")
         for r in result["token"]:
