@@ -208,7 +208,8 @@ def test_one_training_step_kernel_vs_reference():
     assert float(kernel_metrics["loss"]) == pytest.approx(float(oracle_metrics["loss"]), rel=1e-5), seed
     assert grad_distance(kernel_grads, oracle_grads) <= TOLERANCE[jnp.float32], seed
     fused_metrics, fused_grads = train_one_step(seed, tokens, "kernel", "float32", router_gradient="fused")
-    assert float(fused_metrics["loss"]) == float(kernel_metrics["loss"]), seed  # the same forward kernels
+    # The same forward kernels; two programs, so XLA may fuse the surrounding float32 ops differently.
+    assert float(fused_metrics["loss"]) == pytest.approx(float(kernel_metrics["loss"]), rel=1e-6), seed
     assert grad_distance(fused_grads, oracle_grads) <= TOLERANCE[jnp.float32], seed
 
     one_layer = dataclasses.replace(SMALL, num_hidden_layers=1)
@@ -269,5 +270,5 @@ def test_step_bench_tiny(tmp_path):
     assert all(r["finite"] and r["ms"] > 0 for r in rows)
     # bf16 activations; the second layer's codes may differ where its input rounds differently.
     assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=2**-8)
-    assert rows[2]["loss"] == rows[1]["loss"]  # the same forward kernels
+    assert rows[2]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-6)  # the same forward kernels
     assert (tmp_path / "bench.json").is_file()
