@@ -115,39 +115,42 @@ def _dkv_kernel(
     per_q_routing,
     has_codes,
     has_pos,
+    query_rows,
+    key_rows,
 ):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
     dk_ref, dv_ref = refs
-    kj = pl.program_id(2)
-    start_k = pl.multiple_of(kj * tile, tile)
+    sub = pl.program_id(2)  # this program's `key_rows` keys, in key tile sub // (tile // key_rows)
+    kj = sub // (tile // key_rows)
+    start_k = pl.multiple_of(sub * key_rows, key_rows)
     k, v = k_ref[...], v_ref[...]
 
     def head(g, carry):
         rg = g if per_q_routing else 0  # routing row of this query head within the block
         count = counts_ref[rg, kj]
-        kcode = kc_ref[rg, pl.ds(start_k, tile)][None, :] if has_codes else None
+        kcode = kc_ref[rg, pl.ds(start_k, key_rows)][None, :] if has_codes else None
         kpos = (
-            kp_ref[rg, pl.ds(start_k, tile)][None, :]
+            kp_ref[rg, pl.ds(start_k, key_rows)][None, :]
             if has_pos
-            else start_k + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+            else start_k + lax.broadcasted_iota(jnp.int32, (1, key_rows), 1)
         )
 
-        def step(s, carry, masked):
+        def rows(part, carry, tile_start, masked):  # `query_rows` queries of the listed tile
             dk, dv = carry
-            start = pl.multiple_of(indices_ref[rg, s] * tile, tile)
-            q = q_ref[pl.ds(start, tile), g, :]
-            do = do_ref[pl.ds(start, tile), g, :]
-            lse = lse_ref[g, pl.ds(start, tile)]
+            start = pl.multiple_of(tile_start + part * query_rows, query_rows)
+            q = q_ref[pl.ds(start, query_rows), g, :]
+            do = do_ref[pl.ds(start, query_rows), g, :]
+            lse = lse_ref[g, pl.ds(start, query_rows)]
             lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-            delta = delta_ref[g, pl.ds(start, tile)]
+            delta = delta_ref[g, pl.ds(start, query_rows)]
             qpos = (
-                qp_ref[rg, pl.ds(start, tile)][:, None]
+                qp_ref[rg, pl.ds(start, query_rows)][:, None]
                 if has_pos
-                else start + lax.broadcasted_iota(jnp.int32, (tile, 1), 0)
+                else start + lax.broadcasted_iota(jnp.int32, (query_rows, 1), 0)
             )
-            qcode = qc_ref[rg, pl.ds(start, tile)][:, None] if has_codes else None
+            qcode = qc_ref[rg, pl.ds(start, query_rows)][:, None] if has_codes else None
             p = _probs(
                 q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked
             )
@@ -156,6 +159,13 @@ def _dkv_kernel(
             ds = p * (dp - delta[:, None])
             dk = dk + pltriton.dot(ds.astype(q.dtype), q, trans_a=True)
             return dk, dv
+
+        def step(s, carry, masked):
+            tile_start = pl.multiple_of(indices_ref[rg, s] * tile, tile)
+            part = functools.partial(rows, tile_start=tile_start, masked=masked)
+            if query_rows == tile:
+                return part(0, carry)
+            return lax.fori_loop(0, tile // query_rows, part, carry)
 
         if rule is Rule.TILE:  # only the first listed query tile can be the diagonal
             first = jnp.minimum(count, 1)
@@ -170,7 +180,11 @@ def _dkv_kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("tile", "rule", "window", "sink", "sm_scale", "interpret", "num_warps", "num_stages")
+    jax.jit,
+    static_argnames=(
+        "tile", "rule", "window", "sink", "sm_scale", "interpret", "num_warps", "num_stages", "dkv_query_rows",
+        "dkv_key_rows",
+    ),
 )
 def sparse_attention_backward(
     q,
@@ -193,11 +207,18 @@ def sparse_attention_backward(
     interpret: bool = False,
     num_warps: int | None = None,
     num_stages: int = 2,
+    dkv_query_rows: int | None = None,
+    dkv_key_rows: int | None = None,
 ):
     """Gradients of `sparse_attention_forward` (same arguments) w.r.t. q, k, v.
 
     o, do: [batch, tokens, q_heads, head_dim]; lse, dlse: [batch, q_heads, tokens] float32.
     schedule: the forward's; schedule_t: `transpose_schedule` of the same tile mask.
+    dkv_key_rows, dkv_query_rows: one dk/dv program takes this many keys of a key tile and walks each
+    listed query tile this many rows at a time (divisors of tile, >= 16; None: the whole tile, the
+    measured default). Smaller slices hold fewer registers: at tile 128 and head dim 128 the whole-tile
+    kernel spills 0.9 KB per thread in an offline sm_90 compile (docs/KERNEL_NOTES.md); the H100 speed of
+    the smaller ones is not measured yet.
     Returns dq [B, N, Hq, D], dk, dv [B, N, Hkv, D] in the input dtypes.
     """
     b, n, hq, d = q.shape
@@ -253,22 +274,25 @@ def sparse_attention_backward(
         name=f"block_sparse_attention_dq_{rule.value}",
     )(*schedule, q, k, v, do, lse, delta, *ints)
 
-    # dk, dv: one program per (KV head, batch, key tile); its query heads are one block of `group`.
+    # dk, dv: one program per (KV head, batch, key_rows keys); its query heads are one block of `group`.
     rg = group if per_q_routing else 1
+    key_rows = min(dkv_key_rows or tile, tile)
+    per_tile = tile // key_rows
 
     def kroute(bi, kh):
         return (0 if sb == 1 else bi), (0 if sr == 1 else kh)
 
-    kspec = pl.BlockSpec((None, tile, None, d), lambda kh, bi, j: (bi, j, kh, 0))
+    kspec = pl.BlockSpec((None, key_rows, None, d), lambda kh, bi, j: (bi, j, kh, 0))
     qgroup = pl.BlockSpec((None, n, group, d), lambda kh, bi, j: (bi, 0, kh, 0))
     rowgroup = pl.BlockSpec((None, group, n), lambda kh, bi, j: (bi, kh, 0))
     int_specs = [pl.BlockSpec((None, rg, n), lambda kh, bi, j: (*kroute(bi, kh), 0))] * len(ints)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, group=group, per_q_routing=per_q_routing, **common),
-        grid=(hkv, b, nq),
+        functools.partial(_dkv_kernel, group=group, per_q_routing=per_q_routing,
+                          query_rows=min(dkv_query_rows or tile, tile), key_rows=key_rows, **common),
+        grid=(hkv, b, n // key_rows),
         in_specs=[
             pl.BlockSpec((None, rg, nq), lambda kh, bi, j: (*kroute(bi, kh), 0)),
-            pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j, 0)),
+            pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j // per_tile, 0)),
             qgroup,
             kspec,
             kspec,

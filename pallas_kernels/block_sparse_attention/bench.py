@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .api import block_sparse_attention, token_routed_attention
+from .backward import sparse_attention_backward, transpose_schedule
 from .forward import sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
 from .reference import chunked_reference_attention
@@ -228,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--backward-max-n", type=int, default=32768, help="time forward+backward up to this length")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip remaining rows after this")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--backward-slices", action="store_true",
+                    help="also time the backward kernels with dk/dv programs of 64 keys and 32- or 64-row query steps")
     args = ap.parse_args(argv)
     t_start = time.time()
 
@@ -236,7 +239,7 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    result = dict(device=dev.device_kind, jax=jax.__version__, correctness=[], table=[], token=[])
+    result = dict(device=dev.device_kind, jax=jax.__version__, correctness=[], table=[], token=[], backward_slices=[])
     on_gpu = jax.default_backend() == "gpu"
     log("correctness (relative Frobenius error vs float32 reference):")
     for check in (correctness, grad_check) + ((hopper_check,) if on_gpu else ()):
@@ -379,12 +382,46 @@ def main(argv=None):
         except Exception:
             log(traceback.format_exc())
 
+    if args.backward_slices:
+        log("backward kernels (dq + dk/dv, raw) with dk/dv in slices:")
+        try:
+            backward_slices(log, result, [x for x in args.lengths if x <= args.backward_max_n])
+        except Exception:
+            log(traceback.format_exc())
     print_table(result, log)
     log(f"total {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0 if all(r["ok"] for r in result["correctness"]) else 1
+
+
+def backward_slices(log, result, lengths, densities=(0.1, 0.5, 1.0)):
+    """The raw backward kernels at several dk/dv slice sizes (`sparse_attention_backward`'s dkv_key_rows and
+    dkv_query_rows), same inputs: time, and the largest relative difference from the whole-tile default."""
+    hq, hkv, d, tile = 32, 8, 128, 128
+    variants = ((None, None), (64, None), (64, 32), (64, 64))
+    interpret = jax.default_backend() != "gpu"
+    for n in lengths:
+        q, k, v = random_qkv(jax.random.PRNGKey(n + 5), 1, n, hq, hkv, d, jnp.bfloat16)
+        do = jax.random.normal(jax.random.PRNGKey(n + 6), q.shape, jnp.bfloat16)
+        for dn in densities:
+            mask = random_tile_mask(jax.random.PRNGKey(int(dn * 1000) + n), 1, hkv, n // tile, dn)
+            schedules = build_schedule(mask), transpose_schedule(mask)
+            o, lse = sparse_attention_forward(q, k, v, schedules[0], tile=tile, interpret=interpret)
+            whole = None
+            for key_rows, query_rows in variants:
+                backward = jax.jit(functools.partial(sparse_attention_backward, tile=tile, interpret=interpret,
+                                                     dkv_key_rows=key_rows, dkv_query_rows=query_rows))
+                args = (q, k, v, o, lse, do, None, *schedules)
+                grads = backward(*args)
+                whole = grads if whole is None else whole
+                diff = max(rel_err(a, b.astype(jnp.float32)) for a, b in zip(grads, whole, strict=True))
+                row = dict(N=n, block_density=float(block_density(mask)), dkv_key_rows=key_rows or tile,
+                           dkv_query_rows=query_rows or tile, backward_ms=time_jax(backward, *args) * 1e3,
+                           rel_diff_vs_whole_tile=diff)
+                result["backward_slices"].append(row)
+                log("  " + ", ".join(f"{key} {val:.4g}" for key, val in row.items()))
 
 
 def grad_check(log, result):
@@ -439,6 +476,15 @@ def print_table(result, log):
             f"crossover N={n}: ours beats dense cuDNN up to block density "
             f"{max(beat) if beat else 0:.3f} (largest measured density where it wins)"
         )
+    if result["backward_slices"]:
+        log("")
+        log("Backward kernels (dq + dk/dv), bf16, same shapes: dk/dv programs of `key rows` keys, walking query "
+            "tiles `query rows` at a time (128 / 128 = the default)")
+        log("| N | block density | key rows | query rows | ms | max rel. diff vs default |")
+        log("| --- | --- | --- | --- | --- | --- |")
+        for r in result["backward_slices"]:
+            log(f"| {r['N']} | {r['block_density']:.3f} | {r['dkv_key_rows']} | {r['dkv_query_rows']} | "
+                f"{r['backward_ms']:.3f} | {r['rel_diff_vs_whole_tile']:.1e} |")
     if result["token"]:
         log("")
         log("Token-level routing, exact codes, window 128 (same shapes): the tile-OR schedule of the codes vs the "
