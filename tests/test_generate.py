@@ -24,6 +24,10 @@ from tests.conftest import fresh_seed
 # masked softmax, gathered keys, one query at a time), so logits differ by float32 rounding only,
 # ~1e-6 of their scale per layer; 1e-5 of the largest logit leaves room for 30 layers and nothing more.
 AGREEMENT_RTOL = 1e-5
+# SmolLM2's 30 layers, prefill + decode: measured 1.9e-6 to 5.4e-6 over 7 seeds, and 1.24e-5 at one position
+# of one seed (1452684278, its codes identical on both paths: rounding, not a different mask). A route that
+# differed, or a wrong visible set, moves logits by far more than 3e-5 of the largest.
+SMOLLM2_DECODE_RTOL = 3e-5
 # The kernel path casts q, k, v to bf16 (8-bit mantissa: 2^-8 ≈ 4e-3 relative rounding each); the rest of
 # the model stays float32, so logits agree to about that, and 1e-2 of the largest logit.
 KERNEL_RTOL = 1e-2
@@ -46,10 +50,10 @@ def three_paths(model, tokens: jax.Array, prompt_len: int, *, gather: bool, budg
     return train_path, prefilled, jnp.concatenate(steps, axis=1), decoder
 
 
-def assert_close(a, b, what):
+def assert_close(a, b, what, rtol=AGREEMENT_RTOL):
     scale = float(jnp.max(jnp.abs(a)))
     error = float(jnp.max(jnp.abs(a - b)))
-    assert error <= AGREEMENT_RTOL * scale, f"{what}: max |Δ| {error:.3g} > {AGREEMENT_RTOL} × {scale:.3g}"
+    assert error <= rtol * scale, f"{what}: max |Δ| {error:.3g} > {rtol} × {scale:.3g}"
 
 
 def tiny_routed(seed: int) -> LlamaForCausalLM:
@@ -193,4 +197,4 @@ def test_three_paths_agree_smollm2(smollm2_dir):
     # Budgets of 32: one decode compile of the 30 layers when no head sees more than 32 of the 40 slots.
     train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True, budget_step=32)
     assert_close(train_path, prefilled, f"seed {seed}: SmolLM2 prefill vs training path")
-    assert_close(train_path, decoded, f"seed {seed}: SmolLM2 prefill + decode vs training path")
+    assert_close(train_path, decoded, f"seed {seed}: SmolLM2 prefill + decode vs training path", SMOLLM2_DECODE_RTOL)
