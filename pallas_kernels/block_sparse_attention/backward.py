@@ -43,6 +43,34 @@ def _probs(q, k, lse, qpos, kpos, qcode, kcode, *, rule, window, sink, scale, ma
     return p
 
 
+def query_slice(refs, g, rg, start, size, *, has_pos, has_codes):
+    """Query rows start … start + size of query head g (routing row rg), from the group-wide refs
+    (q, do, lse, delta, query-side positions, query-side codes) → (q, do, lse, delta, qpos, qcode)."""
+    q_ref, do_ref, lse_ref, delta_ref, qp_ref, qc_ref = refs
+    lse = lse_ref[g, pl.ds(start, size)]
+    lse = jnp.where(lse == -jnp.inf, 0.0, lse)  # rows that see nothing: their P is masked to 0 anyway
+    qpos = (qp_ref[rg, pl.ds(start, size)][:, None] if has_pos
+            else start + lax.broadcasted_iota(jnp.int32, (size, 1), 0))
+    qcode = qc_ref[rg, pl.ds(start, size)][:, None] if has_codes else None
+    return (q_ref[pl.ds(start, size), g, :], do_ref[pl.ds(start, size), g, :], lse,
+            delta_ref[g, pl.ds(start, size)], qpos, qcode)
+
+
+def key_slice(kp_ref, kc_ref, rg, start, size, *, has_pos, has_codes):
+    """Positions [1, size] and codes [1, size] (or None) of keys start … start + size, routing row rg."""
+    kpos = (kp_ref[rg, pl.ds(start, size)][None, :] if has_pos
+            else start + lax.broadcasted_iota(jnp.int32, (1, size), 1))
+    return kpos, (kc_ref[rg, pl.ds(start, size)][None, :] if has_codes else None)
+
+
+def softmax_delta(o, lse, do, dlse):
+    """D = rowsum(dO · O) − dlse: [batch, q_heads, tokens] float32 (the lse cotangent enters as dS += dlse · P)."""
+    delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    return delta
+
+
 def _dq_kernel(
     counts_ref,
     indices_ref,
@@ -130,27 +158,14 @@ def _dkv_kernel(
     def head(g, carry):
         rg = g if per_q_routing else 0  # routing row of this query head within the block
         count = counts_ref[rg, kj]
-        kcode = kc_ref[rg, pl.ds(start_k, key_rows)][None, :] if has_codes else None
-        kpos = (
-            kp_ref[rg, pl.ds(start_k, key_rows)][None, :]
-            if has_pos
-            else start_k + lax.broadcasted_iota(jnp.int32, (1, key_rows), 1)
-        )
+        kpos, kcode = key_slice(kp_ref, kc_ref, rg, start_k, key_rows, has_pos=has_pos, has_codes=has_codes)
 
         def rows(part, carry, tile_start, masked):  # `query_rows` queries of the listed tile
             dk, dv = carry
             start = pl.multiple_of(tile_start + part * query_rows, query_rows)
-            q = q_ref[pl.ds(start, query_rows), g, :]
-            do = do_ref[pl.ds(start, query_rows), g, :]
-            lse = lse_ref[g, pl.ds(start, query_rows)]
-            lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-            delta = delta_ref[g, pl.ds(start, query_rows)]
-            qpos = (
-                qp_ref[rg, pl.ds(start, query_rows)][:, None]
-                if has_pos
-                else start + lax.broadcasted_iota(jnp.int32, (query_rows, 1), 0)
-            )
-            qcode = qc_ref[rg, pl.ds(start, query_rows)][:, None] if has_codes else None
+            q, do, lse, delta, qpos, qcode = query_slice(
+                (q_ref, do_ref, lse_ref, delta_ref, qp_ref, qc_ref), g, rg, start, query_rows, has_pos=has_pos,
+                has_codes=has_codes)
             p = _probs(
                 q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked
             )
@@ -163,7 +178,7 @@ def _dkv_kernel(
         def step(s, carry, masked):
             tile_start = pl.multiple_of(indices_ref[rg, s] * tile, tile)
             part = functools.partial(rows, tile_start=tile_start, masked=masked)
-            if query_rows == tile:
+            if query_rows == tile:  # the whole tile at once: the program measured on the H100, no inner loop
                 return part(0, carry)
             return lax.fori_loop(0, tile // query_rows, part, carry)
 
@@ -231,9 +246,7 @@ def sparse_attention_backward(
     has_codes = rule in (Rule.CODES, Rule.BUCKET)
     has_pos = positions is not None
     per_q_routing = sr == hq and group > 1
-    delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    delta = softmax_delta(o, lse, do, dlse)
     params = pltriton.CompilerParams(num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages)
     common = dict(rule=rule, window=window, sink=sink, tile=tile, scale=scale, has_codes=has_codes, has_pos=has_pos)
     ints = [x.astype(jnp.int32) for x, used in ((codes, has_codes), (positions, has_pos)) if used]

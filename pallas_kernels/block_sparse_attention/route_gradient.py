@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .backward import _probs
+from .backward import _probs, key_slice, query_slice, softmax_delta
 from .forward import Rule
 from .schedule import Schedule
 
@@ -158,20 +158,13 @@ def _key_side_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_r
         rg = g if per_q_schedule else 0  # schedule / codes row of this query head within the block
         rr = g if per_q_routes else 0  # routes row
         count = counts_ref[rg, sub // (tile // rows)]
-        kpos = (kp_ref[rg, pl.ds(start_k, rows)][None, :] if has_pos
-                else start_k + lax.broadcasted_iota(jnp.int32, (1, rows), 1))
-        kcode = kc_ref[rg, pl.ds(start_k, rows)][None, :] if has_codes else None
+        kpos, kcode = key_slice(kp_ref, kc_ref, rg, start_k, rows, has_pos=has_pos, has_codes=has_codes)
 
         def chunk(part, d_routes, tile_start):  # `cols` queries of the tile at a time
             start = pl.multiple_of(tile_start + part * cols, cols)
-            q = q_ref[pl.ds(start, cols), g, :]
-            do = do_ref[pl.ds(start, cols), g, :]
-            lse = lse_ref[g, pl.ds(start, cols)]
-            lse = jnp.where(lse == -jnp.inf, 0.0, lse)
-            delta = delta_ref[g, pl.ds(start, cols)]
-            qpos = (qp_ref[rg, pl.ds(start, cols)][:, None] if has_pos
-                    else start + lax.broadcasted_iota(jnp.int32, (cols, 1), 0))
-            qcode = qc_ref[rg, pl.ds(start, cols)][:, None] if has_codes else None
+            q, do, lse, delta, qpos, qcode = query_slice(
+                (q_ref, do_ref, lse_ref, delta_ref, qp_ref, qc_ref), g, rg, start, cols, has_pos=has_pos,
+                has_codes=has_codes)
             p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale,
                        masked=True)
             ds = p * (pltriton.dot(do, v, trans_b=True) - delta[:, None])
@@ -222,9 +215,7 @@ def route_gradient_backward(q, k, v, o, lse, do, dlse, routes, schedule: Schedul
     scale = d**-0.5 if sm_scale is None else sm_scale
     has_codes = rule in (Rule.CODES, Rule.BUCKET)
     has_pos = positions is not None
-    delta = jnp.einsum("bnhd,bnhd->bhn", o.astype(jnp.float32), do.astype(jnp.float32))
-    if dlse is not None:
-        delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
+    delta = softmax_delta(o, lse, do, dlse)
     params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
     common = dict(rule=rule, window=window, sink=sink, tile=tile, rows=rows, cols=cols, scale=scale,
                   has_codes=has_codes, has_pos=has_pos, soft=soft_mask)
