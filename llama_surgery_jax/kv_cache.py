@@ -276,12 +276,11 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
         impl = layer.self_attn.attention_impl
         if block:
             ring_all = ring_all.at[index, batch, lengths % config.block_size].set(h[:, 0])
-        if isinstance(impl, RoutedAttention) and block:
-            new_codes = decode_block_codes(impl.router, config, ring_all[index], codes_all[index], lengths)
-            codes_all = codes_all.at[index, batch, :, lengths].set(new_codes)
-            visible = decode_visibility(codes_all[index], new_codes, lengths, slots, config)
-        elif isinstance(impl, RoutedAttention):
-            new_codes = impl.router(h).codes[:, :, 0]  # [b, r]: its own router on its own x
+        if isinstance(impl, RoutedAttention):
+            if block:
+                new_codes = decode_block_codes(impl.router, config, ring_all[index], codes_all[index], lengths)
+            else:
+                new_codes = impl.router(h).codes[:, :, 0]  # [b, r]: its own router on its own x
             codes_all = codes_all.at[index, batch, :, lengths].set(new_codes)
             visible = decode_visibility(codes_all[index], new_codes, lengths, slots, config)
         elif impl is dense_attention:  # the same causal slots for every KV head
