@@ -27,8 +27,8 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from llama_surgery_jax.checkpoint import parameter_shapes, save_params
-from llama_surgery_jax.config import ConfigError, ModelConfig
+from llama_surgery_jax.model.checkpoint import parameter_shapes, save_params
+from llama_surgery_jax.model.config import ConfigError, ModelConfig
 
 
 class ConversionError(ValueError):

@@ -21,97 +21,20 @@ dropped); every token of a window after its first is scored. ppl = exp(total NLL
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from tqdm import tqdm
-
 from llama_surgery_jax import data
-from llama_surgery_jax.checkpoint import CheckpointError, load_model, load_tokenizer
-from llama_surgery_jax.config import ConfigError, Precision
-from llama_surgery_jax.embedded import default_model_dir
-
-
-def window_nll(model, tokens: jax.Array, **attention_kwargs) -> jax.Array:
-    """tokens: [batch, seq] → summed NLL of tokens 1..seq-1 of each window: [batch] float32."""
-    logits, _ = model(tokens, **attention_kwargs)
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -picked.sum(axis=-1)
-
-
-def perplexity(model, token_windows: np.ndarray, *, batch_size: int = 1, progress: bool = True,
-               **attention_kwargs) -> dict:
-    """Scores [windows, seq] token windows; returns ppl, nll, tokens (the protocol is the caller's)."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def score(state, tokens):
-        return window_nll(nnx.merge(graphdef, state), tokens, **attention_kwargs)
-
-    total = 0.0
-    bar = tqdm(range(0, len(token_windows), batch_size), desc="perplexity", unit="batch",
-               disable=not progress)
-    for start in bar:
-        batch = token_windows[start:start + batch_size]
-        total += float(np.sum(np.asarray(score(state, jnp.asarray(batch)), dtype=np.float64)))
-        scored = (start + len(batch)) * (token_windows.shape[1] - 1)
-        bar.set_postfix(ppl=f"{math.exp(total / scored):.3f}")
-    tokens = token_windows.shape[0] * (token_windows.shape[1] - 1)
-    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
-
-
-def transformers_perplexity(model_dir: Path, token_windows: np.ndarray, *, progress: bool = True) -> dict:
-    """The same protocol through transformers (torch, CPU, float32) on the source the model came from."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    source = Path(json.loads((model_dir / "conversion.json").read_text())["source"])
-    if source.suffix == ".gguf":
-        hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    else:
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    total = 0.0
-    with torch.no_grad():
-        for window in tqdm(token_windows, desc="transformers", disable=not progress):
-            batch = torch.tensor(window[None], dtype=torch.long)
-            logits = hf.eval()(batch).logits[0, :-1].double()
-            total += torch.nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
-    tokens = token_windows.shape[0] * (token_windows.shape[1] - 1)
-    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
-
-
-def protocol(context: int, windows: int, data_dir) -> dict:
-    return {"dataset": "wikitext-2-raw-v1", "split": "test", "file": "wiki.test.raw",
-            "data_dir": str(data_dir) if data_dir else "datasets.load_dataset",
-            "context": context, "stride": context, "bos": False, "windows": windows,
-            "scored": "every token of a window after its first"}
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(f.name, path)
-
-
-def niah(model, tokenizer, args) -> list[dict]:
-    """Needle-in-a-haystack rows of the model as it is now (filler: wiki.valid.tokens, never test)."""
-    from llama_surgery_jax.kv_cache import Decoder
-    from llama_surgery_jax.niah import run_niah
-
-    filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
-    return run_niah(Decoder(model), tokenizer, filler, lengths=[int(n) for n in args.niah.split(",")],
-                    trials=args.niah_trials, model_context=model.config.max_position_embeddings)
+from llama_surgery_jax.evaluation.perplexity import (
+    niah,
+    perplexity,
+    protocol,
+    transformers_perplexity,
+    write_json_atomic,
+)
+from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
+from llama_surgery_jax.model.config import ConfigError, Precision
+from llama_surgery_jax.model.embedded import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         token_windows = windows_by_context[contexts[0]]
         attention_kwargs = {}
         if args.surgery:
-            from llama_surgery_jax.router_checkpoint import prepare_for_evaluation
+            from llama_surgery_jax.training.checkpoints import prepare_for_evaluation
 
             model, attention_kwargs = prepare_for_evaluation(model, args.surgery, context=max(contexts))
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
@@ -162,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     by_context = []
     for context, windows_here in windows_by_context.items():
         if args.baseline:
-            from llama_surgery_jax.baselines import describe, extra_blocks_for_density, install_baseline
+            from llama_surgery_jax.surgery.baselines import describe, extra_blocks_for_density, install_baseline
 
             extra = extra_blocks_for_density(-(-context // args.baseline_tile), args.baseline_density)
             install_baseline(model, args.baseline, extra=extra, tile=args.baseline_tile)
@@ -178,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.niah:
         result["niah"] = niah(model, tokenizer, args)
     if args.dense_too:
-        from llama_surgery_jax.surgery import remove_routers
+        from llama_surgery_jax.surgery.routed_attention import remove_routers
 
         remove_routers(model)
         for row in by_context:
@@ -199,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wikitext-2 test perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
               f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
     if args.niah:
-        from llama_surgery_jax.niah import table
+        from llama_surgery_jax.evaluation.niah import table
 
         print(table({"model": result["niah"], **({"dense": result["niah_dense"]} if args.dense_too else {})}))
     if args.json:

@@ -41,7 +41,7 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M GGUF, converted once for the session into a temporary cache."""
-    from llama_surgery_jax import embedded
+    from llama_surgery_jax.model import embedded as embedded
 
     os.environ.setdefault("LLAMA_SURGERY_CACHE", str(tmp_path_factory.mktemp("cache")))
     return embedded.default_model_dir()

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_surgery_jax.baselines import (
+from llama_surgery_jax.model.config import ModelConfig
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.baselines import (
     baseline_block_density,
     extra_blocks_for_density,
     install_baseline,
     moba_tiles,
     streaming_tiles,
 )
-from llama_surgery_jax.config import ModelConfig
-from llama_surgery_jax.model import LlamaForCausalLM
 from tests.conftest import fresh_seed
 
 # The baselines' chunked softmax (exp / sum) against dense_attention's jax.nn.softmax: float32 rounding.

@@ -13,8 +13,8 @@ import torch
 from conftest import fresh_seed, make_hf_llama
 
 from convert.hf_to_flax import ConversionError, convert
-from llama_surgery_jax.checkpoint import load_model
-from llama_surgery_jax.config import ModelConfig, Precision
+from llama_surgery_jax.model.checkpoint import load_model
+from llama_surgery_jax.model.config import ModelConfig, Precision
 
 # fp32 on both sides; the differences are summation order only.
 TINY_PARITY_RTOL = 1e-5
@@ -66,7 +66,7 @@ def test_bf16_checkpoint_keeps_bf16_and_matches(tmp_path):
 def test_smollm2_gguf_matches_transformers(smollm2_dir):
     from transformers import AutoModelForCausalLM
 
-    from llama_surgery_jax.embedded import embedded_gguf
+    from llama_surgery_jax.model.embedded import embedded_gguf
 
     gguf = embedded_gguf()
     theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -78,7 +78,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_dir):
 
 
 def test_llama31_8b_config_builds_abstractly_with_the_right_parameter_count():
-    from llama_surgery_jax.model import abstract_model, count_params
+    from llama_surgery_jax.model.llama import abstract_model, count_params
 
     config = ModelConfig.named("llama-3.1-8b")
     model = abstract_model(config, Precision("bfloat16", "bfloat16"))

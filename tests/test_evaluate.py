@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from llama_surgery_jax import data
-from llama_surgery_jax.checkpoint import load_model, load_tokenizer
-from llama_surgery_jax.evaluate import main, perplexity
+from llama_surgery_jax.evaluate import main
+from llama_surgery_jax.evaluation.perplexity import perplexity
+from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 
 # The issue's bar for the same protocol through both stacks (fp32 on both sides).
 PPL_RTOL = 5e-3
@@ -47,7 +48,7 @@ def test_windows_protocol():
 def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir):
     from transformers import AutoModelForCausalLM
 
-    from llama_surgery_jax.embedded import embedded_gguf
+    from llama_surgery_jax.model.embedded import embedded_gguf
 
     ids = data.tokenize(load_tokenizer(smollm2_dir), data.load_text("test", wikitext_dir))
     token_windows = data.windows(ids, 256, count=3)
@@ -113,8 +114,8 @@ def test_surgery_init_prints_the_dense_perplexity_exactly(tiny_model_dir, wikite
 
 
 def test_surgery_from_a_training_run(tiny_model_dir, wikitext_dir, tmp_path, capsys):
-    from llama_surgery_jax.config import TrainConfig
-    from llama_surgery_jax.train import train
+    from llama_surgery_jax.training.config import TrainConfig
+    from llama_surgery_jax.training.loop import train
 
     config = TrainConfig.preset("smoke").override([
         f"model={tiny_model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2",
@@ -132,9 +133,9 @@ def test_surgery_from_a_training_run(tiny_model_dir, wikitext_dir, tmp_path, cap
 
 def test_quality_script_end_to_end_on_tiny(tiny_model_dir, wikitext_dir, tmp_path):
     """Every section of `quality` (perplexity table, curve, NIAH, speed, p ablation, plots) on the tiny model."""
-    from llama_surgery_jax.config import TrainConfig
     from llama_surgery_jax.quality import main as quality_main
-    from llama_surgery_jax.train import train
+    from llama_surgery_jax.training.config import TrainConfig
+    from llama_surgery_jax.training.loop import train
 
     tiny = [f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2", "eval_context=64",
             "eval_windows=2", "eval_batch=2"]

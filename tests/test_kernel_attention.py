@@ -13,13 +13,14 @@ import pytest
 from conftest import fresh_seed
 from flax import nnx
 
-from llama_surgery_jax.config import ModelConfig, Precision, RouterConfig
-from llama_surgery_jax.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
-from llama_surgery_jax.masked_attention import masked_attention
-from llama_surgery_jax.model import LlamaForCausalLM
-from llama_surgery_jax.router import RouterParam, init_router_params, route
-from llama_surgery_jax.surgery import inject_routers
-from llama_surgery_jax.topology import token_density, token_mask
+from llama_surgery_jax.model.config import ModelConfig, Precision
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
+from llama_surgery_jax.surgery.mask import token_density, token_mask
+from llama_surgery_jax.surgery.reference_attention import masked_attention
+from llama_surgery_jax.surgery.routed_attention import inject_routers
+from llama_surgery_jax.surgery.router import RouterParam, init_router_params, route
 
 # Gradients vs jax.grad of the float32 reference on the same (rounded) inputs. float32: the kernels and
 # the reference differ by summation order only (measured ~3e-7), so 1e-4 leaves room for reassociation
@@ -169,7 +170,7 @@ SMALL = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_h
 
 def train_one_step(seed, tokens, backend, compute_dtype, model_config=SMALL, router_gradient="chunked"):
     """(metrics, router gradients) of one real train step of a small model (bf16 weights, routers f32)."""
-    from llama_surgery_jax.train import make_train_step
+    from llama_surgery_jax.training.loop import make_train_step
 
     model = LlamaForCausalLM(model_config, precision=Precision("bfloat16", compute_dtype), rngs=nnx.Rngs(0))
     config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16, attention_backend=backend,

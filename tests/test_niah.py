@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from llama_surgery_jax import data
-from llama_surgery_jax.checkpoint import load_model, load_tokenizer
-from llama_surgery_jax.kv_cache import Decoder
-from llama_surgery_jax.niah import build_case, first_number, run_niah, table
+from llama_surgery_jax.evaluation.niah import build_case, first_number, run_niah, table
+from llama_surgery_jax.inference.cache import Decoder
+from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from llama_surgery_jax.config import ConfigError, RouterConfig
-from llama_surgery_jax.masked_attention import attend
-from llama_surgery_jax.router import (
+from llama_surgery_jax.model.config import ConfigError
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.reference_attention import attend
+from llama_surgery_jax.surgery.router import (
     init_router_params,
     lambda_at,
     load_balance_loss,

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_surgery_jax.config import ModelConfig, Precision, RouterConfig
-from llama_surgery_jax.masked_attention import attend, masked_attention
-from llama_surgery_jax.model import LlamaForCausalLM
-from llama_surgery_jax.router import RouterParam, init_router_params, route
-from llama_surgery_jax.surgery import hard_topology, inject_routers, remove_routers, routed_layers
-from llama_surgery_jax.topology import token_mask
+from llama_surgery_jax.model.config import ModelConfig, Precision
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.mask import token_mask
+from llama_surgery_jax.surgery.reference_attention import attend, masked_attention
+from llama_surgery_jax.surgery.routed_attention import hard_topology, inject_routers, remove_routers, routed_layers
+from llama_surgery_jax.surgery.router import RouterParam, init_router_params, route
 
 # Chunking changes the row count of the P·V matmul, and XLA's CPU dot may then sum in another order:
 # a few float32 ulps per layer. Unchunked results are compared bit for bit; chunked ones at 1e-6
@@ -57,7 +58,7 @@ def test_step_zero_is_the_base_model_tiny(routing_heads):
 
 @pytest.mark.slow
 def test_step_zero_is_the_base_model_smollm2(smollm2_dir):
-    from llama_surgery_jax.checkpoint import load_model
+    from llama_surgery_jax.model.checkpoint import load_model
 
     model = load_model(smollm2_dir)
     tokens = jax.random.randint(jax.random.key(0), (1, 256), 0, model.config.vocab_size)
@@ -190,7 +191,7 @@ def test_chunked_attention_memory_is_bounded_at_8k():
 def test_the_kernel_runs_the_mask_that_trains():
     """METHOD.md §8.1: the block-sparse kernel's mask is the training mask, bit for bit."""
     kernels = pytest.importorskip("pallas_kernels.block_sparse_attention")
-    from llama_surgery_jax.topology import tile_mask
+    from llama_surgery_jax.surgery.mask import tile_mask
 
     window, tile, t, heads, kv = 5, 16, 80, 4, 2
     config = RouterConfig(p=2, levels=4, d_max=2, window=window, query_chunk=32)

@@ -8,9 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llama_surgery_jax.config import RouterConfig
-from llama_surgery_jax.router import init_router_params, route
-from llama_surgery_jax.topology import (
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.mask import (
     band_pass_tiles,
     band_tiles,
     block_density,
@@ -21,6 +20,7 @@ from llama_surgery_jax.topology import (
     token_density,
     token_mask,
 )
+from llama_surgery_jax.surgery.router import init_router_params, route
 
 PROPERTY = settings(deadline=None, max_examples=25)
 WINDOWS = st.one_of(st.none(), st.integers(0, 20))

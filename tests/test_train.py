@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from llama_surgery_jax.config import ConfigError, TrainConfig
-from llama_surgery_jax.train import PackedSequences, main, train
+from llama_surgery_jax.model.config import ConfigError
+from llama_surgery_jax.train import main
+from llama_surgery_jax.training.config import TrainConfig
+from llama_surgery_jax.training.loop import PackedSequences, train
 
 REPO = Path(__file__).resolve().parents[1]
 # The same float32 step on 1 and on 4 devices differs only by the order of cross-device sums.
@@ -31,8 +33,8 @@ def tiny_config(model_dir, wikitext_dir, *extra) -> TrainConfig:
 
 
 def router_params(out: Path, like_run_config: TrainConfig, model_dir: Path):
-    from llama_surgery_jax.router_checkpoint import RouterCheckpoints
-    from llama_surgery_jax.train import build_run
+    from llama_surgery_jax.training.checkpoints import RouterCheckpoints
+    from llama_surgery_jax.training.loop import build_run
 
     run = build_run(like_run_config, model_dir)
     checkpoints = RouterCheckpoints(out / "checkpoints")
@@ -75,7 +77,7 @@ def test_resume_is_exact(tiny_model_dir, wikitext_dir, tmp_path):
 def test_remat_changes_memory_not_results(tiny_model_dir, wikitext_dir):
     """remat=true (every decoder layer recomputed in the backward pass): the same step (loss, gradient norm
     and updated routers within 1e-6 relative) and the parameter paths (so the checkpoints) of the plain model."""
-    from llama_surgery_jax.train import build_run
+    from llama_surgery_jax.training.loop import build_run
 
     tokens = np.random.default_rng(0).integers(0, 256, (4, 64), dtype=np.int32)
     results = []
@@ -93,7 +95,7 @@ def test_remat_changes_memory_not_results(tiny_model_dir, wikitext_dir):
 def run_one_step(model_dir, wikitext_dir, out: Path, devices: int, *mesh) -> float:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "llama_surgery_jax.train", "--preset", "smoke", "--out", str(out),
+    cmd = [sys.executable, "-m", "llama_surgery_jax.training.loop", "--preset", "smoke", "--out", str(out),
            f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1",
            "report=false", "router.init_bias=1.0", *mesh]
     subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
@@ -116,7 +118,7 @@ def test_two_processes_with_jax_distributed(tiny_model_dir, wikitext_dir, tmp_pa
               f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1", "report=false",
               "router.init_bias=1.0"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen([sys.executable, "-m", "llama_surgery_jax.train", "--coordinator",
+    procs = [subprocess.Popen([sys.executable, "-m", "llama_surgery_jax.training.loop", "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *common],
                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
@@ -152,7 +154,7 @@ def test_checkpoint_of_another_model(tiny_model_dir, wikitext_dir, tmp_path, tin
     from conftest import make_hf_llama, train_tiny_tokenizer
 
     from convert.hf_to_flax import convert
-    from llama_surgery_jax.checkpoint import CheckpointError
+    from llama_surgery_jax.model.checkpoint import CheckpointError
 
     config = tiny_config(tiny_model_dir, wikitext_dir, "steps=1")
     train(config, tmp_path / "run", progress=False)

@@ -41,11 +41,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.config import RouterConfig
-from llama_surgery_jax.masked_attention import attend, masked_attention
-from llama_surgery_jax.model import LlamaForCausalLM, dense_attention, rope_cos_sin
-from llama_surgery_jax.router import route
-from llama_surgery_jax.surgery import RoutedAttention, routed_layers
+from llama_surgery_jax.model.llama import LlamaForCausalLM, dense_attention, rope_cos_sin
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.reference_attention import attend, masked_attention
+from llama_surgery_jax.surgery.routed_attention import RoutedAttention, routed_layers
+from llama_surgery_jax.surgery.router import route
 
 ATTENTION_CHOICES = ("auto", "reference", "kernel")
 KERNEL_HEAD_DIMS = (64, 128)

@@ -24,9 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.config import RouterConfig
-from llama_surgery_jax.router import soft_mask, straight_through, tree_distance
-from llama_surgery_jax.topology import token_mask
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.mask import token_mask
+from llama_surgery_jax.surgery.router import soft_mask, straight_through, tree_distance
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.config import ModelConfig, Precision
+from llama_surgery_jax.model.config import ModelConfig, Precision
 
 AttentionImpl = Callable[..., tuple[jax.Array, dict[str, Any]]]
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig
 
 PARAM_NAMES = ("backbone_weight", "backbone_bias", "route_weight", "route_bias")
 

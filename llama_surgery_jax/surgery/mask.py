@@ -19,8 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.config import RouterConfig
-from llama_surgery_jax.router import route
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.router import route
 
 
 class HardTopology(NamedTuple):

@@ -43,9 +43,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.config import RouterConfig
-from llama_surgery_jax.router import soft_mask, tree_distance
-from llama_surgery_jax.topology import tile_mask, token_mask
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.mask import tile_mask, token_mask
+from llama_surgery_jax.surgery.router import soft_mask, tree_distance
 
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)

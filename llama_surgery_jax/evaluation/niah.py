@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llama_surgery_jax.generate import generate
-from llama_surgery_jax.kv_cache import Decoder
+from llama_surgery_jax.inference.cache import Decoder
+from llama_surgery_jax.inference.generate import generate
 
 CITIES = ("Lisbon", "Nairobi", "Osaka", "Quito", "Tromsø", "Adelaide", "Tbilisi", "Montevideo", "Hanoi", "Accra")
 NEEDLE = " The secret number of {city} is {number}. "

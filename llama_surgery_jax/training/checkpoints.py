@@ -15,8 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from llama_surgery_jax.checkpoint import CheckpointError
-from llama_surgery_jax.config import RouterConfig
+from llama_surgery_jax.model.checkpoint import CheckpointError
+from llama_surgery_jax.surgery.config import RouterConfig
 
 
 def model_fingerprint(model_dir: Path) -> dict:
@@ -94,8 +94,8 @@ class RouterCheckpoints:
 def load_trained_routers(model, run_or_checkpoints: str | Path):
     """Injects routers into `model` and loads the newest checkpoint of a training run folder
     (or its `checkpoints/` folder). Returns (model, router config, step)."""
-    from llama_surgery_jax.router import RouterParam
-    from llama_surgery_jax.surgery import inject_routers
+    from llama_surgery_jax.surgery.routed_attention import inject_routers
+    from llama_surgery_jax.surgery.router import RouterParam
 
     path = Path(run_or_checkpoints).absolute()
     if (path / "checkpoints").is_dir():
@@ -118,7 +118,7 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None):
     At init the routed attention takes the whole window as one query chunk (`context`), so it runs the
     dense model's arithmetic and the perplexity is the dense one bit for bit.
     """
-    from llama_surgery_jax.surgery import inject_routers
+    from llama_surgery_jax.surgery.routed_attention import inject_routers
 
     if surgery == "init":
         config = RouterConfig() if context is None else RouterConfig(query_chunk=context)

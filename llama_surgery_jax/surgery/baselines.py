@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.masked_attention import attend
-from llama_surgery_jax.model import LlamaForCausalLM
-from llama_surgery_jax.surgery import remove_routers
-from llama_surgery_jax.topology import causal_pairs
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.mask import causal_pairs
+from llama_surgery_jax.surgery.reference_attention import attend
+from llama_surgery_jax.surgery.routed_attention import remove_routers
 
 BASELINES = ("streaming", "moba")
 

@@ -15,10 +15,11 @@ import numpy as np
 from flax import nnx
 
 from llama_surgery_jax import data
-from llama_surgery_jax.checkpoint import load_tokenizer
-from llama_surgery_jax.evaluate import perplexity, protocol, write_json_atomic
-from llama_surgery_jax.surgery import hard_topology, remove_routers
-from llama_surgery_jax.topology import band_pass_tiles, bucket_tiles, causal_pairs, token_density
+from llama_surgery_jax.evaluation.perplexity import perplexity, protocol
+from llama_surgery_jax.files import write_json_atomic
+from llama_surgery_jax.model.checkpoint import load_tokenizer
+from llama_surgery_jax.surgery.mask import band_pass_tiles, bucket_tiles, causal_pairs, token_density
+from llama_surgery_jax.surgery.routed_attention import hard_topology, remove_routers
 
 DENSITY_TILES = (64, 128)
 DENSITY_WINDOWS = 2  # evaluation windows over which densities are measured

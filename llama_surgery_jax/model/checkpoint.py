@@ -20,8 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from llama_surgery_jax.config import ModelConfig, Precision
-from llama_surgery_jax.model import LlamaForCausalLM, abstract_model
+from llama_surgery_jax.model.config import ModelConfig, Precision
+from llama_surgery_jax.model.llama import LlamaForCausalLM, abstract_model
 
 PARAMS_DIR = "params"
 

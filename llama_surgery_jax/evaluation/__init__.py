@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, needle in a haystack, the quality-density study, density reports."""

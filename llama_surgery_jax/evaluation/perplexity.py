@@ -1,0 +1,99 @@
+"""Perplexity on WikiText-2 test: dense, with the surgery's routers, or a baseline; and needle retrieval.
+
+    python -m llama_surgery_jax.evaluate [--model CONVERTED_DIR] [--data-dir DIR] [--context 1024]
+                                         [--max-windows N] [--surgery init|CHECKPOINT] [--json FILE]
+                                         [--contexts 1024,4096,8192] [--dense-too]
+                                         [--baseline streaming|moba --baseline-density D]
+                                         [--niah 2048,4096,8192 [--niah-trials N]]
+
+`--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
+context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
+`gap`); `--baseline` runs a static sink + local-window mask (streaming) or untrained MoBA-style block
+gating at block density D instead of the routers (`baselines.py`); `--niah` adds needle-in-a-haystack
+exact-match accuracy at those lengths (`niah.py`), for the model as configured and, with `--dense-too`,
+dense. The full comparison with plots is `python -m llama_surgery_jax.quality --run RUN`.
+
+Protocol (stated in every result): the whole `wiki.test.raw` is tokenized as one stream with no BOS,
+cut into non-overlapping windows of `--context` tokens (stride = context, the tail that fills no window
+dropped); every token of a window after its first is scored. ppl = exp(total NLL / scored tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from llama_surgery_jax import data
+
+
+def window_nll(model, tokens: jax.Array, **attention_kwargs) -> jax.Array:
+    """tokens: [batch, seq] → summed NLL of tokens 1..seq-1 of each window: [batch] float32."""
+    logits, _ = model(tokens, **attention_kwargs)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -picked.sum(axis=-1)
+
+
+def perplexity(model, token_windows: np.ndarray, *, batch_size: int = 1, progress: bool = True,
+               **attention_kwargs) -> dict:
+    """Scores [windows, seq] token windows; returns ppl, nll, tokens (the protocol is the caller's)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def score(state, tokens):
+        return window_nll(nnx.merge(graphdef, state), tokens, **attention_kwargs)
+
+    total = 0.0
+    bar = tqdm(range(0, len(token_windows), batch_size), desc="perplexity", unit="batch",
+               disable=not progress)
+    for start in bar:
+        batch = token_windows[start:start + batch_size]
+        total += float(np.sum(np.asarray(score(state, jnp.asarray(batch)), dtype=np.float64)))
+        scored = (start + len(batch)) * (token_windows.shape[1] - 1)
+        bar.set_postfix(ppl=f"{math.exp(total / scored):.3f}")
+    tokens = token_windows.shape[0] * (token_windows.shape[1] - 1)
+    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+
+
+def transformers_perplexity(model_dir: Path, token_windows: np.ndarray, *, progress: bool = True) -> dict:
+    """The same protocol through transformers (torch, CPU, float32) on the source the model came from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = Path(json.loads((model_dir / "conversion.json").read_text())["source"])
+    if source.suffix == ".gguf":
+        hf = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    total = 0.0
+    with torch.no_grad():
+        for window in tqdm(token_windows, desc="transformers", disable=not progress):
+            batch = torch.tensor(window[None], dtype=torch.long)
+            logits = hf.eval()(batch).logits[0, :-1].double()
+            total += torch.nn.functional.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+    tokens = token_windows.shape[0] * (token_windows.shape[1] - 1)
+    return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
+
+
+def protocol(context: int, windows: int, data_dir) -> dict:
+    return {"dataset": "wikitext-2-raw-v1", "split": "test", "file": "wiki.test.raw",
+            "data_dir": str(data_dir) if data_dir else "datasets.load_dataset",
+            "context": context, "stride": context, "bos": False, "windows": windows,
+            "scored": "every token of a window after its first"}
+
+
+def niah(model, tokenizer, args) -> list[dict]:
+    """Needle-in-a-haystack rows of the model as it is now (filler: wiki.valid.tokens, never test)."""
+    from llama_surgery_jax.evaluation.niah import run_niah
+    from llama_surgery_jax.inference.cache import Decoder
+
+    filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
+    return run_niah(Decoder(model), tokenizer, filler, lengths=[int(n) for n in args.niah.split(",")],
+                    trials=args.niah_trials, model_context=model.config.max_position_embeddings)

@@ -1,0 +1,1 @@
+"""Inference: the KV cache with prefill and decode, and generation."""

@@ -1,0 +1,145 @@
+"""Text generation with a dense or surgically sparsified Llama: routed prefill, then KV-cache decode.
+
+    python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
+        [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
+        [--attention auto|reference|kernel] [--no-gather] [--json FILE]
+
+Several `--prompt`s make one batch (right-padded; prompts may differ in length). No `--model`: the
+embedded SmolLM2-135M-Instruct. `--surgery` loads the routers of a training run; a folder without
+router checkpoints runs the dense model and says so. Greedy by default; `--temperature > 0` samples
+(seeded: the same seed gives the same text). Prints each completion and tokens/s of prefill and decode
+(compilation timed apart). See `kv_cache.py` for the attention paths.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_surgery_jax.inference.cache import Decoder, check_context
+from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
+from llama_surgery_jax.model.config import Precision
+
+
+@dataclass
+class Generation:
+    """tokens: the new tokens of each prompt (stopped at EOS, which is kept); timings in seconds."""
+
+    tokens: list[list[int]]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    compile_s: float
+    attention: str
+    decode_budget: int | None
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens of the whole batch per second of decode steps."""
+        batch = len(self.tokens)
+        return batch * self.decode_steps / self.decode_s if self.decode_s else float("nan")
+
+
+def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int | None) -> jax.Array:
+    """logits: [b, vocab] float32 → tokens [b] int32: argmax when temperature == 0, else a seeded sample."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args))
+    return result, time.perf_counter() - start
+
+
+def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int, model_context: int,
+             temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             eos_id: int | None = None, warmup: bool = True) -> Generation:
+    """prompts: token ids per prompt → Generation. Raises ContextError for empty or too long prompts.
+
+    warmup: compile (and run once) prefill and the first decode step before timing, so the reported
+    speeds exclude compilation (compile_s holds it).
+    """
+    slots = check_context([len(p) for p in prompts], max_new_tokens, model_context)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+    tokens, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
+    key = jax.random.key(seed)
+    batch = jnp.arange(len(prompts))
+
+    compile_s = 0.0
+    if warmup:
+        start = time.perf_counter()
+        logits, cache = jax.block_until_ready(decoder.prefill(tokens, lengths_j, slots))
+        if max_new_tokens > 1:
+            jax.block_until_ready(decoder.step(cache, sample(logits[batch, lengths_j - 1], key,
+                                                             temperature=temperature, top_k=top_k)))
+        compile_s = time.perf_counter() - start
+    (logits, cache), prefill_s = _timed(decoder.prefill, tokens, lengths_j, slots)
+    logits = logits[batch, lengths_j - 1]
+
+    new = np.zeros((len(prompts), max_new_tokens), np.int32)
+    done = np.zeros(len(prompts), bool)
+    decode_s, steps = 0.0, 0
+    for step in range(max_new_tokens):
+        next_tokens = sample(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k)
+        new[:, step] = np.asarray(next_tokens)
+        if eos_id is not None:
+            done |= new[:, step] == eos_id
+        if step == max_new_tokens - 1 or done.all():
+            break
+        (logits, cache), seconds = _timed(decoder.step, cache, next_tokens)
+        decode_s += seconds
+        steps += 1
+    out = []
+    for row in new[:, :step + 1].tolist():
+        out.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+    return Generation(out, int(lengths.sum()), prefill_s, decode_s, steps, compile_s, decoder.attention,
+                      decoder.budget)
+
+
+def load_for_inference(model_dir: Path | None, surgery: str | None, dtype: str = "float32"):
+    """(model, tokenizer, surgery description). A run folder without router checkpoints → dense, said."""
+    from llama_surgery_jax.model.embedded import default_model_dir
+
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    model = load_model(model_dir, Precision(dtype, dtype))
+    tokenizer = load_tokenizer(model_dir)
+    described = "dense"
+    if surgery == "init":
+        from flax import nnx
+
+        from llama_surgery_jax.surgery.config import RouterConfig
+        from llama_surgery_jax.surgery.routed_attention import inject_routers
+
+        inject_routers(model, RouterConfig(), nnx.Rngs(0))
+        described = "routers at their homotopy initialisation"
+    elif surgery:
+        from llama_surgery_jax.training.checkpoints import load_trained_routers
+
+        try:
+            model, config, step = load_trained_routers(model, surgery)
+            described = f"routers of {surgery} (step {step}; p={config.p}, d_max={config.d_max}, W={config.window})"
+        except CheckpointError as e:
+            print(f"warning: {e}; running the DENSE model", file=sys.stderr)
+            described = f"dense ({surgery} holds no routers)"
+    return model, tokenizer, described

@@ -1,0 +1,115 @@
+"""A router-training run's config (`python -m llama_surgery_jax.train`), its presets and key=value overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from llama_surgery_jax.model.config import ConfigError, Precision, read_preset
+from llama_surgery_jax.surgery.config import RouterConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One router-training run (`python -m llama_surgery_jax.train`); presets in `configs/train/`."""
+
+    model: str = ""  # converted model folder; "" = the embedded SmolLM2-135M-Instruct
+    data_dir: str = ""  # WikiText-2 folder; "" = $WIKITEXT2_DIR, else `datasets`
+    train_split: str = "valid"  # the corpus the routers train on (wiki.valid.tokens here; never test)
+    train_release: str = "tokens"
+    seq_len: int = 1024
+    batch_size: int = 8  # global, over all devices and processes
+    steps: int = 200
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: bool = False  # recompute each decoder layer in the backward pass (long sequences, large models)
+    router: RouterConfig = RouterConfig()
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    report: bool = True  # evaluate dense vs surgery and write the report at the end
+    eval_context: int = 1024
+    eval_windows: int = 40
+    eval_batch: int = 4
+    mesh_data: int = -1  # -1: every device not used by fsdp × tensor
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+
+    def __post_init__(self):
+        Precision(self.param_dtype, self.compute_dtype)  # validates the names
+        for field in ("seq_len", "batch_size", "steps", "eval_context", "eval_windows", "checkpoint_every"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(self.param_dtype, self.compute_dtype)
+
+    @classmethod
+    def preset(cls, name: str) -> TrainConfig:
+        """A named preset from `configs/train/NAME.json` (fields as here; `router` a nested dict)."""
+        values = read_preset("train", name)
+        values.pop("description", None)
+        return cls().override([f"{k}={json.dumps(v)}" for k, v in flatten_dict(values)])
+
+    def override(self, assignments: list[str]) -> TrainConfig:
+        """`key=value` overrides; `router.KEY=value` for the router. Values are parsed as JSON when they
+        parse, else taken as strings, then checked against the field's type."""
+        config = self
+        for assignment in assignments:
+            key, sep, raw = assignment.partition("=")
+            if not sep:
+                raise ConfigError(f"override {assignment!r} is not key=value")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if key.startswith("router."):
+                router = replace_typed(config.router, key.removeprefix("router."), value, "router.")
+                config = dataclasses.replace(config, router=router)
+            else:
+                config = replace_typed(config, key, value, "")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flatten_dict(values: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            items += flatten_dict(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def replace_typed(config, key: str, value, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    if key not in fields or dataclasses.is_dataclass(getattr(config, key)):
+        known = ", ".join(prefix + f for f in fields)
+        raise ConfigError(f"unknown override {prefix}{key!r}; known keys: {known}")
+    current = getattr(config, key)
+    kind = fields[key].type
+    if isinstance(current, bool) or kind in ("bool",):
+        ok = isinstance(value, bool)
+    elif isinstance(current, int) and "None" not in str(kind):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(current, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(current, str):
+        ok, value = True, str(value)
+    else:  # optional ints such as router.window
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{prefix}{key}={value!r} has the wrong type; it takes a {type(current).__name__}")
+    return dataclasses.replace(config, **{key: value})

@@ -1,0 +1,275 @@
+"""Router training: the surgery on a converted Llama, only the routers learn (METHOD.md §6).
+
+    python -m llama_surgery_jax.train [--preset default|smoke|paper] [--out DIR] [key=value ...]
+
+No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid). Running the same
+command on the same DIR resumes from its newest readable checkpoint. At the end, dense and surgery
+perplexity on `wiki.test.raw` through the same pipeline and the realised densities go to
+DIR/report.json, DIR/report.md and PNG plots; metrics stream to DIR/metrics.jsonl and TensorBoard.
+
+Multi-process (one process per host, the JAX runtime's own coordination):
+    python -m llama_surgery_jax.train --coordinator HOST:PORT --num-processes N --process-id I ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from llama_surgery_jax import data
+from llama_surgery_jax.model import sharding
+from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer, read_config
+from llama_surgery_jax.model.config import ConfigError
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.routed_attention import inject_routers
+from llama_surgery_jax.surgery.router import RouterParam, lambda_at, tau_at
+from llama_surgery_jax.training import report
+from llama_surgery_jax.training.checkpoints import RouterCheckpoints, model_fingerprint
+from llama_surgery_jax.training.config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite steps); the last good checkpoint is intact."""
+
+
+# ---------------------------------------------------------------------------- data
+
+
+class PackedSequences:
+    """Token stream → shuffled fixed-length sequences; the position is (epoch, cursor), so it resumes exactly.
+
+    Each epoch visits every packed sequence once in an order drawn from PCG64(seed, epoch).
+    """
+
+    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        self.sequences = data.windows(ids, seq_len)
+        if len(self.sequences) < batch_size:
+            raise data.DataError(f"the training text makes {len(self.sequences)} sequences of {seq_len} "
+                                 f"tokens, fewer than one batch of {batch_size}")
+        self.batch_size, self.seed = batch_size, seed
+        self.epoch, self.cursor = 0, 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.sequences))
+
+    def next_batch(self) -> np.ndarray:
+        """[batch_size, seq_len] int32; drops an epoch's last partial batch."""
+        if self.cursor + self.batch_size > len(self.sequences):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        rows = self.order(self.epoch)[self.cursor:self.cursor + self.batch_size]
+        self.cursor += self.batch_size
+        return self.sequences[rows]
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, position: dict) -> None:
+        self.epoch, self.cursor = int(position["epoch"]), int(position["cursor"])
+
+
+def load_training_tokens(config: TrainConfig, model_dir: Path) -> np.ndarray:
+    text = data.load_text(config.train_split, config.data_dir or None, config.train_release)
+    return data.tokenize(load_tokenizer(model_dir), text)
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def lm_loss(model, tokens: jax.Array, **attention_kwargs):
+    """Mean next-token cross-entropy over tokens[:, 1:], and the per-layer aux."""
+    logits, aux = model(tokens, **attention_kwargs)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return nll.mean(), aux
+
+
+def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.GradientTransformation, *,
+                    remat: bool = False):
+    """The pure step: (routers, opt_state, frozen, tokens, step, seed) → (routers, opt_state, metrics).
+
+    Gradients are taken with respect to the router parameters alone: the frozen base enters as a
+    constant, so no weight gradient of the base is ever computed. A step whose loss or gradients are
+    not finite leaves routers and optimizer state unchanged (metrics say so). remat: recompute each
+    decoder layer in the backward pass (`model.checkpointed`): activation memory of one layer, not all.
+    """
+
+    def step_fn(routers, opt_state, frozen, tokens, step, seed):
+        tau = tau_at(step, router_config)
+        lam = lambda_at(step, router_config)
+        rng = jax.random.fold_in(jax.random.key(seed), step)
+
+        def loss_fn(routers):
+            model = nnx.merge(graphdef, routers, frozen)
+            ce, aux = lm_loss(model, tokens, remat=remat, train=True, tau=tau, rng=rng, hard=True)
+            # Mean over layers, so λ means the same for 2 layers or 32.
+            balance = jnp.mean(jnp.stack([a["load_balance_loss"] for a in aux]))
+            densities = (jnp.mean(jnp.stack([a["token_density"] for a in aux])),
+                         jnp.mean(jnp.stack([a["block_density"] for a in aux])))
+            return ce + lam * balance, (ce, balance, densities)
+
+        (loss, (ce, balance, (token_density, block_density))), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(routers)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, routers)
+        new_routers = optax.apply_updates(routers, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = {"loss": loss, "ce": ce, "load_balance": balance, "tau": tau, "lambda": lam,
+                   "token_density": token_density, "block_density": block_density,
+                   "grad_norm": grad_norm, "finite": finite}
+        return keep(new_routers, routers), keep(new_opt_state, opt_state), metrics
+
+    return step_fn
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps) \
+        if config.warmup_steps else config.learning_rate
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                       optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run holds, placed on the mesh."""
+
+    config: TrainConfig
+    model_dir: Path
+    graphdef: nnx.GraphDef
+    routers: nnx.State
+    frozen: nnx.State
+    opt_state: optax.OptState
+    mesh: jax.sharding.Mesh
+    step_fn: object  # the jitted step
+
+
+def build_run(config: TrainConfig, model_dir: Path) -> Run:
+    model = load_model(model_dir, config.precision)
+    inject_routers(model, config.router, nnx.Rngs(config.seed))
+    graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
+    optimizer = make_optimizer(config)
+    mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    router_shardings = sharding.shard_state(routers, mesh)
+    frozen_shardings = sharding.shard_state(frozen, mesh)
+    routers = sharding.put(routers, router_shardings)
+    frozen = sharding.put(frozen, frozen_shardings)
+    # Adam's moments have the routers' names and shapes, so the same rules place them.
+    opt_shardings = sharding.shard_state(jax.eval_shape(optimizer.init, routers), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(routers)
+    replicated = sharding.replicated(mesh)
+    step_fn = jax.jit(
+        make_train_step(graphdef, config.router, optimizer, remat=config.remat),
+        in_shardings=(router_shardings, opt_shardings, frozen_shardings, sharding.batch_sharding(mesh),
+                      replicated, replicated),
+        out_shardings=(router_shardings, opt_shardings, replicated),
+        donate_argnums=(0, 1),
+    )
+    return Run(config, model_dir, graphdef, routers, frozen, opt_state, mesh, step_fn)
+
+
+def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Trains (resuming from `out` when it holds checkpoints) and writes the report; returns it.
+
+    stop_after: return after this many steps of this invocation (a stand-in for a kill in tests).
+    """
+    out = out.absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the output folder {out}: {e}") from None
+    model_dir = Path(config.model) if config.model else _default_model_dir()
+    read_config(model_dir)  # a clear error before anything heavy
+    fingerprint = model_fingerprint(model_dir)
+    checkpoints = RouterCheckpoints(out / "checkpoints", keep=config.keep_checkpoints)
+    checkpoints.check_compatible(fingerprint, config.router)
+
+    tokens = load_training_tokens(config, model_dir)
+    batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed)
+    run = build_run(config, model_dir)
+    replicated = sharding.replicated(run.mesh)
+    seed = sharding.put(np.int32(config.seed), replicated)
+    start = 0
+    restored = checkpoints.restore_latest(run.routers, run.opt_state)
+    if restored is not None:
+        run.routers, run.opt_state, meta = restored
+        start = meta["step"]
+        batches.restore(meta["data_position"])
+        print(f"resumed from {out / 'checkpoints'} at step {start}")
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    logger = report.MetricsLogger(out, resume_step=start, is_primary=jax.process_index() == 0)
+    process_rows = config.batch_size // jax.process_count()
+    bad_in_a_row = 0
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train",
+               disable=not progress or jax.process_index() != 0)
+    last_time, done, step_seconds = time.perf_counter(), 0, []
+    for step in bar:
+        rows = batches.next_batch()
+        mine = rows[jax.process_index() * process_rows:(jax.process_index() + 1) * process_rows]
+        batch = sharding.global_batch(mine, run.mesh, config.batch_size)
+        run.routers, run.opt_state, metrics = run.step_fn(
+            run.routers, run.opt_state, run.frozen, batch, sharding.put(np.int32(step), replicated), seed)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = config.batch_size * config.seq_len / (now - last_time)
+        step_seconds.append(now - last_time)
+        last_time = now
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lb=f"{metrics['load_balance']:.3f}",
+                        tau=f"{metrics['tau']:.2f}", lam=f"{metrics['lambda']:.2f}",
+                        dens=f"{metrics['token_density']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if metrics["finite"]:
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            print(f"step {step}: non-finite loss or gradients, update skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= config.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_in_a_row} non-finite steps in a row; stopping. The last good checkpoint in "
+                    f"{out / 'checkpoints'} is intact: lower learning_rate or use float32 and rerun.")
+        logger.log(step + 1, metrics)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            checkpoints.save(step + 1, run.routers, run.opt_state,
+                             {"step": step + 1, "data_position": batches.position, "seed": config.seed,
+                              "model": fingerprint, "router": dataclasses.asdict(config.router)})
+        done += 1
+        if stop_after is not None and done >= stop_after:
+            checkpoints.wait()
+            logger.close()
+            return {"stopped_at": step + 1}
+    checkpoints.wait()
+    logger.close()
+    if not config.report:
+        return {"steps": config.steps}
+    # The first step of an invocation includes compilation: leave it out of the rate.
+    timing = {"steps_timed": len(step_seconds) - 1,
+              "steps_per_s": (len(step_seconds) - 1) / sum(step_seconds[1:]) if len(step_seconds) > 1 else None,
+              "peak_device_memory_gib": peak_device_memory_gib(), "device": jax.devices()[0].device_kind,
+              "devices": jax.device_count()}
+    return report.final_report(run, out, config, timing)
+
+
+def peak_device_memory_gib() -> float | None:
+    """Peak bytes in use on this process's first device (GPU backends report it; the CPU backend does not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+
+
+def _default_model_dir() -> Path:
+    from llama_surgery_jax.model.embedded import default_model_dir
+
+    return default_model_dir()
