@@ -30,8 +30,8 @@ from llama_surgery_jax.evaluation.perplexity import (
     perplexity,
     protocol,
     transformers_perplexity,
-    write_json_atomic,
 )
+from llama_surgery_jax.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
 from llama_surgery_jax.model.config import ConfigError, Precision
 from llama_surgery_jax.model.embedded import default_model_dir
