@@ -5,10 +5,7 @@ from .block_sparse_attention import (
     block_sparse_attention,
     build_schedule,
     chunked_reference_attention,
-    codes_tile_mask,
     reference_attention,
-    sink_window_tiles,
-    token_mask,
     token_routed_attention,
 )
 
@@ -17,9 +14,6 @@ __all__ = [
     "block_sparse_attention",
     "build_schedule",
     "chunked_reference_attention",
-    "codes_tile_mask",
     "reference_attention",
-    "sink_window_tiles",
-    "token_mask",
     "token_routed_attention",
 ]

@@ -12,20 +12,16 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from llama_surgery_jax.surgery.mask import band_tiles, block_density, sorted_bucket_tiles, tile_mask, tiled_token_mask
 from pallas_kernels.block_sparse_attention import (
     Rule,
-    block_density,
     block_sparse_attention,
-    bucket_tiles,
     build_schedule,
     chunked_reference_attention,
-    codes_tile_mask,
     hopper_supported,
     merge_partials,
     reference_attention,
-    sink_window_tiles,
     sparse_attention_forward,
-    token_mask,
     token_routed_attention,
     transpose_schedule,
     validate_schedule,
@@ -66,22 +62,22 @@ def test_schedule_lists_exactly_the_causal_active_tiles():
 @pytest.mark.parametrize(
     "tile,window,sink", [(16, 0, True), (16, 40, True), (8, 17, False), (16, None, True), (16, None, False)]
 )
-def test_sink_window_tiles_is_or_of_token_rule(tile, window, sink):
+def test_band_tiles_is_or_of_token_rule(tile, window, sink):
     n = 7 * tile
     nt = n // tile
-    rule = token_mask(
+    rule = tiled_token_mask(
         jnp.ones((1, 1, nt, nt), bool), n, tile, codes=jnp.arange(n)[None, None] + 1, window=window, sink=sink
     )[0, 0]  # unique codes: only sink/window/diagonal
     want = np.asarray(rule).reshape(nt, tile, nt, tile).any(axis=(1, 3))
-    np.testing.assert_array_equal(np.asarray(sink_window_tiles(nt, tile, window, sink)), want)
+    np.testing.assert_array_equal(np.asarray(band_tiles(nt, tile=tile, window=window, sink=sink)), want)
 
 
-def test_codes_tile_mask_is_or_of_token_mask():
+def test_tile_mask_is_or_of_token_mask():
     n, tile, num_codes = 128, 16, 6
     codes = jax.random.randint(jax.random.PRNGKey(3), (2, 2, n), 0, num_codes)
     nt = n // tile
-    tm = codes_tile_mask(codes, tile, num_codes, window=20)
-    tok = token_mask(jnp.ones((2, 2, nt, nt), bool), n, tile, codes=codes, window=20)
+    tm = tile_mask(codes, tile=tile, window=20, sink=True)
+    tok = tiled_token_mask(jnp.ones((2, 2, nt, nt), bool), n, tile, codes=codes, window=20)
     want = np.asarray(tok).reshape(2, 2, nt, tile, nt, tile).any(axis=(3, 5))
     np.testing.assert_array_equal(np.asarray(tm), want)
 
@@ -91,7 +87,7 @@ def test_bucket_tiles_is_or_of_same_code_pairs():
     codes = jnp.sort(jax.random.randint(jax.random.PRNGKey(4), (1, 2, n), 0, 5), axis=-1)
     same = (codes[..., :, None] == codes[..., None, :]) & jnp.tril(jnp.ones((n, n), bool))
     want = np.asarray(same).reshape(1, 2, n // tile, tile, n // tile, tile).any(axis=(3, 5))
-    np.testing.assert_array_equal(np.asarray(bucket_tiles(codes, tile)), want)
+    np.testing.assert_array_equal(np.asarray(sorted_bucket_tiles(codes, tile=tile)), want)
 
 
 def test_block_density():
@@ -123,7 +119,7 @@ def test_forward_matches_reference(case):
     o, lse = block_sparse_attention(
         q, k, v, tm, tile=tile, codes=codes, window=window, sink=sink, return_lse=True, poison=True
     )
-    mask = token_mask(tm, n, tile, codes=codes, window=window, sink=sink)
+    mask = tiled_token_mask(tm, n, tile, codes=codes, window=window, sink=sink)
     ref, ref_lse = reference_attention(q, k, v, mask, return_lse=True)
     assert o.shape == q.shape and o.dtype == q.dtype
     assert rel_err(o, ref) <= TOLERANCE[dtype]
@@ -135,10 +131,10 @@ def test_rows_seeing_only_sink_and_window():
     b, n, hq, hkv, d, tile, window = 1, 128, 4, 1, 64, 32, 20
     q, k, v = qkv(11, b, n, hq, hkv, d, jnp.bfloat16)
     nt = n // tile
-    tm = sink_window_tiles(nt, tile, window)[None, None]
+    tm = band_tiles(nt, tile=tile, window=window, sink=True)[None, None]
     codes = jnp.arange(n, dtype=jnp.int32)[None, None]  # all distinct
     o = block_sparse_attention(q, k, v, tm, tile=tile, codes=codes, window=window, poison=True)
-    ref = reference_attention(q, k, v, token_mask(tm, n, tile, codes=codes, window=window))
+    ref = reference_attention(q, k, v, tiled_token_mask(tm, n, tile, codes=codes, window=window))
     assert rel_err(o, ref) <= TOLERANCE[jnp.bfloat16]
 
 
@@ -149,7 +145,7 @@ def test_rows_with_no_visible_key_give_zero_and_minus_inf():
     tm = jnp.array([[False, False], [True, False]])[None, None]
     o, lse = block_sparse_attention(q, k, v, tm, tile=tile, return_lse=True, poison=True)
     assert np.all(np.asarray(o[:, :tile]) == 0) and np.all(np.isneginf(np.asarray(lse[..., :tile])))
-    ref = reference_attention(q, k, v, token_mask(tm, n, tile))
+    ref = reference_attention(q, k, v, tiled_token_mask(tm, n, tile))
     assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
 
 
@@ -163,7 +159,7 @@ def test_partial_attentions_merge_exactly():
     oa, la = block_sparse_attention(q, k, v, a, tile=tile, return_lse=True)
     ob, lb = block_sparse_attention(q, k, v, bmask, tile=tile, return_lse=True)
     o, lse = merge_partials(oa, la, ob, lb, out_dtype=jnp.float32)
-    ref, ref_lse = reference_attention(q, k, v, token_mask(a | bmask, n, tile), return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, tiled_token_mask(a | bmask, n, tile), return_lse=True)
     assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
 
@@ -180,7 +176,7 @@ def test_local_and_bucket_rules_split_the_codes_rule():
     ol, ll = sparse_attention_forward(q, k, v, sched, rule=Rule.LOCAL, **kw)
     o, _ = merge_partials(ob, lb, ol, ll)
     ref = reference_attention(
-        q, k, v, token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile, codes=codes, window=window)
+        q, k, v, tiled_token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile, codes=codes, window=window)
     )
     assert rel_err(o, ref) <= TOLERANCE[jnp.float16]
 
@@ -207,7 +203,7 @@ def test_token_routed_attention_is_exact(routing, n, window, sink, dtype):
         q,
         k,
         v,
-        token_mask(jnp.ones((b, r, nt, nt), bool), n, tile, codes=codes, window=window, sink=sink),
+        tiled_token_mask(jnp.ones((b, r, nt, nt), bool), n, tile, codes=codes, window=window, sink=sink),
         return_lse=True,
     )
     assert o.shape == q.shape
@@ -222,7 +218,7 @@ def test_chunked_reference_matches_dense_reference():
     tm = random_tiles(5, b, hkv, nt, 0.5)
     codes = jax.random.randint(jax.random.PRNGKey(8), (b, hkv, n), 0, 3)
     o = chunked_reference_attention(q, k, v, tm, tile=tile, codes=codes, window=9, chunk=32)
-    ref = reference_attention(q, k, v, token_mask(tm, n, tile, codes=codes, window=9))
+    ref = reference_attention(q, k, v, tiled_token_mask(tm, n, tile, codes=codes, window=9))
     np.testing.assert_allclose(np.asarray(o), np.asarray(ref), atol=1e-6)
 
 
@@ -273,7 +269,7 @@ def test_backward_matches_grad_of_reference(routing, n, dtype, use_codes):
     nt = -(-n // tile)
     tm = random_tiles(n + 2, b, r, nt, 0.5)
     codes = jax.random.randint(jax.random.PRNGKey(n), (b, r, n), 0, 3) if use_codes else None
-    mask = token_mask(tm, n, tile, codes=codes, window=window)
+    mask = tiled_token_mask(tm, n, tile, codes=codes, window=window)
     fn = lambda q, k, v: block_sparse_attention(q, k, v, tm, tile=tile, codes=codes, window=window)  # noqa: E731
     _check_grads_against_reference(q, k, v, mask, fn, dtype)
 
@@ -307,7 +303,7 @@ def test_token_routed_backward_matches_grad_of_reference():
     q, k, v = qkv(31, b, n, hq, hkv, d, jnp.float16)
     codes = jax.random.randint(jax.random.PRNGKey(31), (b, hkv, n), 0, 3)
     nt = -(-n // tile)
-    mask = token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile, codes=codes, window=window)
+    mask = tiled_token_mask(jnp.ones((b, hkv, nt, nt), bool), n, tile, codes=codes, window=window)
     fn = lambda q, k, v: token_routed_attention(q, k, v, codes, tile=tile, window=window)  # noqa: E731
     _check_grads_against_reference(q, k, v, mask, fn, jnp.float16)
 
@@ -315,7 +311,7 @@ def test_token_routed_backward_matches_grad_of_reference():
 def test_reference_gradients_match_finite_differences():
     """The oracle of the backward tests is itself right (float32, tiny, central differences)."""
     q, k, v = (x.astype(jnp.float32) for x in qkv(41, 1, 8, 2, 1, 4, jnp.float32))
-    mask = token_mask(random_tiles(2, 1, 1, 4, 0.5), 8, 2, codes=jnp.arange(8)[None, None] % 3, window=1)
+    mask = tiled_token_mask(random_tiles(2, 1, 1, 4, 0.5), 8, 2, codes=jnp.arange(8)[None, None] % 3, window=1)
     check_grads(
         lambda q, k, v: reference_attention(q, k, v, mask),
         (q, k, v),
@@ -351,9 +347,9 @@ def test_hopper_kernel_matches_reference(dtype, d, routing):
     nt = -(-n // tile)
     tm = random_tiles(d, b, r, nt, 0.4)
     o, lse = block_sparse_attention(q, k, v, tm, return_lse=True, backend="hopper")
-    ref, ref_lse = reference_attention(q, k, v, token_mask(tm, n, tile), return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, tiled_token_mask(tm, n, tile), return_lse=True)
     assert rel_err(o, ref) <= TOLERANCE[dtype]
     np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-4, atol=1e-4)
     _check_grads_against_reference(
-        q, k, v, token_mask(tm, n, tile), lambda q, k, v: block_sparse_attention(q, k, v, tm), dtype
+        q, k, v, tiled_token_mask(tm, n, tile), lambda q, k, v: block_sparse_attention(q, k, v, tm), dtype
     )

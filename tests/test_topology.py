@@ -15,12 +15,11 @@ from llama_surgery_jax.surgery.mask import (
     block_density,
     bucket_permutation,
     bucket_tiles,
-    hard_topology,
     tile_mask,
     token_density,
     token_mask,
 )
-from llama_surgery_jax.surgery.router import init_router_params, route
+from llama_surgery_jax.surgery.router import hard_topology, init_router_params, route
 
 PROPERTY = settings(deadline=None, max_examples=25)
 WINDOWS = st.one_of(st.none(), st.integers(0, 20))

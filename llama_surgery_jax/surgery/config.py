@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from llama_surgery_jax.model.config import ConfigError
+from llama_surgery_jax.surgery.mask import SINK, WINDOW
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +19,8 @@ class RouterConfig:
     p: int = 2  # tree arity, prime
     levels: int = 13  # L = ceil(log_p N_ref); fixed by the context trained for, not by a config field
     d_max: int = 6  # largest visible tree distance; k = levels - d_max prefix levels must agree
-    window: int | None = 128  # local window W in tokens (i - j <= W visible); None: no window
-    sink: bool = True  # token 0 always visible
+    window: int | None = WINDOW  # local window W in tokens (i - j <= W visible); None: no window
+    sink: bool = SINK  # token 0 always visible
     routing_heads: str = "query"  # "query": one route per query head (preprint); "kv": per KV head
     mode: str = "token"  # "token": per-token routes; "block": routes from pooled causal block features
     block_size: int = 128  # block of the block-level mode and tile of the kernels

@@ -1,76 +1,71 @@
-"""From routing to what the kernels run (METHOD.md §4 and §9): the hard mask, tile masks, sorting.
+"""The visibility rule, once: tokens, tiles, sorted buckets and densities (METHOD.md §4, §9, §10).
 
-The mask semantics, shared bit for bit by training (`masked_attention`) and the kernels: query token
-i sees key j iff
+Every other module takes the rule from here: the router's training forward (`reference_attention`), the
+kernels and their reference (`pallas_kernels.block_sparse_attention`), KV-cache decode, the baselines and
+every report. Query token i sees key j of one routing head iff
 
-    j <= i  and  (codes[i] == codes[j]  or  (sink and j == 0)  or  (window is not None and i - j <= window)
-                  or  i == j)
+    j <= i  and  (codes[i] == codes[j]  or  i == j  or  (sink and j == 0)  or  (window is not None and i - j <= window))
 
-with codes the prefix codes on the top k = levels − d_max tree levels (`router.prefix_codes`).
-The tile mask [..., query tiles, key tiles] is the tile-wise OR of that token mask, computed from
-per-block code sets (never from the N × N mask): a tile is computed iff its two blocks share a code,
-or the sink, window or diagonal rule hits it. Shapes: b batch, h routing heads, t / s query / key tokens.
+with codes the prefix codes on the top k = levels − d_max tree levels (`router.prefix_codes`). A
+block-sparse kernel runs tiles of `tile` × `tile` tokens: the tile mask is the tile-wise OR of the token
+mask, built from per-block code sets, never from the N × N mask. Shapes: b batch, h routing heads,
+t / s query / key tokens, n = ceil(t / tile) tiles.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.surgery.config import RouterConfig
-from llama_surgery_jax.surgery.router import route
+WINDOW = 128  # W of METHOD.md §2: the default local window of the router, the kernels and decode
+SINK = True  # token 0 always visible
 
 
-class HardTopology(NamedTuple):
-    """What a block-sparse kernel needs for one layer. codes: [b, h, t] int32 prefix codes;
-    tile_mask: [b, h, ceil(t / tile), ceil(t / tile)] bool (tile-wise OR of the token mask)."""
+def local_rule(qpos: jax.Array, kpos: jax.Array, *, window: int | None, sink: bool) -> jax.Array:
+    """The diagonal, sink and window part of the rule, broadcast over qpos and kpos (causality apart)."""
+    local = qpos == kpos
+    if window is not None:
+        local = local | (qpos - kpos <= window)
+    if sink:
+        local = local | (kpos == 0)
+    return local
 
-    codes: jax.Array
-    tile_mask: jax.Array
+
+def visible(qpos: jax.Array, kpos: jax.Array, qcode: jax.Array | None = None, kcode: jax.Array | None = None,
+            *, window: int | None, sink: bool) -> jax.Array:
+    """The token rule, broadcast over its arguments; without codes, causality alone (a dense layer)."""
+    causal = kpos <= qpos
+    if qcode is None:
+        return causal
+    return causal & ((qcode == kcode) | local_rule(qpos, kpos, window=window, sink=sink))
 
 
 def token_mask(codes_q: jax.Array, codes_k: jax.Array, positions_q: jax.Array, positions_k: jax.Array, *,
                window: int | None, sink: bool) -> jax.Array:
     """codes_q: [..., t], codes_k: [..., s] int; positions_q: [t], positions_k: [s] int → bool [..., t, s]."""
-    offset = positions_q[:, None] - positions_k[None, :]
-    visible = (codes_q[..., :, None] == codes_k[..., None, :]) | (offset == 0)
-    if sink:
-        visible = visible | (positions_k == 0)[None, :]
-    if window is not None:
-        visible = visible | (offset <= window)
-    return visible & (offset >= 0)
+    return visible(positions_q[:, None], positions_k[None, :], codes_q[..., :, None], codes_k[..., None, :],
+                   window=window, sink=sink)
 
 
-def _blocks(codes: jax.Array, tile: int, fill: int) -> jax.Array:
-    """codes: [..., t] → [..., ceil(t / tile), tile], the last block padded with `fill`."""
-    t = codes.shape[-1]
-    n = -(-t // tile)
-    padded = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, n * tile - t)], constant_values=fill)
-    return padded.reshape(*codes.shape[:-1], n, tile)
+def tiled_token_mask(tiles: jax.Array, num_tokens: int, tile: int, *, codes: jax.Array | None = None,
+                     window: int | None = WINDOW, sink: bool = SINK, q_range: tuple[int, int] | None = None) -> jax.Array:
+    """What a block-sparse kernel computes: the token rule inside the tiles that are on (small N only).
 
-
-def shared_code_tiles(codes: jax.Array, *, tile: int) -> jax.Array:
-    """codes: [..., t] int → bool [..., n, n]: blocks qb and kb share at least one code (n = ceil(t / tile)).
-
-    Each block's code set is its sorted codes; every code of block kb is looked up in block qb's set
-    (n² · tile · log tile work, no N × N). Padding (−1) can only meet padding on the diagonal, which is
-    always computed anyway.
+    tiles: [b, h, q_tiles, k_tiles] bool; codes: [b, h, tokens] or None (tiles alone decide, causally).
+    q_range: (start, stop) of the query rows to build, all by default → bool [b, h, rows, num_tokens].
     """
-    blocks = _blocks(codes, tile, fill=-1)
-    code_sets = jnp.sort(blocks, axis=-1)
+    start, stop = q_range if q_range is not None else (0, num_tokens)
+    qpos = jnp.arange(start, stop, dtype=jnp.int32)[:, None]
+    kpos = jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+    on = tiles[:, :, qpos[:, 0] // tile][:, :, :, kpos[0] // tile]
+    if codes is None:
+        return on & visible(qpos, kpos, window=window, sink=sink)
+    return on & visible(qpos, kpos, codes[:, :, start:stop, None], codes[:, :, None, :], window=window, sink=sink)
 
-    def share(code_set, block):  # [tile], [tile] → bool
-        index = jnp.clip(jnp.searchsorted(code_set, block), 0, tile - 1)
-        return jnp.any(code_set[index] == block)
 
-    per_key_block = jax.vmap(share, in_axes=(None, 0))  # one query block against every key block
-    per_query_block = jax.vmap(per_key_block, in_axes=(0, None))
-    flat = code_sets.reshape(-1, *code_sets.shape[-2:])
-    flat_blocks = blocks.reshape(flat.shape)
-    shared = jax.vmap(per_query_block)(flat, flat_blocks)
-    return shared.reshape(*codes.shape[:-1], *shared.shape[-2:])
+def causal_tiles(q_tiles: int, k_tiles: int) -> jax.Array:
+    """bool [q_tiles, k_tiles]: tiles holding at least one causal pair (square tiles)."""
+    return jnp.arange(k_tiles)[None, :] <= jnp.arange(q_tiles)[:, None]
 
 
 def band_tiles(num_tiles: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
@@ -81,27 +76,47 @@ def band_tiles(num_tiles: int, *, tile: int, window: int | None, sink: bool) -> 
     if sink:
         hit = hit | (kb == 0)
     if window is not None:
-        # Smallest i − j between a query of block qb and a key of an earlier, full block kb.
+        # The smallest i − j between a query of block qb and a key of an earlier block kb.
         hit = hit | ((qb - kb - 1) * tile + 1 <= window)
     return hit & (kb <= qb)
 
 
-def tile_mask(codes: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
-    """codes: [..., t] int → bool [..., n, n], n = ceil(t / tile): the tile-wise OR of `token_mask`."""
-    n = -(-codes.shape[-1] // tile)
-    causal = jnp.tril(jnp.ones((n, n), bool))
-    return (shared_code_tiles(codes, tile=tile) & causal) | band_tiles(n, tile=tile, window=window, sink=sink)
+def _blocks(codes: jax.Array, tile: int, fill: int) -> jax.Array:
+    """codes: [..., t] → [..., n, tile], the last block padded with `fill`."""
+    t = codes.shape[-1]
+    n = -(-t // tile)
+    padded = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, n * tile - t)], constant_values=fill)
+    return padded.reshape(*codes.shape[:-1], n, tile)
 
 
-def hard_topology(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int,
-                  tile: int | None = None, rng: jax.Array | None = None) -> HardTopology:
-    """One layer's router params and attention input x: [b, t, hidden] → HardTopology at `tile`.
+def shared_code_tiles(codes: jax.Array, *, tile: int) -> jax.Array:
+    """codes: [..., t] int ≥ 0 → bool [..., n, n]: blocks qb and kb share at least one code.
 
-    rng None: the argmax routes (evaluation). tile defaults to config.block_size.
+    Each block's code set is its sorted codes; one query block at a time (`lax.map`), every code of
+    every key block is looked up in it by binary search. Work n² · tile · log tile, memory O(n · tile)
+    per head: linear in t, never n² · tile. Padding (−1) meets padding only on the diagonal, which
+    the rule computes anyway.
     """
-    codes = route(params, x, config=config, routing_heads=routing_heads, rng=rng).codes
-    tile = config.block_size if tile is None else tile
-    return HardTopology(codes, tile_mask(codes, tile=tile, window=config.window, sink=config.sink))
+    blocks = _blocks(codes, tile, fill=-1)  # [..., n, tile]
+    lead = blocks.shape[:-2]
+    flat = blocks.reshape(-1, *blocks.shape[-2:])  # [m, n, tile]
+    code_sets = jnp.sort(flat, axis=-1)
+
+    def against_every_key_block(code_set):  # [m, tile] → bool [m, n]
+        search = jax.vmap(lambda s, keys: jnp.searchsorted(s, keys.reshape(-1)).reshape(keys.shape))
+        index = jnp.clip(search(code_set, flat), 0, tile - 1)  # [m, n, tile]
+        found = jnp.take_along_axis(code_set[:, None, :], index, axis=-1) == flat
+        return jnp.any(found, axis=-1)
+
+    shared = jax.lax.map(against_every_key_block, jnp.moveaxis(code_sets, 1, 0))  # [n, m, n]
+    return jnp.moveaxis(shared, 0, 1).reshape(*lead, shared.shape[0], shared.shape[0])
+
+
+def tile_mask(codes: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """codes: [..., t] int → bool [..., n, n]: the tile-wise OR of `token_mask` (tiles in original order)."""
+    n = -(-codes.shape[-1] // tile)
+    return (shared_code_tiles(codes, tile=tile) & causal_tiles(n, n)) | band_tiles(n, tile=tile, window=window,
+                                                                                   sink=sink)
 
 
 def bucket_permutation(codes: jax.Array) -> jax.Array:
@@ -109,22 +124,35 @@ def bucket_permutation(codes: jax.Array) -> jax.Array:
     return jnp.argsort(codes, axis=-1, stable=True).astype(jnp.int32)
 
 
+def sorted_bucket_tiles(sorted_codes: jax.Array, *, tile: int) -> jax.Array:
+    """sorted_codes: [..., t], non-decreasing → bool [..., n, n]: causal tile pairs that share a code.
+
+    In sorted order a tile's codes are a contiguous run of the values present, so two tiles share a code
+    iff their [min, max] ranges overlap: O(n²), no N × N array. A padded tail must use a code of its own
+    above every real one (the kernels use INT32_MAX).
+    """
+    n = -(-sorted_codes.shape[-1] // tile)
+    blocks = _blocks(sorted_codes, tile, fill=jnp.iinfo(jnp.int32).max)
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    overlap = (lo[..., :, None] <= hi[..., None, :]) & (lo[..., None, :] <= hi[..., :, None])
+    return overlap & causal_tiles(n, n)
+
+
 def bucket_tiles(codes: jax.Array, *, tile: int) -> jax.Array:
-    """codes: [..., t] → bool [..., n, n]: tiles of the bucket pass over the sorted sequence.
+    """codes: [..., t] → bool [..., n, n]: tiles of the bucket pass over the code-sorted sequence.
 
     In sorted order each code is one contiguous run with positions increasing, so the equal-code pairs
-    with j ≤ i are exactly those in tiles kb ≤ qb whose blocks share a code (this is their tile OR).
+    with j ≤ i are exactly those in tiles kb ≤ qb whose blocks share a code.
     """
-    sorted_codes = jnp.take_along_axis(codes, bucket_permutation(codes), axis=-1)
-    n = -(-codes.shape[-1] // tile)
-    return shared_code_tiles(sorted_codes, tile=tile) & jnp.tril(jnp.ones((n, n), bool))
+    return sorted_bucket_tiles(jnp.take_along_axis(codes, bucket_permutation(codes), axis=-1), tile=tile)
 
 
 def band_pass_tiles(codes: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
-    """codes: [..., t] → bool [..., n, n]: tiles of the band pass in original order, which sees only the
-    window and sink pairs whose codes differ (equal codes are the bucket pass's), so no pair counts twice.
+    """codes: [..., t] → bool [..., n, n]: band tiles (original order) holding a window or sink pair whose
+    codes differ, i.e. a pair that the bucket pass does not cover. Work O(t · (window + tile)).
 
-    Work O(t · (window + tile)): only the block offsets the window reaches are compared token by token.
+    The kernel's band pass runs every `band_tiles` tile (`executed_tiles`); this finer count says how many
+    of them the bucket pass leaves work for.
     """
     t = codes.shape[-1]
     n = -(-t // tile)
@@ -167,8 +195,8 @@ def token_density(codes: jax.Array, *, window: int | None, sink: bool, chunk: in
     def count(i):
         rows = i * chunk + jnp.arange(chunk)
         codes_q = jnp.take(padded, i, axis=-2)
-        visible = token_mask(codes_q, codes, rows, positions, window=window, sink=sink) & (rows < t)[:, None]
-        return jnp.sum(visible, dtype=jnp.float32)
+        seen = token_mask(codes_q, codes, rows, positions, window=window, sink=sink) & (rows < t)[:, None]
+        return jnp.sum(seen, dtype=jnp.float32)
 
     total = jnp.sum(jax.lax.map(count, jnp.arange(n)))
     heads = codes.size // t
@@ -176,6 +204,7 @@ def token_density(codes: jax.Array, *, window: int | None, sink: bool, chunk: in
 
 
 def block_density(tiles: jax.Array) -> jax.Array:
-    """tiles: bool [..., n, n] → float32 scalar: computed tiles / causal tiles."""
+    """tiles: bool [..., n, n] → float32 scalar: computed causal tiles / causal tiles (METHOD.md §10)."""
     n = tiles.shape[-1]
-    return jnp.sum(tiles, dtype=jnp.float32) / (tiles.size // (n * n) * causal_pairs(n))
+    causal = causal_tiles(n, n)
+    return jnp.sum(tiles & causal, dtype=jnp.float32) / (tiles.size // (n * n) * causal_pairs(n))

@@ -42,9 +42,9 @@ from llama_surgery_jax.model.config import ModelConfig
 from llama_surgery_jax.model.llama import LlamaForCausalLM, dense_attention
 from llama_surgery_jax.surgery.config import RouterConfig
 from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
-from llama_surgery_jax.surgery.mask import HardTopology, block_density, causal_pairs, tile_mask
+from llama_surgery_jax.surgery.mask import block_density, causal_pairs, tile_mask
 from llama_surgery_jax.surgery.reference_attention import masked_attention
-from llama_surgery_jax.surgery.router import RouterParam, TopologyRouter
+from llama_surgery_jax.surgery.router import HardTopology, RouterParam, TopologyRouter
 
 __all__ = ["RoutedAttention", "RouterParam", "inject_routers", "remove_routers", "routed_layers",
            "hard_topology"]

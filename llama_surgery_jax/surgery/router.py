@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.mask import tile_mask
 
 PARAM_NAMES = ("backbone_weight", "backbone_bias", "route_weight", "route_bias")
 
@@ -159,6 +160,25 @@ def route(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, r
         choices = jnp.repeat(choices, config.block_size, axis=2)[:, :, :t]
     codes = prefix_codes(choices, p=config.p, prefix_levels=config.prefix_levels)
     return Routing(codes, routes, balance)
+
+
+class HardTopology(NamedTuple):
+    """What a block-sparse kernel needs for one layer. codes: [b, h, t] int32 prefix codes;
+    tile_mask: [b, h, ceil(t / tile), ceil(t / tile)] bool (tile-wise OR of the token mask)."""
+
+    codes: jax.Array
+    tile_mask: jax.Array
+
+
+def hard_topology(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int,
+                  tile: int | None = None, rng: jax.Array | None = None) -> HardTopology:
+    """One layer's router params and attention input x: [b, t, hidden] → HardTopology at `tile`.
+
+    rng None: the argmax routes (evaluation). tile defaults to config.block_size.
+    """
+    codes = route(params, x, config=config, routing_heads=routing_heads, rng=rng).codes
+    tile = config.block_size if tile is None else tile
+    return HardTopology(codes, tile_mask(codes, tile=tile, window=config.window, sink=config.sink))
 
 
 def _agreement(routes_q: jax.Array, routes_k: jax.Array, level: int) -> jax.Array:

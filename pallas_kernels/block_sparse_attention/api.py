@@ -8,11 +8,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llama_surgery_jax.surgery.mask import SINK, WINDOW, band_tiles, sorted_bucket_tiles
+
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
 from .route_gradient import SoftMask, route_gradient_backward
-from .schedule import build_schedule, causal_tiles, sink_window_tiles
+from .schedule import build_schedule
 
 DEFAULT_TILE = 128
 BACKENDS = ("auto", "triton", "hopper")
@@ -170,8 +172,8 @@ def block_sparse_attention(
     *,
     tile: int = DEFAULT_TILE,
     codes: jax.Array | None = None,
-    window: int | None = 0,
-    sink: bool = True,
+    window: int | None = WINDOW,
+    sink: bool = SINK,
     sm_scale: float | None = None,
     return_lse: bool = False,
     interpret: bool | None = None,
@@ -192,7 +194,7 @@ def block_sparse_attention(
     codes: optional [batch, routing_heads, tokens] int. Key j is visible to query i iff
     j <= i, the tile (i // tile, j // tile) is on, and (codes is None, or codes[i] == codes[j], or
     (sink and j == 0), or (window is not None and i - j <= window), or i == j). The sink / window
-    / diagonal rules act only inside tiles that are on: OR in `sink_window_tiles` for them.
+    / diagonal rules act only inside tiles that are on: OR in `mask.band_tiles` for them.
     Returns o: [batch, tokens, q_heads, head_dim] in q's dtype, and with return_lse the
     log-sum-exp lse: [batch, q_heads, tokens] float32 (-inf, with o = 0, on rows that see no key).
     backend: "auto" (Mosaic GPU wgmma/TMA kernel on compute capability 9.x for tile masks without
@@ -265,19 +267,6 @@ def _gather_tokens(x, perm, group):
     return jnp.take_along_axis(x, idx, axis=1).reshape(b, n, r * group, d)
 
 
-def bucket_tiles(sorted_codes: jax.Array, tile: int) -> jax.Array:
-    """[B, R, nt, nt] bool: causal tile pairs of a code-sorted sequence that share a code.
-
-    In sorted order a tile's codes form a contiguous run of the code values present, so two tiles
-    share a code iff their [min, max] code ranges overlap: O((N / tile)^2), no N x N array.
-    """
-    b, r, n = sorted_codes.shape
-    c = sorted_codes.reshape(b, r, n // tile, tile)
-    lo, hi = c.min(-1), c.max(-1)
-    overlap = (lo[..., :, None] <= hi[..., None, :]) & (lo[..., None, :] <= hi[..., :, None])
-    return overlap & causal_tiles(n // tile, n // tile)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -291,8 +280,8 @@ def token_routed_attention(
     codes: jax.Array,
     *,
     tile: int = DEFAULT_TILE,
-    window: int | None = 0,
-    sink: bool = True,
+    window: int | None = WINDOW,
+    sink: bool = SINK,
     sm_scale: float | None = None,
     return_lse: bool = False,
     interpret: bool | None = None,
@@ -337,7 +326,7 @@ def token_routed_attention(
     q_group = hq // r
     qs = _gather_tokens(q, perm, q_group)
     ks, vs = (_gather_tokens(x, perm, 1) for x in (k, v))
-    bucket = bucket_tiles(sorted_codes, tile)
+    bucket = sorted_bucket_tiles(sorted_codes, tile=tile)
     o1, lse1 = _attention(qs, ks, vs, sorted_routes, build_schedule(bucket), transpose_schedule(bucket),
                           (sorted_codes, perm), cfg)
     # Un-permute: the inverse permutation gathers each token back to its position.
@@ -345,7 +334,7 @@ def token_routed_attention(
     o1 = _gather_tokens(o1, inv, q_group)
     lse1 = jnp.take_along_axis(lse1, jnp.repeat(inv, q_group, axis=1), axis=-1)
 
-    local = sink_window_tiles(nt, tile, window, sink)[None, None]
+    local = band_tiles(nt, tile=tile, window=window, sink=sink)[None, None]
     o2, lse2 = _attention(
         q, k, v, routes, build_schedule(local), transpose_schedule(local), (None, None), cfg._replace(rule=Rule.LOCAL)
     )

@@ -21,8 +21,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from llama_surgery_jax.surgery.mask import SINK, WINDOW, causal_tiles
+
 from .forward import Rule, _visible
-from .schedule import Schedule, causal_tiles, compact
+from .schedule import Schedule, compact
 
 LOG2E = math.log2(math.e)
 
@@ -216,8 +218,8 @@ def sparse_attention_backward(
     rule: Rule = Rule.TILE,
     codes=None,
     positions=None,
-    window: int | None = 0,
-    sink: bool = True,
+    window: int | None = WINDOW,
+    sink: bool = SINK,
     sm_scale: float | None = None,
     interpret: bool = False,
     num_warps: int | None = None,

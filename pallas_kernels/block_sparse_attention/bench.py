@@ -22,13 +22,15 @@ import traceback
 import jax
 import jax.numpy as jnp
 
+from llama_surgery_jax.surgery.mask import block_density, causal_tiles, tile_mask
+
 from .api import block_sparse_attention, token_routed_attention
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
 from .reference import chunked_reference_attention
 from .route_gradient import SoftMask
-from .schedule import block_density, build_schedule, causal_tiles, codes_tile_mask
+from .schedule import build_schedule
 
 # Relative Frobenius error bounds (the issue's): bf16 keeps 8 mantissa bits, fp16 11; with float32
 # accumulation the error is dominated by rounding P and O to the input type.
@@ -333,7 +335,7 @@ def main(argv=None):
             q, k, v = random_qkv(jax.random.PRNGKey(n + 1), 1, n, hq, hkv, d, jnp.bfloat16)
             for num_codes in (4, 16):
                 codes = jax.random.randint(jax.random.PRNGKey(num_codes), (1, hkv, n), 0, num_codes)
-                tile_or = codes_tile_mask(codes, 128, num_codes, window=128)
+                tile_or = tile_mask(codes, tile=128, window=128, sink=True)
                 f_or = jax.jit(
                     lambda q, k, v, c, m: block_sparse_attention(
                         q, k, v, m, codes=c, window=128, num_warps=warps, num_stages=stages

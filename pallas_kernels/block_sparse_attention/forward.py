@@ -22,7 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .reference import local_rule
+from llama_surgery_jax.surgery.mask import SINK, WINDOW, local_rule
+
 from .schedule import Schedule
 
 LOG2E = math.log2(math.e)
@@ -47,11 +48,11 @@ class Rule(enum.Enum):
 def _visible(rule: Rule, qpos, kpos, qcode, kcode, window, sink):
     vis = kpos <= qpos
     if rule is Rule.CODES:
-        vis = vis & ((qcode == kcode) | local_rule(qpos, kpos, window, sink))
+        vis = vis & ((qcode == kcode) | local_rule(qpos, kpos, window=window, sink=sink))
     elif rule is Rule.LOCAL:
-        vis = vis & local_rule(qpos, kpos, window, sink)
+        vis = vis & local_rule(qpos, kpos, window=window, sink=sink)
     elif rule is Rule.BUCKET:
-        vis = vis & (qcode == kcode) & ~local_rule(qpos, kpos, window, sink)
+        vis = vis & (qcode == kcode) & ~local_rule(qpos, kpos, window=window, sink=sink)
     return vis
 
 
@@ -153,8 +154,8 @@ def sparse_attention_forward(
     rule: Rule = Rule.TILE,
     codes: jax.Array | None = None,
     positions: jax.Array | None = None,
-    window: int | None = 0,
-    sink: bool = True,
+    window: int | None = WINDOW,
+    sink: bool = SINK,
     sm_scale: float | None = None,
     out_dtype=None,
     interpret: bool = False,

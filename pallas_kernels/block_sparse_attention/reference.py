@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_surgery_jax.surgery.mask import SINK, WINDOW, visible
+
 
 def routing_head_of(num_q_heads: int, num_routing_heads: int, num_kv_heads: int) -> jax.Array:
     """Routing head index of each query head: [num_q_heads] int32."""
@@ -31,43 +33,6 @@ def routing_head_of(num_q_heads: int, num_routing_heads: int, num_kv_heads: int)
     raise ValueError(
         f"routing heads {num_routing_heads} must equal query heads {num_q_heads} or KV heads {num_kv_heads}"
     )
-
-
-def local_rule(qpos: jax.Array, kpos: jax.Array, window: int | None, sink: bool) -> jax.Array:
-    """Sink / window / diagonal part of the token rule, broadcast over qpos and kpos."""
-    local = qpos == kpos
-    if window is not None:
-        local = local | (qpos - kpos <= window)
-    if sink:
-        local = local | (kpos == 0)
-    return local
-
-
-def token_mask(
-    tile_mask: jax.Array,
-    num_tokens: int,
-    tile: int,
-    *,
-    codes: jax.Array | None = None,
-    window: int | None = 0,
-    sink: bool = True,
-    q_range: tuple[int, int] | None = None,
-) -> jax.Array:
-    """Dense token visibility (small N only, or a query-row slice of it).
-
-    tile_mask: [batch, routing_heads, q_tiles, k_tiles] bool; codes: [batch, routing_heads, tokens].
-    q_range: (start, stop) of query rows to build; all rows by default.
-    Returns [batch, routing_heads, rows, num_tokens] bool.
-    """
-    start, stop = q_range if q_range is not None else (0, num_tokens)
-    qpos = jnp.arange(start, stop, dtype=jnp.int32)[:, None]
-    kpos = jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
-    tiles = tile_mask[:, :, qpos[:, 0] // tile][:, :, :, kpos[0] // tile]
-    vis = tiles & (kpos <= qpos)
-    if codes is not None:
-        same = codes[:, :, start:stop, None] == codes[:, :, None, :]
-        vis = vis & (same | local_rule(qpos, kpos, window, sink))
-    return vis
 
 
 def reference_attention(
@@ -110,8 +75,8 @@ def chunked_reference_attention(
     *,
     tile: int,
     codes: jax.Array | None = None,
-    window: int | None = 0,
-    sink: bool = True,
+    window: int | None = WINDOW,
+    sink: bool = SINK,
     sm_scale: float | None = None,
     chunk: int = 512,
     return_lse: bool = False,
@@ -130,10 +95,11 @@ def chunked_reference_attention(
         qpos = start + jnp.arange(chunk, dtype=jnp.int32)[:, None]
         kpos = jnp.arange(n, dtype=jnp.int32)[None, :]
         tiles = jnp.take(jnp.take(tile_mask, qpos[:, 0] // tile, axis=2), kpos[0] // tile, axis=3)
-        vis = tiles & (kpos <= qpos)
-        if codes is not None:
+        if codes is None:
+            vis = tiles & visible(qpos, kpos, window=window, sink=sink)
+        else:
             qc = jax.lax.dynamic_slice_in_dim(codes, start, chunk, axis=2)
-            vis = vis & ((qc[..., None] == codes[:, :, None, :]) | local_rule(qpos, kpos, window, sink))
+            vis = tiles & visible(qpos, kpos, qc[..., None], codes[:, :, None, :], window=window, sink=sink)
         return reference_attention(qs, k, v, vis, sm_scale=sm_scale, return_lse=True)
 
     starts = jnp.arange(0, n, chunk, dtype=jnp.int32)

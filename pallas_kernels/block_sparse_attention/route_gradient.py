@@ -43,6 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from llama_surgery_jax.surgery.mask import SINK, WINDOW
+
 from .backward import _probs, key_slice, query_slice, softmax_delta
 from .forward import Rule
 from .schedule import Schedule
@@ -191,7 +193,7 @@ def _key_side_kernel(counts_ref, indices_ref, q_ref, k_ref, v_ref, do_ref, lse_r
                                              "rows", "cols", "num_warps"))
 def route_gradient_backward(q, k, v, o, lse, do, dlse, routes, schedule: Schedule, schedule_t: Schedule, *,
                             tile: int, rule: Rule, soft_mask: SoftMask, codes=None, positions=None,
-                            window: int | None = 0, sink: bool = True, sm_scale: float | None = None,
+                            window: int | None = WINDOW, sink: bool = SINK, sm_scale: float | None = None,
                             interpret: bool = False, rows: int = 16, cols: int = 32, num_warps: int = 4):
     """∂L/∂routes through the straight-through soft mask, for the attention of `sparse_attention_forward`
     with the same arguments (see `sparse_attention_backward` for q … dlse, schedule, schedule_t).
