@@ -192,8 +192,9 @@ def test_the_kernel_runs_the_mask_that_trains():
     """METHOD.md §8.1: the block-sparse kernel's mask is the training mask, bit for bit: the tiles it is
     given hold every visible pair, and inside them the kernel's rule is the training rule."""
     from llama_surgery_jax.surgery.mask import tile_mask, tiled_token_mask
+    from pallas_kernels import block_sparse_attention
 
-    window, tile, t, heads = 5, 16, 80, 4
+    window, tile, t, heads, kv = 5, 16, 80, 4, 2
     config = RouterConfig(p=2, levels=4, d_max=2, window=window, query_chunk=32)
     params = init_router_params(jax.random.key(0), 12, heads, config, homotopy=False)
     codes = route(params, jax.random.normal(jax.random.key(1), (1, t, 12)), config=config,
@@ -207,7 +208,7 @@ def test_the_kernel_runs_the_mask_that_trains():
     q, k, v = (jax.random.normal(jax.random.key(i), (1, t, n, 64), jnp.bfloat16)
                for i, n in ((3, heads), (4, kv), (5, kv)))
     trained, _ = masked_attention(q, k, v, codes, config=config)
-    executed = kernels.block_sparse_attention(q, k, v, tiles, tile=tile, codes=codes, window=window, sink=True,
+    executed = block_sparse_attention(q, k, v, tiles, tile=tile, codes=codes, window=window, sink=True,
                                               interpret=True)
     # bf16 outputs of two float32 computations that round probabilities and sums differently: one bf16
     # rounding step (2^-7 relative) apart at most.

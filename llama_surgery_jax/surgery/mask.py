@@ -48,7 +48,8 @@ def token_mask(codes_q: jax.Array, codes_k: jax.Array, positions_q: jax.Array, p
 
 
 def tiled_token_mask(tiles: jax.Array, num_tokens: int, tile: int, *, codes: jax.Array | None = None,
-                     window: int | None = WINDOW, sink: bool = SINK, q_range: tuple[int, int] | None = None) -> jax.Array:
+                     window: int | None = WINDOW, sink: bool = SINK,
+                     q_range: tuple[int, int] | None = None) -> jax.Array:
     """What a block-sparse kernel computes: the token rule inside the tiles that are on (small N only).
 
     tiles: [b, h, q_tiles, k_tiles] bool; codes: [b, h, tokens] or None (tiles alone decide, causally).
