@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 from llama_surgery_jax.generate import main
-from llama_surgery_jax.inference.cache import ContextError, Decoder, gathered_attention
+from llama_surgery_jax.inference.cache import ContextError, Decoder
 from llama_surgery_jax.inference.generate import generate
 from llama_surgery_jax.model.checkpoint import load_model
 from llama_surgery_jax.model.config import ModelConfig
 from llama_surgery_jax.model.llama import LlamaForCausalLM
 from llama_surgery_jax.surgery.config import RouterConfig
-from llama_surgery_jax.surgery.reference_attention import attend
+from llama_surgery_jax.surgery.reference_attention import attend, gathered_attention
 from llama_surgery_jax.surgery.routed_attention import inject_routers
 from tests.conftest import fresh_seed
 

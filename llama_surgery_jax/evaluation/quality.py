@@ -5,7 +5,7 @@
         [--d-max 2,3,4,5,6,7] [--window-sweep 0,32,64,128,256] [--baseline-extra 0,1,2,3,4,6]
         [--niah-lengths 2048,4096,8192] [--niah-depths 0,0.25,0.5,0.75,1] [--niah-trials 2]
         [--speed-contexts 1024,4096,8192] [--speed-new-tokens 64]
-        [--ablate-p 2,3,5,7 --ablate-steps 200 --ablate-preset default]
+        [--ablate-p 2,3,5,7 --ablate-steps 200 --ablate-preset default] [--text FILE|DIR]
 
 Writes OUT/quality.json, OUT/quality.md (every table), OUT/quality_density.png (the curve),
 OUT/density_heatmap.png (per layer × head densities), OUT/tree_path.png (one token's route). Sections
@@ -13,13 +13,15 @@ OUT/density_heatmap.png (per layer × head densities), OUT/tree_path.png (one to
 not run keeps the results an earlier run wrote into the same OUT/quality.json, so the work can be split
 into several shorter commands):
 
-  perplexity   WikiText-2 test at each context: dense, surgery, streaming and MoBA baselines at the
+  perplexity   WikiText-2 test (or the `--text` file or folder, which the curve, the ablation's evaluation and
+               the speed prompts use too) at each context: dense, surgery, streaming and MoBA baselines at the
                surgery's own block density (sorted, tile = block_size, measured on the first window),
                the evaluate.py protocol (no BOS, stride = context, all tokens after a window's first).
   curve        at --curve-context: surgery with d_max and W changed at evaluation time (the trained
                routers' choices are kept; a larger d_max compares fewer prefix levels), the baselines
                at several `extra` blocks, dense at 1.0; x = block density (sorted, tile = block_size).
-  niah         needle-in-a-haystack exact-match accuracy, dense vs surgery (`niah.py`).
+  niah         needle-in-a-haystack exact-match accuracy, dense vs surgery (`niah.py`); the filler is always
+               WikiText-2 valid.
   speed        prefill and decode tokens/s, dense (cuDNN via jax.nn.dot_product_attention) vs surgery
                (block-sparse kernel prefill; decode gathering visible keys, and masked over the cache),
                batch 1, compilation excluded, in --speed-dtype.
@@ -40,7 +42,7 @@ import numpy as np
 
 from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import perplexity
-from llama_surgery_jax.inference.cache import Decoder, _layer_tail
+from llama_surgery_jax.inference.cache import Decoder
 from llama_surgery_jax.model.checkpoint import load_model
 from llama_surgery_jax.model.config import ConfigError, Precision
 from llama_surgery_jax.surgery.baselines import (
@@ -50,7 +52,6 @@ from llama_surgery_jax.surgery.baselines import (
     install_baseline,
 )
 from llama_surgery_jax.surgery.config import RouterConfig
-from llama_surgery_jax.surgery.reference_attention import masked_attention
 from llama_surgery_jax.surgery.routed_attention import RoutedAttention, remove_routers, routed_layers
 from llama_surgery_jax.training.config import TrainConfig
 
@@ -170,21 +171,9 @@ def curve(att: Attention, ids: np.ndarray, context: int, windows: int, batch: in
 
 
 def routing_choices(model, tokens: jax.Array) -> list[jax.Array]:
-    """tokens: [1, t] → per layer the argmax choices [heads, t, levels] (level l − 1 = root side)."""
-    from llama_surgery_jax.model.llama import rope_cos_sin
-
-    t = tokens.shape[1]
-    cos, sin = rope_cos_sin(model.config, jnp.arange(t)[None])
-    x = model.model.embed_tokens(tokens).astype(model.precision.compute)
-    choices = []
-    for layer in model.model.layers:
-        h = layer.input_layernorm(x)
-        q, k, v = layer.self_attn.project(h, cos, sin)
-        impl = layer.self_attn.attention_impl
-        routing = impl.router(h)
-        choices.append(jnp.argmax(routing.routes, axis=-1)[0])
-        x = _layer_tail(layer, x, masked_attention(q, k, v, routing.codes, None, config=impl.config)[0])
-    return choices
+    """tokens: [1, t] → per layer the argmax choices [heads, t, levels] (level L − 1 = root side)."""
+    _, aux = model(tokens, return_choices=True)
+    return [layer_aux["choices"][0] for layer_aux in aux]
 
 
 def niah_section(att: Attention, tokenizer, data_dir, lengths, depths, trials: int, context: int) -> dict:
@@ -237,7 +226,8 @@ def ablation(args, model_dir: Path, ids: np.ndarray, out: Path) -> list[dict]:
     rows = []
     w = data.windows(ids, args.curve_context, args.curve_windows)
     base = base.override([f"model={model_dir}", *([f"steps={args.ablate_steps}"] if args.ablate_steps else []),
-                          *([f"data_dir={args.data_dir}"] if args.data_dir else []), *args.ablate_override])
+                          *([f"data_dir={args.data_dir}"] if args.data_dir else []),
+                          *([f"eval_data={args.text}"] if args.text else []), *args.ablate_override])
     for p in args.ablate_p:
         levels = levels_for(p, base.seq_len)
         config = base.override([f"router.p={p}", f"router.levels={levels}", f"router.d_max={levels // 2}"])
@@ -251,7 +241,7 @@ def ablation(args, model_dir: Path, ids: np.ndarray, out: Path) -> list[dict]:
     return rows
 
 
-def plot_curve(points: list[dict], out: Path) -> None:
+def plot_curve(points: list[dict], out: Path, ylabel: str = "WikiText-2 test perplexity") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +255,7 @@ def plot_curve(points: list[dict], out: Path) -> None:
         ax.plot([p["block_density"] for p in sel], [p["ppl"] for p in sel], marker=markers.get(series, "."),
                 label=series, linestyle="-" if len(sel) > 1 else "none", markersize=9)
     ax.set_xlabel("block density (computed causal tiles / causal tiles)")
-    ax.set_ylabel("WikiText-2 test perplexity")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -309,8 +299,8 @@ def plot_routing(per_layer_head: dict, choices: list, token: int, tile: int, p: 
 def markdown(result: dict) -> str:
     lines = ["# Quality against density", "", f"Run: `{result['run']}`; model `{result['model']}`; "
              f"routers: {result['router']}.", "",
-             "Perplexity protocol: WikiText-2 `wiki.test.raw`, no BOS, stride = context, every token after a "
-             "window's first scored; routes argmax, hard mask. Block density: computed causal tiles / causal "
+             f"Perplexity protocol: `{data.describe(result['protocol'])}`, no BOS, stride = context, every token "
+             "after a window's first scored; routes argmax, hard mask. Block density: computed causal tiles / causal "
              f"tiles at tile {result['router']['block_size']} (surgery: sorted by code + band, as the kernel runs).",
              ""]
     if result["perplexity"]:

@@ -1,12 +1,20 @@
 """Llama in Flax NNX, with parameter names and layouts exactly as Hugging Face's.
 
-Every attention layer computes q, k, v (RoPE applied) and hands them to one swappable callable,
-`LlamaAttention.attention_impl`; dense attention by default, the routed attention of the surgery
-after `surgery.inject_routers`. Its contract:
+One decoder layer serves every mode (as MaxText's `model_mode`):
+    "train"    the whole sequence, no cache (training and perplexity);
+    "prefill"  the whole prompt, and the layer's KV cache filled from it;
+    "decode"   one new token per sequence against its cache.
+Every attention layer computes q, k, v (RoPE applied), writes k and v to its cache when it has one, and
+hands them to one swappable callable, `LlamaAttention.attention_impl`: dense attention by default, the
+routed attention of the surgery after `surgery.routed_attention.inject_routers`. Its contract:
 
-    attention_impl(q, k, v, *, x, **attention_kwargs) -> (o, aux)
-    q: [batch, seq, heads, head_dim]   k, v: [batch, seq, kv_heads, head_dim]
+    attention_impl(q, k, v, *, x, mode, cache, lengths, **attention_kwargs) -> (o, aux, cache)
+    q: [batch, seq, heads, head_dim]
+    k, v: [batch, seq, kv_heads, head_dim] (train, prefill); the whole cache [batch, S, kv_heads, head_dim]
+          with the new token already written (decode)
     x: [batch, seq, hidden] (the layer's attention input, after input_layernorm)
+    cache: LayerCache or None (train); lengths: [batch] int32, tokens already in the cache (the new
+          token's index in decode; the prompt lengths in prefill)
     o: [batch, seq, heads, head_dim]   aux: dict of per-layer diagnostics (losses, densities)
 """
 
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +30,21 @@ from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig, Precision
 
-AttentionImpl = Callable[..., tuple[jax.Array, dict[str, Any]]]
+MODES = ("train", "prefill", "decode")
+
+
+class LayerCache(NamedTuple):
+    """One layer's KV cache. k, v: [b, S, kv_heads, d] in the compute dtype; codes: [b, r, S] int32 routing
+    codes per routing head (routed layers; -1 where unwritten), router_inputs: [b, T, hidden] the router
+    inputs of the last T positions (block-mode routers), None where unused."""
+
+    k: jax.Array
+    v: jax.Array
+    codes: jax.Array | None = None
+    router_inputs: jax.Array | None = None
+
+
+AttentionImpl = Callable[..., tuple[jax.Array, dict[str, Any], LayerCache | None]]
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
@@ -60,20 +82,34 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, **_) -> tuple[jax.Array, dict]:
-    """Causal grouped-query softmax attention; scores and softmax in float32.
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, mode: str = "train",
+                    cache: LayerCache | None = None, lengths: jax.Array | None = None, attention: str = "reference",
+                    **_) -> tuple[jax.Array, dict, LayerCache | None]:
+    """Causal grouped-query softmax attention; scores and softmax in float32 (the contract above).
 
-    q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim] → [batch, seq, heads, head_dim].
+    attention="kernel" (prefill on a GPU): the best dense kernel jax offers, cuDNN flash attention, in bf16.
     """
+    if mode == "decode":  # query i = lengths[b] sees the cache slots j <= i
+        visible = jnp.arange(k.shape[1])[None, :] <= lengths[:, None]
+        return grouped_attention(q, k, v, visible[:, None, :]), {}, cache
+    if attention == "kernel":
+        low = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        out = jax.nn.dot_product_attention(q.astype(low), k.astype(low), v.astype(low), is_causal=True)
+        return out.astype(q.dtype), {}, cache
+    t, s = q.shape[1], k.shape[1]
+    return grouped_attention(q, k, v, jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)), {}, cache
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; visible: bool broadcastable to [b, t, s] → [b, t, heads, d]."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    causal = jnp.tril(jnp.ones((t, k.shape[1]), dtype=bool), k=k.shape[1] - t)
-    scores = jnp.where(causal, scores, -jnp.inf)
+    scores = jnp.where(jnp.broadcast_to(visible, (b, t, k.shape[1]))[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype), {}
+    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 class Linear(nnx.Module):
@@ -124,21 +160,32 @@ class LlamaAttention(nnx.Module):
         self.attention_impl: AttentionImpl = dense_attention
 
     def project(self, x, cos, sin) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x: [b, t, hidden] → q [b, t, heads, head_dim], k, v [b, t, kv_heads, head_dim], RoPE applied.
-
-        Shared with the KV-cache decode path (`kv_cache.py`), which attends over cached keys itself.
-        """
+        """x: [b, t, hidden] → q [b, t, heads, head_dim], k, v [b, t, kv_heads, head_dim], RoPE applied."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, **attention_kwargs):
+    def __call__(self, x, cos, sin, *, mode: str = "train", cache: LayerCache | None = None,
+                 lengths: jax.Array | None = None, **attention_kwargs):
+        """x: [b, t, hidden] → (out [b, t, hidden], aux, cache). Prefill writes the prompt's k, v to slots
+        [0, t) of the cache; decode writes the new token's at slot lengths[b] and attends over the cache."""
         b, t, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        out, aux = self.attention_impl(q, k, v, x=x, **attention_kwargs)
-        return self.o_proj(out.reshape(b, t, -1)), aux
+        if mode == "prefill":
+            cache = cache._replace(k=cache.k.at[:, :t].set(k.astype(cache.k.dtype)),
+                                   v=cache.v.at[:, :t].set(v.astype(cache.v.dtype)))
+        elif mode == "decode":
+            batch = jnp.arange(b)
+            cache = cache._replace(k=cache.k.at[batch, lengths].set(k[:, 0].astype(cache.k.dtype)),
+                                   v=cache.v.at[batch, lengths].set(v[:, 0].astype(cache.v.dtype)))
+            k, v = cache.k, cache.v
+        elif mode != "train":
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        out, aux, cache = self.attention_impl(q, k, v, x=x, mode=mode, cache=cache, lengths=lengths,
+                                              **attention_kwargs)
+        return self.o_proj(out.reshape(b, t, -1)), aux, cache
 
 
 class LlamaMLP(nnx.Module):
@@ -161,9 +208,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.mlp = LlamaMLP(config, precision=precision, rngs=rngs)
 
     def __call__(self, x, cos, sin, **attention_kwargs):
-        attn_out, aux = self.self_attn(self.input_layernorm(x), cos, sin, **attention_kwargs)
+        """x: [b, t, hidden] → (x, aux, cache); mode, cache and lengths as `LlamaAttention`."""
+        attn_out, aux, cache = self.self_attn(self.input_layernorm(x), cos, sin, **attention_kwargs)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_layernorm(x)), aux
+        return x + self.mlp(self.post_attention_layernorm(x)), aux, cache
 
 
 class LlamaModel(nnx.Module):
@@ -180,6 +228,8 @@ class LlamaForCausalLM(nnx.Module):
 
     aux is a tuple with one dict per layer from its `attention_impl` (empty for dense attention).
     `attention_kwargs` (e.g. the router's temperature and RNG key) reach every `attention_impl`.
+    With mode="prefill" or "decode" and a cache (one `LayerCache` per layer, `inference.cache`), the
+    call returns (logits, aux, cache): the same layers, in the mode the module docstring describes.
     """
 
     def __init__(self, config: ModelConfig, *, precision: Precision = Precision(), rngs: nnx.Rngs):
@@ -190,22 +240,27 @@ class LlamaForCausalLM(nnx.Module):
                         else Linear(config.hidden_size, config.vocab_size, precision=precision, rngs=rngs))
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *, remat: bool = False,
-                      **attention_kwargs):
-        """tokens: [batch, seq] → final normed hidden states [batch, seq, hidden], aux.
+                      mode: str = "train", cache: tuple[LayerCache, ...] | None = None,
+                      lengths: jax.Array | None = None, **attention_kwargs):
+        """tokens: [batch, seq] → final normed hidden states [batch, seq, hidden], aux, cache.
 
         remat: recompute each decoder layer in the backward pass instead of keeping its activations
         (Llama 3.1 8B at 8k tokens keeps ~1.9 GB per layer in bf16 otherwise: ~61 GB over 32 layers).
         """
         b, t = tokens.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            start = lengths[:, None] if mode == "decode" else 0
+            positions = start + jnp.broadcast_to(jnp.arange(t), (b, t))
         cos, sin = rope_cos_sin(self.config, positions)
         x = self.model.embed_tokens(tokens).astype(self.precision.compute)
-        aux = []
-        for layer in self.model.layers:
-            x, layer_aux = (checkpointed(layer) if remat else layer)(x, cos, sin, **attention_kwargs)
+        aux, caches = [], []
+        for index, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else cache[index]
+            x, layer_aux, layer_cache = (checkpointed(layer) if remat else layer)(
+                x, cos, sin, mode=mode, cache=layer_cache, lengths=lengths, **attention_kwargs)
             aux.append(layer_aux)
-        return self.model.norm(x), tuple(aux)
+            caches.append(layer_cache)
+        return self.model.norm(x), tuple(aux), (None if cache is None else tuple(caches))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
@@ -214,9 +269,13 @@ class LlamaForCausalLM(nnx.Module):
         return self.lm_head(hidden).astype(jnp.float32)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, remat: bool = False,
+                 mode: str = "train", cache: tuple[LayerCache, ...] | None = None, lengths: jax.Array | None = None,
                  **attention_kwargs):
-        hidden, aux = self.hidden_states(tokens, positions, remat=remat, **attention_kwargs)
-        return self.logits(hidden), aux
+        hidden, aux, cache = self.hidden_states(tokens, positions, remat=remat, mode=mode, cache=cache,
+                                                lengths=lengths, **attention_kwargs)
+        if mode == "train":
+            return self.logits(hidden), aux
+        return self.logits(hidden), aux, cache
 
 
 def checkpointed(layer: nnx.Module):
@@ -228,7 +287,7 @@ def checkpointed(layer: nnx.Module):
     graphdef, state = nnx.split(layer)
 
     def call(x, cos, sin, **kwargs):
-        static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, type(None)))}
+        static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
         dynamic = {k: v for k, v in kwargs.items() if k not in static}
 
         def run(state, x, cos, sin, dynamic):

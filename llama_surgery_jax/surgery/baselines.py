@@ -118,11 +118,13 @@ def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.A
 
 
 def baseline_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, kind: str, extra: int, tile: int,
-                       **_) -> tuple[jax.Array, dict]:
-    """An `attention_impl` (model.py's contract): q: [b, t, h, d]; k, v: [b, t, k, d] → (out, aux).
+                       mode: str = "train", cache=None, **_) -> tuple[jax.Array, dict, object]:
+    """An `attention_impl` (`model.llama`'s contract): q: [b, t, h, d]; k, v: [b, t, k, d] → (out, aux, cache).
 
-    aux: block_density (computed causal tiles / causal tiles) and token_density of the mask.
+    aux: block_density (computed causal tiles / causal tiles) of the mask. Train and prefill only.
     """
+    if mode == "decode":
+        raise NotImplementedError(f"the {kind} baseline has no KV-cache decode; evaluate it by perplexity")
     t = q.shape[1]
     n = -(-t // tile)
     if kind == "streaming":
@@ -133,7 +135,7 @@ def baseline_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, kind
         raise ValueError(f"unknown baseline {kind!r}; choose one of {BASELINES}")
     out = tile_masked_attention(q, k, v, tiles, tile=tile)
     density = jnp.sum(tiles, dtype=jnp.float32) / (tiles.size // (n * n) * causal_pairs(n))
-    return out, {"block_density": density}
+    return out, {"block_density": density}, cache
 
 
 def install_baseline(model: LlamaForCausalLM, kind: str, *, extra: int, tile: int) -> LlamaForCausalLM:

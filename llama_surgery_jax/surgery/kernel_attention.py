@@ -218,3 +218,14 @@ def visible_pairs(codes: jax.Array, *, window: int | None, sink: bool) -> jax.Ar
     if sink:  # key 0 for queries beyond the window, whose code differs from token 0's
         total = total + jnp.sum((codes != codes[..., :1]) & (index > reach), dtype=jnp.float32)
     return total
+
+
+def prefill_kernel_attention(q, k, v, codes, *, config: RouterConfig) -> jax.Array:
+    """Evaluation prefill on the code-sorted kernels (bucket pass + band pass), exact token routing; float32
+    inputs run in bf16. Shapes as `masked_attention`."""
+    from pallas_kernels import token_routed_attention
+
+    low = q.dtype if q.dtype in KERNEL_DTYPES else jnp.bfloat16
+    out = token_routed_attention(q.astype(low), k.astype(low), v.astype(low), codes,
+                                 tile=config.block_size, window=config.window, sink=config.sink)
+    return out.astype(q.dtype)

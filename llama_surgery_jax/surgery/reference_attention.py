@@ -97,3 +97,34 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
     outs, visible_pairs = jax.lax.map(lambda args: one_chunk(*args), (jnp.arange(n_chunks), q_chunks))
     out = jnp.moveaxis(outs, 0, 1).reshape(q.shape[0], n_chunks * chunk, *q.shape[2:])[:, :t]
     return out, jnp.sum(visible_pairs.astype(jnp.float32))
+
+
+def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                       budget: int) -> tuple[jax.Array, jax.Array]:
+    """One query per sequence over at most `budget` visible keys per routing head, gathered from the cache.
+
+    q: [b, h, d]; k, v: [b, S, k, d]; visible: bool [b, r, S] with r = h or k → (out [b, h, d], the most
+    keys any (sequence, routing head) sees: int32 scalar; out is exact only when it is <= budget).
+    """
+    b, heads, d = q.shape
+    kv_heads = k.shape[2]
+    r = visible.shape[1]
+    kv_of_r = jnp.arange(r) // (r // kv_heads)  # r = h: head h reads KV head h // group; r = k: itself
+    # The first `budget` visible slots in position order, compacted by a prefix sum: O(S), no sort.
+    count = jnp.sum(visible, axis=-1, dtype=jnp.int32)  # [b, r]
+    rank = jnp.cumsum(visible, axis=-1, dtype=jnp.int32) - 1
+    target = jnp.where(visible, rank, budget)  # invisible slots, and visible ones past the budget, drop
+    batch = jnp.arange(b)[:, None, None]
+    heads_r = jnp.arange(r)[None, :, None]
+    slot_ids = jnp.broadcast_to(jnp.arange(visible.shape[-1], dtype=jnp.int32), visible.shape)
+    slots = jnp.zeros((b, r, budget), jnp.int32).at[batch, heads_r, target].set(slot_ids, mode="drop")
+    valid = jnp.arange(budget)[None, None, :] < count[..., None]
+    k_sel = k[batch, slots, kv_of_r[None, :, None]]  # [b, r, M, d]: only these rows are read
+    v_sel = v[batch, slots, kv_of_r[None, :, None]]
+    qr = q.reshape(b, r, heads // r, d)
+    scores = jnp.einsum("brgd,brmd->brgm", qr, k_sel, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("brgm,brmd->brgd", probs.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
+    most = jnp.max(count)
+    return out.reshape(b, heads, d).astype(q.dtype), most

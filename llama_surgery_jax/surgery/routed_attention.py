@@ -35,16 +35,25 @@ about e^(−2·init_bias) per level, so a noisy step 0 is dense only up to that.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig
-from llama_surgery_jax.model.llama import LlamaForCausalLM, dense_attention
+from llama_surgery_jax.model.llama import LayerCache, LlamaForCausalLM, dense_attention
+from llama_surgery_jax.surgery import mask
 from llama_surgery_jax.surgery.config import RouterConfig
-from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
+from llama_surgery_jax.surgery.kernel_attention import (
+    kernel_routed_attention,
+    prefill_kernel_attention,
+    resolve_backend,
+    visible_pairs,
+)
 from llama_surgery_jax.surgery.mask import block_density, causal_pairs, tile_mask
-from llama_surgery_jax.surgery.reference_attention import masked_attention
-from llama_surgery_jax.surgery.router import HardTopology, RouterParam, TopologyRouter
+from llama_surgery_jax.surgery.reference_attention import attend, gathered_attention, masked_attention
+from llama_surgery_jax.surgery.router import HardTopology, RouterParam, TopologyRouter, route
 
 __all__ = ["RoutedAttention", "RouterParam", "inject_routers", "remove_routers", "routed_layers",
            "hard_topology"]
@@ -70,10 +79,16 @@ class RoutedAttention(nnx.Module):
         self.router = TopologyRouter(model_config.hidden_size, heads, router_config, rngs=rngs,
                                      homotopy=homotopy)
 
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, x: jax.Array, train: bool = False,
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, x: jax.Array, mode: str = "train",
+                 cache: LayerCache | None = None, lengths: jax.Array | None = None, train: bool = False,
                  tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True,
-                 return_codes: bool = False, **_) -> tuple[jax.Array, dict]:
-        """q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; x: [b, t, hidden] → out [b, t, heads, d], aux."""
+                 return_codes: bool = False, return_choices: bool = False, attention: str = "reference",
+                 budget: int | None = None, **_) -> tuple[jax.Array, dict, LayerCache | None]:
+        """The `attention_impl` contract of `model.llama`: (out [b, t, heads, d], aux, cache)."""
+        if mode == "prefill":
+            return self.prefill(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention)
+        if mode == "decode":
+            return self.decode(q, k, v, x=x, cache=cache, lengths=lengths, budget=budget)
         if rng is not None:
             rng = jax.random.fold_in(rng, self.layer_index)
         routing = self.router(x, tau=tau, rng=rng, hard=hard)
@@ -93,7 +108,75 @@ class RoutedAttention(nnx.Module):
         }
         if return_codes:
             aux["codes"] = routing.codes
-        return out, aux
+        if return_choices:
+            aux["choices"] = jnp.argmax(routing.routes, axis=-1)  # [b, h, t, levels], level L − 1 = root side
+        return out, aux, cache
+
+    def prefill(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str):
+        """The prompt with evaluation routes (argmax, no noise); its codes (and, in block mode, the router
+        inputs of each prompt's last T positions) go to the cache. attention: "reference" (the chunked
+        training attention) or "kernel" (the code-sorted block-sparse kernels, bf16)."""
+        codes = self.router(x).codes
+        if attention == "kernel":
+            out = prefill_kernel_attention(q, k, v, codes, config=self.config)
+        else:
+            out = masked_attention(q, k, v, codes, None, config=self.config)[0]
+        cache = cache._replace(codes=cache.codes.at[:, :, :codes.shape[-1]].set(codes))
+        if self.config.mode == "block":
+            cache = cache._replace(router_inputs=last_positions_ring(x, lengths, self.config.block_size))
+        return out, {}, cache
+
+    def decode(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, budget: int | None):
+        """One new token per sequence (index lengths[b], its k and v already in the cache): its codes from its
+        own router input (token mode) or its block's (block mode), then attention over the slots the rule of
+        `mask.visible` lets it see. budget None: masked over every slot; M: the first M visible keys per
+        (sequence, routing head) gathered (aux["keys_seen"] > M means the step must be repeated)."""
+        batch = jnp.arange(q.shape[0])
+        if self.config.mode == "block":
+            ring = cache.router_inputs.at[batch, lengths % self.config.block_size].set(x[:, 0])
+            cache = cache._replace(router_inputs=ring)
+            new_codes = decode_block_codes(self.router, self.config, ring, cache.codes, lengths)
+        else:
+            new_codes = self.router(x).codes[:, :, 0]  # [b, r]
+        cache = cache._replace(codes=cache.codes.at[batch, :, lengths].set(new_codes))
+        slots = jnp.arange(cache.codes.shape[-1])[None, None, :]
+        visible = mask.visible(lengths[:, None, None], slots, new_codes[..., None], cache.codes,
+                               window=self.config.window, sink=self.config.sink)  # [b, r, S]
+        if budget is None:
+            return attend(q, k, v, visible[:, :, None, :]), {}, cache
+        out, most = gathered_attention(q[:, 0], k, v, visible, budget)
+        return out[:, None], {"keys_seen": most}, cache
+
+
+def last_positions_ring(h: jax.Array, lengths: jax.Array, size: int) -> jax.Array:
+    """h: [b, t, hidden], lengths: [b] → [b, size, hidden]: slot s holds h at the position p ≡ s (mod size)
+    among the last `size` positions before lengths[b] (zeros where p < 0)."""
+    slots = jnp.arange(size)
+    first = lengths[:, None] - size
+    positions = first + (slots[None, :] - first) % size  # [b, size], in [lengths - size, lengths)
+    taken = jnp.take_along_axis(h, jnp.clip(positions, 0)[..., None], axis=1)
+    return jnp.where((positions >= 0)[..., None], taken, 0).astype(h.dtype)
+
+
+def decode_block_codes(router, config: RouterConfig, ring: jax.Array, cached_codes: jax.Array,
+                       lengths: jax.Array) -> jax.Array:
+    """A block-mode router's codes [b, r] for the token at index lengths[b], whose input is already in the ring.
+
+    The first token of block n = p // T routes it from the mean of the T inputs ending at p (as
+    `router.pooled_block_features`, same order of summation); any other token takes block n's code,
+    written in the cache at index n · T.
+    """
+    size = config.block_size
+    positions = lengths[:, None] - jnp.arange(size)[None, :]  # p, p − 1, …, p − T + 1
+    window = jnp.take_along_axis(ring, (positions % size)[..., None], axis=1).astype(jnp.float32)
+    valid = positions >= 0
+    features = (jnp.sum(jnp.where(valid[..., None], window, 0.0), axis=1)
+                / jnp.sum(valid, axis=1)[:, None].astype(jnp.float32))
+    fresh = route(router.parameters(), features[:, None], config=dataclasses.replace(config, mode="token"),
+                  routing_heads=router.routing_heads).codes[:, :, 0]
+    batch = jnp.arange(lengths.shape[0])
+    opened = cached_codes[batch, :, (lengths // size) * size]  # [b, r]
+    return jnp.where((lengths % size == 0)[:, None], fresh, opened)
 
 
 def routed_layers(model: LlamaForCausalLM) -> list[RoutedAttention]:
