@@ -1,10 +1,11 @@
-"""Perplexity on WikiText-2 test: dense, with the surgery's routers, or a baseline; and needle retrieval.
+"""Perplexity on WikiText-2 test or your own text: dense, with the surgery's routers, or a baseline; and needle
+retrieval.
 
     python -m llama_surgery_jax.evaluate [--model CONVERTED_DIR] [--data-dir DIR] [--context 1024]
                                          [--max-windows N] [--surgery init|CHECKPOINT] [--json FILE]
                                          [--contexts 1024,4096,8192] [--dense-too]
                                          [--baseline streaming|moba --baseline-density D]
-                                         [--niah 2048,4096,8192 [--niah-trials N]]
+                                         [--niah 2048,4096,8192 [--niah-trials N]] [--text FILE|DIR]
 
 `--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
 context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
@@ -13,9 +14,10 @@ gating at block density D instead of the routers (`baselines.py`); `--niah` adds
 exact-match accuracy at those lengths (`niah.py`), for the model as configured and, with `--dense-too`,
 dense. The full comparison with plots is `python -m llama_surgery_jax.quality --run RUN`.
 
-Protocol (stated in every result): the whole `wiki.test.raw` is tokenized as one stream with no BOS,
-cut into non-overlapping windows of `--context` tokens (stride = context, the tail that fills no window
-dropped); every token of a window after its first is scored. ppl = exp(total NLL / scored tokens).
+Protocol (stated in every result): the whole `wiki.test.raw` (or the `--text` file, or a folder's `*.txt`
+files in name order joined by a blank line) is tokenized as one stream with no BOS, cut into non-overlapping
+windows of `--context` tokens (stride = context, the tail that fills no window dropped); every token of a
+window after its first is scored. ppl = exp(total NLL / scored tokens).
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ from llama_surgery_jax.model.embedded import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="WikiText-2 test perplexity of a converted Llama.")
+    parser = argparse.ArgumentParser(description="WikiText-2 test (or your own text) perplexity of a converted "
+                                                 "Llama.")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${data.DATA_DIR_ENV}, else datasets)")
+    parser.add_argument("--text", metavar="FILE|DIR",
+                        help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
+                             "(not sub-folders') are read in name order, joined by a blank line")
     parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
     parser.add_argument("--max-windows", type=int, help="score only the first N windows")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -69,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(args.model) if args.model else default_model_dir()
         model = load_model(model_dir, Precision(args.dtype, args.dtype))
         tokenizer = load_tokenizer(model_dir)
-        ids = data.tokenize(tokenizer, data.load_text("test", args.data_dir, "raw"))
-        windows_by_context = {c: data.windows(ids, c, args.max_windows) for c in contexts}
+        corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
+        ids = data.tokenize(tokenizer, corpus.text)
+        setting = "--contexts" if args.contexts else "--context"
+        windows_by_context = {c: data.windows(ids, c, args.max_windows, source=data.describe(corpus.source),
+                                              setting=setting) for c in contexts}
         token_windows = windows_by_context[contexts[0]]
         attention_kwargs = {}
         if args.surgery:
@@ -81,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    data_dir = data.resolve_data_dir(args.data_dir)
     by_context = []
     for context, windows_here in windows_by_context.items():
         if args.baseline:
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = extra_blocks_for_density(-(-context // args.baseline_tile), args.baseline_density)
             install_baseline(model, args.baseline, extra=extra, tile=args.baseline_tile)
         scored = perplexity(model, windows_here, batch_size=args.batch_size, **attention_kwargs)
-        scored.update(context=context, protocol=protocol(context, len(windows_here), data_dir))
+        scored.update(context=context, protocol=protocol(context, len(windows_here), corpus.source))
         if args.baseline:
             scored["baseline"] = describe(args.baseline, extra, args.baseline_tile, context)
         by_context.append(scored)
@@ -117,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         result["transformers"] = reference | {"relative_difference": result["ppl"] / reference["ppl"] - 1}
         print(f"transformers perplexity {reference['ppl']:.4f} on the same windows "
               f"(ours/theirs - 1 = {result['transformers']['relative_difference']:+.2e})")
+    scored_text = f"text {data.describe(corpus.source)}" if args.text else "wikitext-2 test"
     for row in by_context:
         label = f"baseline={args.baseline}" if args.baseline else f"surgery={result['surgery']}"
-        print(f"wikitext-2 test perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
+        print(f"{scored_text} perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
               f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
     if args.niah:
         from llama_surgery_jax.evaluation.niah import table

@@ -5,7 +5,7 @@
         [--d-max 2,3,4,5,6,7] [--window-sweep 0,32,64,128,256] [--baseline-extra 0,1,2,3,4,6]
         [--niah-lengths 2048,4096,8192] [--niah-depths 0,0.25,0.5,0.75,1] [--niah-trials 2]
         [--speed-contexts 1024,4096,8192] [--speed-new-tokens 64]
-        [--ablate-p 2,3,5,7 --ablate-steps 200 --ablate-preset default]
+        [--ablate-p 2,3,5,7 --ablate-steps 200 --ablate-preset default] [--text FILE|DIR]
 
 Writes OUT/quality.json, OUT/quality.md (every table), OUT/quality_density.png (the curve),
 OUT/density_heatmap.png (per layer × head densities), OUT/tree_path.png (one token's route). Sections
@@ -13,13 +13,15 @@ OUT/density_heatmap.png (per layer × head densities), OUT/tree_path.png (one to
 not run keeps the results an earlier run wrote into the same OUT/quality.json, so the work can be split
 into several shorter commands):
 
-  perplexity   WikiText-2 test at each context: dense, surgery, streaming and MoBA baselines at the
+  perplexity   WikiText-2 test (or the `--text` file or folder, which the curve, the ablation's evaluation and
+               the speed prompts use too) at each context: dense, surgery, streaming and MoBA baselines at the
                surgery's own block density (sorted, tile = block_size, measured on the first window),
                the evaluate.py protocol (no BOS, stride = context, all tokens after a window's first).
   curve        at --curve-context: surgery with d_max and W changed at evaluation time (the trained
                routers' choices are kept; a larger d_max compares fewer prefix levels), the baselines
                at several `extra` blocks, dense at 1.0; x = block density (sorted, tile = block_size).
-  niah         needle-in-a-haystack exact-match accuracy, dense vs surgery (`niah.py`).
+  niah         needle-in-a-haystack exact-match accuracy, dense vs surgery (`niah.py`); the filler is always
+               WikiText-2 valid.
   speed        prefill and decode tokens/s, dense (cuDNN via jax.nn.dot_product_attention) vs surgery
                (block-sparse kernel prefill; decode gathering visible keys, and masked over the cache),
                batch 1, compilation excluded, in --speed-dtype.
@@ -69,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="training run folder (its router checkpoints)")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${data.DATA_DIR_ENV})")
+    parser.add_argument("--text", metavar="FILE|DIR",
+                        help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
+                             "(not sub-folders') are read in name order; the NIAH filler stays WikiText-2 valid "
+                             "(without WikiText-2, skip it: --niah-lengths '')")
     parser.add_argument("--out", help="output folder (default: RUN/quality)")
     parser.add_argument("--contexts", type=int_list, default=[1024, 4096, 8192])
     parser.add_argument("--windows", type=int, default=8, help="windows per context of the perplexity table")
@@ -99,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_dir = Path(args.model) if args.model else default_model_dir()
         tokenizer = load_tokenizer(model_dir)
-        ids = data.tokenize(tokenizer, data.load_text("test", args.data_dir, "raw"))
+        corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
+        ids = data.tokenize(tokenizer, corpus.text)
+        # The longest window any section cuts from the text; the curve's context is always used (routing plots).
+        data.windows(ids, max([*args.contexts, args.curve_context]), 1, source=data.describe(corpus.source),
+                     setting="--contexts / --curve-context")
         model, router, step = load_trained_routers(load_model(model_dir), args.run)
         longest = max([*args.contexts, args.curve_context, *args.niah_lengths, *args.speed_contexts])
         if longest > model.config.max_position_embeddings:
@@ -113,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     # Sections not run this time keep what an earlier invocation on the same folder wrote, so the
     # measurement can be split into several shorter commands.
     previous = json.loads((out / "quality.json").read_text()) if (out / "quality.json").is_file() else {}
+    if previous and not same_text(previous.get("protocol", {}), corpus.source):
+        print(f"{out / 'quality.json'} was measured on other text: its sections are not kept")
+        previous = {}
     result = {"perplexity": [], "curve": [], "niah": {}, "speed": [], "ablation": []}
     result |= {k: v for k, v in previous.items() if k in result}
     result |= {"run": str(args.run), "step": step, "model": str(model_dir), "router": dataclasses.asdict(router),
-               "protocol": protocol(args.curve_context, args.curve_windows, data.resolve_data_dir(args.data_dir))}
+               "protocol": protocol(args.curve_context, args.curve_windows, corpus.source)}
     if args.contexts:
         result["perplexity"] = perplexity_table(att, ids, args.contexts, args.windows, args.batch_size)
     if args.curve_windows:
@@ -142,10 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "quality.json", result)
     (out / "quality.md").write_text(markdown(result))
     if result["curve"]:
-        plot_curve(result["curve"], out)
+        ylabel = f"perplexity on {Path(corpus.source['path']).name}" if args.text else "WikiText-2 test perplexity"
+        plot_curve(result["curve"], out, ylabel=ylabel)
     plot_routing(density["per_layer_head"], choices, token, router.block_size, router.p, out)
     print(f"wrote {out / 'quality.md'} ({math.ceil(result['seconds'])} s)")
     return 0
+
+
+def same_text(protocol_fields: dict, source: dict) -> bool:
+    """Whether an earlier result's protocol names the same text as `source` (the folder it was read from aside)."""
+    identity = ("dataset", "split", "file", "path", "sha256")
+    return all(protocol_fields.get(key) == source.get(key) for key in identity)
 
 
 if __name__ == "__main__":

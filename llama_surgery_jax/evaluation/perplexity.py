@@ -1,10 +1,11 @@
-"""Perplexity on WikiText-2 test: dense, with the surgery's routers, or a baseline; and needle retrieval.
+"""Perplexity on WikiText-2 test or your own text: dense, with the surgery's routers, or a baseline; and needle
+retrieval.
 
     python -m llama_surgery_jax.evaluate [--model CONVERTED_DIR] [--data-dir DIR] [--context 1024]
                                          [--max-windows N] [--surgery init|CHECKPOINT] [--json FILE]
                                          [--contexts 1024,4096,8192] [--dense-too]
                                          [--baseline streaming|moba --baseline-density D]
-                                         [--niah 2048,4096,8192 [--niah-trials N]]
+                                         [--niah 2048,4096,8192 [--niah-trials N]] [--text FILE|DIR]
 
 `--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
 context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
@@ -13,9 +14,10 @@ gating at block density D instead of the routers (`baselines.py`); `--niah` adds
 exact-match accuracy at those lengths (`niah.py`), for the model as configured and, with `--dense-too`,
 dense. The full comparison with plots is `python -m llama_surgery_jax.quality --run RUN`.
 
-Protocol (stated in every result): the whole `wiki.test.raw` is tokenized as one stream with no BOS,
-cut into non-overlapping windows of `--context` tokens (stride = context, the tail that fills no window
-dropped); every token of a window after its first is scored. ppl = exp(total NLL / scored tokens).
+Protocol (stated in every result): the whole `wiki.test.raw` (or the `--text` file, or a folder's `*.txt`
+files in name order joined by a blank line) is tokenized as one stream with no BOS, cut into non-overlapping
+windows of `--context` tokens (stride = context, the tail that fills no window dropped); every token of a
+window after its first is scored. ppl = exp(total NLL / scored tokens).
 """
 
 from __future__ import annotations
@@ -82,10 +84,11 @@ def transformers_perplexity(model_dir: Path, token_windows: np.ndarray, *, progr
     return {"ppl": math.exp(total / tokens), "nll": total / tokens, "tokens": tokens}
 
 
-def protocol(context: int, windows: int, data_dir) -> dict:
-    return {"dataset": "wikitext-2-raw-v1", "split": "test", "file": "wiki.test.raw",
-            "data_dir": str(data_dir) if data_dir else "datasets.load_dataset",
-            "context": context, "stride": context, "bos": False, "windows": windows,
+def protocol(context: int, windows: int, source: dict) -> dict:
+    """What a perplexity was measured on and how: the corpus source (`data.Corpus.source`, e.g. dataset
+    "wikitext-2-raw-v1", split "test", file "wiki.test.raw"; or dataset "text", path, files, sha256) and the
+    windowing."""
+    return {**source, "context": context, "stride": context, "bos": False, "windows": windows,
             "scored": "every token of a window after its first"}
 
 

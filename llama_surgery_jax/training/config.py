@@ -18,6 +18,9 @@ class TrainConfig:
     data_dir: str = ""  # WikiText-2 folder; "" = $WIKITEXT2_DIR, else `datasets`
     train_split: str = "valid"  # the corpus the routers train on (wiki.valid.tokens here; never test)
     train_release: str = "tokens"
+    # Your own text instead of WikiText-2: a UTF-8 file, or a folder whose *.txt files are read in name order.
+    data: str = ""  # the routers' training text; "" = WikiText-2 (data_dir, train_split, train_release)
+    eval_data: str = ""  # the final report's perplexity text; "" = WikiText-2 wiki.test.raw
     seq_len: int = 1024
     batch_size: int = 8  # global, over all devices and processes
     steps: int = 200

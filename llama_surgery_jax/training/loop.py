@@ -6,6 +6,8 @@ No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid). 
 command on the same DIR resumes from its newest readable checkpoint. At the end, dense and surgery
 perplexity on `wiki.test.raw` through the same pipeline and the realised densities go to
 DIR/report.json, DIR/report.md and PNG plots; metrics stream to DIR/metrics.jsonl and TensorBoard.
+`data=FILE|DIR` trains on your own UTF-8 text and `eval_data=FILE|DIR` scores the report on it
+(a folder: its *.txt files in name order); the report's protocol names both sources.
 
 Multi-process (one process per host, the JAX runtime's own coordination):
     python -m llama_surgery_jax.train --coordinator HOST:PORT --num-processes N --process-id I ...
@@ -50,11 +52,12 @@ class PackedSequences:
     Each epoch visits every packed sequence once in an order drawn from PCG64(seed, epoch).
     """
 
-    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int):
-        self.sequences = data.windows(ids, seq_len)
+    def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
+                 source: str = "the training text"):
+        self.sequences = data.windows(ids, seq_len, source=source, setting="seq_len")
         if len(self.sequences) < batch_size:
-            raise data.DataError(f"the training text makes {len(self.sequences)} sequences of {seq_len} "
-                                 f"tokens, fewer than one batch of {batch_size}")
+            raise data.DataError(f"{source} makes {len(self.sequences)} sequences of {seq_len} tokens, fewer "
+                                 f"than one batch of {batch_size}: give more text or a smaller seq_len or batch_size")
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.cursor = 0, 0
 
@@ -77,9 +80,11 @@ class PackedSequences:
         self.epoch, self.cursor = int(position["epoch"]), int(position["cursor"])
 
 
-def load_training_tokens(config: TrainConfig, model_dir: Path) -> np.ndarray:
-    text = data.load_text(config.train_split, config.data_dir or None, config.train_release)
-    return data.tokenize(load_tokenizer(model_dir), text)
+def load_training_tokens(config: TrainConfig, model_dir: Path) -> tuple[np.ndarray, dict]:
+    """The training text as one token stream [tokens] int32, and its source (`data.Corpus.source`):
+    `config.data` when set, else the WikiText-2 split (never test)."""
+    corpus = data.load_corpus(config.data or None, config.train_split, config.data_dir or None, config.train_release)
+    return data.tokenize(load_tokenizer(model_dir), corpus.text), corpus.source
 
 
 # ---------------------------------------------------------------------------- the step
@@ -198,8 +203,11 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     checkpoints = RouterCheckpoints(out / "checkpoints", keep=config.keep_checkpoints)
     checkpoints.check_compatible(fingerprint, config.router)
 
-    tokens = load_training_tokens(config, model_dir)
-    batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed)
+    tokens, train_source = load_training_tokens(config, model_dir)
+    batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed,
+                              source=data.describe(train_source))
+    # Read and window the report's text now, so that a missing or too short one fails before training, not after.
+    evaluation = report.evaluation_windows(config, load_tokenizer(model_dir)) if config.report else None
     run = build_run(config, model_dir)
     replicated = sharding.replicated(run.mesh)
     seed = sharding.put(np.int32(config.seed), replicated)
@@ -260,7 +268,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
               "steps_per_s": (len(step_seconds) - 1) / sum(step_seconds[1:]) if len(step_seconds) > 1 else None,
               "peak_device_memory_gib": peak_device_memory_gib(), "device": jax.devices()[0].device_kind,
               "devices": jax.device_count()}
-    return report.final_report(run, out, config, timing)
+    return report.final_report(run, out, config, timing, evaluation=evaluation, train_source=train_source)
 
 
 def peak_device_memory_gib() -> float | None:

@@ -80,10 +80,23 @@ def topology_densities(model, tokens: jax.Array, config) -> dict:
     return {k: np.stack(v).tolist() for k, v in per_layer.items()}  # [layers][heads]
 
 
-def final_report(run, out: Path, config, timing: dict | None = None) -> dict:
-    """Dense vs surgery perplexity on wiki.test.raw and realised densities → report.json/.md, PNGs."""
-    ids = data.tokenize(load_tokenizer(run.model_dir), data.load_text("test", config.data_dir or None, "raw"))
-    windows = data.windows(ids, config.eval_context, config.eval_windows)
+def evaluation_windows(config, tokenizer) -> tuple[np.ndarray, dict]:
+    """The report's windows [eval_windows, eval_context] int32 and their source: `config.eval_data` when set,
+    else WikiText-2 wiki.test.raw."""
+    corpus = data.load_corpus(config.eval_data or None, "test", config.data_dir or None, "raw")
+    ids = data.tokenize(tokenizer, corpus.text)
+    windows = data.windows(ids, config.eval_context, config.eval_windows, source=data.describe(corpus.source),
+                           setting="eval_context")
+    return windows, corpus.source
+
+
+def final_report(run, out: Path, config, timing: dict | None = None, *,
+                 evaluation: tuple[np.ndarray, dict] | None = None, train_source: dict | None = None) -> dict:
+    """Dense vs surgery perplexity and realised densities → report.json/.md, PNGs.
+
+    evaluation: (windows, source) from `evaluation_windows`, when the caller read them already;
+    train_source: the training text's source, recorded in the protocol as `train_data`."""
+    windows, source = evaluation or evaluation_windows(config, load_tokenizer(run.model_dir))
     model = nnx.merge(run.graphdef, run.routers, run.frozen)
     surgery = perplexity(model, windows, batch_size=config.eval_batch, train=False, rng=None)
     densities = topology_densities(model, jnp.asarray(windows[:DENSITY_WINDOWS]), config)
@@ -97,8 +110,9 @@ def final_report(run, out: Path, config, timing: dict | None = None) -> dict:
         "block_density_by_tile": {k: v for k, v in mean.items() if k.startswith("block")},
         "density_per_layer_head": densities,
         "tokens_scored": dense["tokens"], "steps": config.steps,
-        "protocol": protocol(config.eval_context, len(windows), data.resolve_data_dir(config.data_dir or None))
-        | {"density_windows": DENSITY_WINDOWS, "routes": "argmax (no noise), hard mask"},
+        "protocol": protocol(config.eval_context, len(windows), source)
+        | {"density_windows": DENSITY_WINDOWS, "routes": "argmax (no noise), hard mask"}
+        | ({"train_data": train_source} if train_source else {}),
         "model": str(run.model_dir), "config": config.to_dict(), "timing": timing or {},
     }
     if jax.process_index() == 0:
@@ -113,8 +127,9 @@ def markdown(r: dict) -> str:
     lines = [
         "# Llama Surgery run report", "",
         f"Model: `{r['model']}`; {r['steps']} router-training steps.", "",
-        f"Perplexity on WikiText-2 `{p['file']}`: {p['windows']} windows of {p['context']} tokens, "
+        f"Perplexity on `{data.describe(p)}`: {p['windows']} windows of {p['context']} tokens, "
         f"no BOS, every token after a window's first scored ({r['tokens_scored']} tokens), same pipeline for both.",
+        *([f"Routers trained on `{data.describe(p['train_data'])}`."] if "train_data" in p else []),
         "", "| | perplexity |", "| --- | --- |",
         f"| dense baseline | {r['dense_ppl']:.4f} |",
         f"| surgery (hard mask, argmax routes) | {r['surgery_ppl']:.4f} |",
