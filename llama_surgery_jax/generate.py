@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder = Decoder(model, attention=args.attention, gather=not args.no_gather)
         result = generate(decoder, prompts, max_new_tokens=args.max_new_tokens,
                           model_context=model.config.max_position_embeddings, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed, eos_id=model.config.eos_token_id)
+                          top_k=args.top_k, seed=args.seed, eos_ids=model.config.eos_token_ids)
     except (CheckpointError, ConfigError, ContextError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

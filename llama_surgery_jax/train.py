@@ -1,11 +1,13 @@
 """Router training: the surgery on a converted Llama, only the routers learn (METHOD.md §6).
 
-    python -m llama_surgery_jax.train [--preset default|smoke|paper] [--out DIR] [key=value ...]
+    python -m llama_surgery_jax.train [--preset cpu|default|smoke|paper] [--out DIR] [key=value ...]
 
-No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid). Running the same
-command on the same DIR resumes from its newest readable checkpoint. At the end, dense and surgery
-perplexity on `wiki.test.raw` through the same pipeline and the realised densities go to
-DIR/report.json, DIR/report.md and PNG plots; metrics stream to DIR/metrics.jsonl and TensorBoard.
+No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid) with the preset that fits
+the machine: `default` on a GPU, the short `cpu` run (about 10 minutes on 2 cores) otherwise; the first
+line printed says which and why. Running the same command on the same DIR resumes from its newest
+readable checkpoint. At the end, dense and surgery perplexity on `wiki.test.raw` through the same
+pipeline and the realised densities go to DIR/report.json, DIR/report.md and PNG plots; metrics stream
+to DIR/metrics.jsonl and TensorBoard.
 
 Multi-process (one process per host, the JAX runtime's own coordination):
     python -m llama_surgery_jax.train --coordinator HOST:PORT --num-processes N --process-id I ...
@@ -25,6 +27,7 @@ from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.training.config import TrainConfig
 from llama_surgery_jax.training.loop import (
     TrainingError,
+    choose_preset,
     train,
 )
 
@@ -33,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Train the surgery's routers on a frozen Llama (only the routers learn).",
         epilog="Overrides: any TrainConfig field as key=value (router fields as router.KEY=value), "
-               "e.g. steps=50 router.d_max=4 model=/path/to/converted-llama",
+               "e.g. steps=50 router.d_max=4 model=/path/to/converted-llama; router.* is what the routers learn, "
+               "execution.* how attention runs (backend, query_chunk, router_gradient), schedule.* τ and λ",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="default", help="default | smoke | paper (configs/train/)")
-    parser.add_argument("--out", help="output folder (default runs/PRESET); rerun on it to resume")
+    parser.add_argument("--preset", help="cpu | default | smoke | paper (configs/train/); without it, 'default' "
+                        "on a GPU and 'cpu' (about 10 minutes on 2 cores) otherwise")
+    parser.add_argument("--out", help="output folder (default runs/PRESET, the preset run); rerun on it to resume")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -46,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
+    preset, why = (args.preset, "--preset") if args.preset else choose_preset(jax.default_backend())
+    if jax.process_index() == 0:
+        print(f"preset: {preset} ({why})", flush=True)
     try:
-        config = TrainConfig.preset(args.preset).override(args.overrides)
-        out = Path(args.out or f"runs/{args.preset}")
+        config = TrainConfig.preset(preset).override(args.overrides)
+        out = Path(args.out or f"runs/{preset}")
         result = train(config, out)
     except (ConfigError, CheckpointError, data.DataError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -11,10 +12,63 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# ---------------------------------------------------------------------------- tolerances
+# Unit roundoff u = 2^-p of a binary floating type with p significand bits (the implicit bit counted):
+# round to nearest changes a value by at most u of itself.
+F32_U = 2.0**-24  # float32, 24 bits: 6.0e-8
+F16_U = 2.0**-11  # float16, 11 bits: 4.9e-4
+BF16_U = 2.0**-8  # bfloat16, 8 bits: 3.9e-3
+
+
+def float32_bound(accumulation_length: int, depth: int = 1, margin: float = 10.0) -> float:
+    """Relative bound on the difference of two float32 computations of one function that add in different
+    orders: chunked vs whole, another matmul shape, another XLA fusion, torch vs XLA, another CPU's vector width.
+
+    A float32 sum of n terms rounds n − 1 times, by at most u = 2^-24 of the running sum each time. The
+    roundings have random signs, so they add like a random walk: about √n·u of the sum's scale (n·u is the
+    worst case of roundings all of one sign, which data of random sign do not reach). Two orders differ by
+    about that much. `depth` such sums in a row (a network's layers times the sums per layer whose order may
+    change; the ops chained in a backward pass) add independent errors of their own, each passed on with a
+    gain of order one (residual stream, normalised softmax), so again like a random walk: √(n·depth)·u.
+    `margin` (×10 unless a caller says otherwise) covers the constants this estimate leaves out: two orders'
+    errors, both operands of a dot, softmax and RMSNorm gains, moderate amplification by later layers, and
+    the largest of many elements against their typical size. Use it for max|Δ| / max|reference| or
+    ‖Δ‖ / ‖reference‖.
+
+    accumulation_length: the longest sum whose order may differ (keys attended, hidden size, MLP width).
+    """
+    return margin * math.sqrt(accumulation_length * depth) * F32_U
+
+
+# ---------------------------------------------------------------------------- fresh seeds
+SEED_VARIABLE = "LLAMA_SURGERY_TEST_SEED"
+_seeds_drawn: list[int] = []
+
 
 def fresh_seed() -> int:
-    """A new seed per call (fresh random inputs each run); tests print it in their messages."""
-    return int(np.random.SeedSequence().entropy % (2**31))
+    """A new seed per call (fresh random inputs each run); tests print it in their messages, and a failed
+    test's report lists the seeds it drew. To reproduce, LLAMA_SURGERY_TEST_SEED=N1,N2,… makes a test's k-th
+    call return N_k (the last one for later calls)."""
+    fixed = [int(s) for s in os.environ.get(SEED_VARIABLE, "").split(",") if s.strip()]
+    if fixed:
+        seed = fixed[min(len(_seeds_drawn), len(fixed) - 1)]
+    else:
+        seed = int(np.random.SeedSequence().entropy % (2**31))
+    _seeds_drawn.append(seed)
+    return seed
+
+
+def pytest_runtest_setup(item):
+    _seeds_drawn.clear()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _seeds_drawn:
+        seeds = ",".join(map(str, _seeds_drawn))
+        report.sections.append(("fresh seeds", f"reproduce with {SEED_VARIABLE}={seeds} pytest '{item.nodeid}'"))
 
 
 def make_hf_llama(folder: Path, *, preset: str = "tiny", max_shard_size: str | None = "120KB",

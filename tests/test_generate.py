@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -34,7 +35,7 @@ SMOLLM2_DECODE_RTOL = 3e-5
 # the model stays float32, so logits agree to about that, and 1e-2 of the largest logit.
 KERNEL_RTOL = 1e-2
 # Random route heads with short windows and few tree levels, so that the masks are far from dense.
-SPARSE_ROUTER = RouterConfig(levels=6, d_max=3, window=8, block_size=16, query_chunk=16)
+SPARSE_ROUTER = RouterConfig(levels=6, d_max=3, window=8, block_size=16)
 
 
 def three_paths(model, tokens: jax.Array, prompt_len: int, *, gather: bool, budget_step: int = 8):
@@ -179,11 +180,19 @@ def test_cli_batch_greedy_and_run_without_routers(tiny_model_dir, tmp_path, caps
     dense = json.loads(out.read_text())
     assert len(dense["tokens"]) == 2 and all(len(t) == 5 for t in dense["tokens"])
     assert "tokens/s" in capsys.readouterr().out
-    # A folder without router checkpoints: runs dense, says so, and generates the same text.
-    assert main([*args, "--surgery", str(tmp_path)]) == 0
+    # A run folder without router checkpoints: runs dense, says so, and generates the same text.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert main([*args, "--surgery", str(run)]) == 0
     captured = capsys.readouterr()
     assert "running the DENSE model" in captured.err
     assert json.loads(out.read_text())["tokens"] == dense["tokens"]
+    # A mistyped path, or a folder that is no run: an error, never a silent dense run.
+    assert main([*args, "--surgery", str(tmp_path / "no-such-run")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main([*args, "--surgery", str(tmp_path)]) == 2
+    assert "not a training run folder" in capsys.readouterr().err
     assert main(["--model", str(tiny_model_dir), "--prompt", "", "--max-new-tokens", "2"]) == 2
     assert "empty" in capsys.readouterr().err
     assert main(["--model", str(tiny_model_dir), "--prompt", "word " * 1100]) == 2
@@ -200,3 +209,39 @@ def test_three_paths_agree_smollm2(smollm2_dir):
     train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True, budget_step=32)
     assert_close(train_path, prefilled, f"seed {seed}: SmolLM2 prefill vs training path")
     assert_close(train_path, decoded, f"seed {seed}: SmolLM2 prefill + decode vs training path", SMOLLM2_DECODE_RTOL)
+
+
+def test_generation_stops_at_any_of_llama31s_eos_ids(tmp_path):
+    """Llama 3.1's config lists three end-of-sequence ids: the converted config stays hashable (static under
+    nnx.jit), and every row of a batch stops at the first of any of them."""
+    from convert.hf_to_flax import convert
+    from tests.conftest import make_hf_llama
+
+    hf = make_hf_llama(tmp_path / "hf", eos_token_id=[5, 6, 7])
+    model = load_model(convert(hf, tmp_path / "converted", progress=False))
+    assert model.config.eos_token_ids == (5, 6, 7)
+    hash(model.config)
+    nnx.jit(lambda m, t: m(t)[0])(model, jnp.zeros((1, 4), jnp.int32))
+
+    prompts = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
+    decoder = Decoder(model, attention="reference")
+    run = functools.partial(generate, decoder, prompts, max_new_tokens=8,
+                            model_context=model.config.max_position_embeddings, warmup=False)
+    free = run(eos_ids=()).tokens
+    unused = next(t for t in range(model.config.vocab_size) if all(t not in row for row in free))
+    eos = (free[0][2], free[1][4], unused)
+    expected = []
+    for row in free:
+        ends = [i for i, token in enumerate(row) if token in eos]
+        expected.append(row[:ends[0] + 1] if ends else row)
+    assert sum(len(e) < len(r) for e, r in zip(expected, free, strict=True)) >= 2, (free, eos)
+    assert run(eos_ids=eos).tokens == expected
+
+
+def test_decode_past_the_cache_is_an_error():
+    """JAX drops a write past the last slot silently; the decoder refuses the step instead."""
+    decoder = Decoder(tiny_routed(0), attention="reference")
+    tokens = jnp.ones((1, 6), jnp.int32)
+    _, cache = decoder.prefill(tokens, jnp.array([6]), 6)
+    with pytest.raises(ContextError, match="the cache is full"):
+        decoder.step(cache, jnp.ones((1,), jnp.int32))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig, Precision
 from llama_surgery_jax.model.llama import LlamaForCausalLM
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution, RouterSchedule
 from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
 from llama_surgery_jax.surgery.mask import token_density, token_mask
 from llama_surgery_jax.surgery.reference_attention import masked_attention
@@ -44,7 +44,11 @@ def rel_err(actual, expected) -> float:
 
 
 def router_config(shape="coarse", **fields) -> RouterConfig:
-    return RouterConfig(**SHAPES[shape], window=WINDOW, query_chunk=32, block_size=16, **fields)
+    return RouterConfig(**SHAPES[shape], window=WINDOW, block_size=16, **fields)
+
+
+def execution(router_gradient="chunked") -> RouterExecution:
+    return RouterExecution(query_chunk=32, router_gradient=router_gradient)
 
 
 def inputs(seed, dtype, routing_heads):
@@ -56,16 +60,17 @@ def inputs(seed, dtype, routing_heads):
     return q, k, v, x, heads, keys[4]
 
 
-def routed_loss(config, x, heads, rng, weights, kernel, hard=True):
+def routed_loss(config, x, heads, rng, weights, kernel, hard=True, paths=None):
     """L(router params, q, k, v) = Σ sin(o) ⊙ weights, through the kernels or the float32 reference."""
 
     def loss(params, q, k, v):
         routing = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=rng, hard=hard)
         if kernel:
-            out = kernel_routed_attention(q, k, v, routing.codes, routing.routes, config=config, interpret=True)
+            out = kernel_routed_attention(q, k, v, routing.codes, routing.routes, config=config,
+                                          execution=paths or execution(), interpret=True)
         else:
             out, _ = masked_attention(*(a.astype(jnp.float32) for a in (q, k, v)), routing.codes, routing.routes,
-                                      config=config)
+                                      config=config, execution=paths or execution())
         return jnp.sum(jnp.sin(out.astype(jnp.float32)) * weights)
 
     return loss
@@ -103,7 +108,7 @@ def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradi
     """q, k, v and router-parameter gradients: kernels + router gradient (chunked dS in JAX, or the route-gradient
     kernels) vs jax.grad through masked_attention."""
     seed = fresh_seed()
-    config = router_config(shape, router_gradient=router_gradient)
+    config, paths = router_config(shape), execution(router_gradient)
     q, k, v, x, heads, rng = inputs(seed, dtype, routing_heads)
     params = init_router_params(jax.random.key(seed + 1), HIDDEN, heads, config, homotopy=False)
     weights = jax.random.normal(jax.random.key(seed + 2), (B, T, HEADS, D))
@@ -116,7 +121,7 @@ def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradi
     if shape == "spread":
         assert int(jnp.sum(only_local)) > 10, "the case of rows that see only sink + window is exercised"
 
-    grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel, hard),
+    grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel, hard, paths),
                                       argnums=(0, 1, 2, 3)))(params, q, k, v) for kernel in (True, False)}
     names = ["router " + n for n in sorted(params)] + ["q", "k", "v"]
     errors = {name: rel_err(a, e) for name, a, e in
@@ -129,12 +134,13 @@ def test_fused_router_gradient_walks_sub_tiles():
     """Tiles of 64: the route-gradient kernels take 16-query (or key) sub-tiles of each tile and walk the other
     side 32 at a time, so one tile is 4 programs × 2 steps; the 77 tokens pad to two tiles."""
     seed = fresh_seed()
-    config = dataclasses.replace(router_config("coarse", router_gradient="fused"), block_size=64)
+    config, paths = dataclasses.replace(router_config("coarse"), block_size=64), execution("fused")
     for routing_heads in ("query", "kv"):
         q, k, v, x, heads, rng = inputs(seed, jnp.float32, routing_heads)
         params = init_router_params(jax.random.key(seed + 1), HIDDEN, heads, config, homotopy=False)
         weights = jax.random.normal(jax.random.key(seed + 2), (B, T, HEADS, D))
-        grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel)))(params, q, k, v)
+        grads = {kernel: jax.jit(jax.grad(routed_loss(config, x, heads, rng, weights, kernel, paths=paths)))(
+                     params, q, k, v)
                  for kernel in (True, False)}
         errors = [rel_err(a, e) for a, e in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False]),
                                                   strict=True)]
@@ -173,12 +179,12 @@ def train_one_step(seed, tokens, backend, compute_dtype, model_config=SMALL, rou
     from llama_surgery_jax.training.loop import make_train_step
 
     model = LlamaForCausalLM(model_config, precision=Precision("bfloat16", compute_dtype), rngs=nnx.Rngs(0))
-    config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, query_chunk=16, attention_backend=backend,
-                          router_gradient=router_gradient)
-    inject_routers(model, config, nnx.Rngs(1), homotopy=False)
+    config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16)
+    paths = RouterExecution(query_chunk=16, attention_backend=backend, router_gradient=router_gradient)
+    inject_routers(model, config, nnx.Rngs(1), homotopy=False, execution=paths)
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
     optimizer = optax.sgd(1.0)
-    new_routers, _, metrics = jax.jit(make_train_step(graphdef, config, optimizer))(
+    new_routers, _, metrics = jax.jit(make_train_step(graphdef, RouterSchedule(), optimizer))(
         routers, optimizer.init(routers), frozen, tokens, 3, seed)
     return metrics, jax.tree.map(jnp.subtract, routers, new_routers)  # sgd at lr 1: the gradients
 
@@ -230,8 +236,8 @@ def test_evaluation_forward_kernel_vs_reference():
     logits = {}
     for backend in ("kernel", "reference"):
         model = LlamaForCausalLM(SMALL, rngs=nnx.Rngs(0))
-        config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16, attention_backend=backend)
-        inject_routers(model, config, nnx.Rngs(1), homotopy=False)
+        config = RouterConfig(p=2, levels=4, d_max=2, window=4, block_size=16)
+        inject_routers(model, config, nnx.Rngs(1), homotopy=False, execution=RouterExecution(attention_backend=backend))
         graphdef, state = nnx.split(model)
         run = jax.jit(lambda s, t, graphdef=graphdef: nnx.merge(graphdef, s)(t))
         logits[backend], aux = run(state, tokens)
@@ -242,7 +248,7 @@ def test_evaluation_forward_kernel_vs_reference():
 @pytest.mark.parametrize("router_gradient", ["chunked", "fused"])
 def test_kernel_path_memory_grows_linearly(router_gradient):
     """Scratch of the compiled kernel-path backward (router gradient included) is O(chunk · N), not O(N²)."""
-    config = RouterConfig(query_chunk=128, router_gradient=router_gradient)
+    config, paths = RouterConfig(), RouterExecution(query_chunk=128, router_gradient=router_gradient)
     heads = 4
 
     def backward_scratch(t):
@@ -252,7 +258,7 @@ def test_kernel_path_memory_grows_linearly(router_gradient):
         routes = jax.ShapeDtypeStruct((1, heads, t, config.levels, config.p), jnp.float32)
 
         def loss(q, k, v, codes, routes):
-            out = kernel_routed_attention(q, k, v, codes, routes, config=config, interpret=True)
+            out = kernel_routed_attention(q, k, v, codes, routes, config=config, execution=paths, interpret=True)
             return jnp.sum(out.astype(jnp.float32))
 
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4))).lower(q, kv, kv, codes, routes).compile()

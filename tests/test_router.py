@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from llama_surgery_jax.model.config import ConfigError
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterSchedule
 from llama_surgery_jax.surgery.reference_attention import attend
 from llama_surgery_jax.surgery.router import (
     init_router_params,
@@ -215,12 +215,12 @@ def test_load_balance_loss_is_one_when_balanced_and_p_when_collapsed():
 
 
 def test_schedules():
-    linear = RouterConfig(tau_start=1.0, tau_end=0.1, tau_steps=100, lambda_max=2.0, lambda_steps=50)
+    linear = RouterSchedule(tau_start=1.0, tau_end=0.1, tau_steps=100, lambda_max=2.0, lambda_steps=50)
     np.testing.assert_allclose([tau_at(s, linear) for s in (0, 50, 100, 150)], [1.0, 0.55, 0.1, 0.1],
                                rtol=1e-6)
     np.testing.assert_allclose([lambda_at(s, linear) for s in (0, 25, 50, 80)], [0.0, 1.0, 2.0, 2.0],
                                rtol=1e-6)
-    cosine = RouterConfig(tau_schedule="cosine", tau_start=1.0, tau_end=0.1, tau_steps=100)
+    cosine = RouterSchedule(tau_schedule="cosine", tau_start=1.0, tau_end=0.1, tau_steps=100)
     np.testing.assert_allclose([tau_at(s, cosine) for s in (0, 50, 100, 200)], [1.0, 0.55, 0.1, 0.1],
                                rtol=1e-6)
     assert tau_at(25, cosine) > tau_at(25, linear)  # cosine stays hot longer at first

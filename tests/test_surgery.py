@@ -8,7 +8,7 @@ from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig, Precision
 from llama_surgery_jax.model.llama import LlamaForCausalLM
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution
 from llama_surgery_jax.surgery.mask import token_mask
 from llama_surgery_jax.surgery.reference_attention import attend, masked_attention
 from llama_surgery_jax.surgery.routed_attention import hard_topology, inject_routers, remove_routers, routed_layers
@@ -41,15 +41,15 @@ def test_step_zero_is_the_base_model_tiny(routing_heads):
     model = tiny_model()
     tokens = jax.random.randint(jax.random.key(1), (2, 96), 0, model.config.vocab_size)
     dense, _ = forward(model, tokens)
-    inject_routers(model, RouterConfig(query_chunk=96, routing_heads=routing_heads, block_size=32),
-                   nnx.Rngs(1))
+    inject_routers(model, RouterConfig(routing_heads=routing_heads, block_size=32), nnx.Rngs(1),
+                   execution=RouterExecution(query_chunk=96))
     for kwargs in ({}, {"train": True, "hard": True}, {"train": True, "tau": 0.3}):
         logits, aux = forward(model, tokens, **kwargs)
         np.testing.assert_array_equal(logits, dense, err_msg=str(kwargs))
         assert all(float(a["token_density"]) == 1.0 and float(a["block_density"]) == 1.0 for a in aux)
     layers = routed_layers(model)
-    object.__setattr__(layers[0], "config", RouterConfig(query_chunk=40, routing_heads=routing_heads))
-    object.__setattr__(layers[1], "config", RouterConfig(query_chunk=40, routing_heads=routing_heads))
+    object.__setattr__(layers[0], "execution", RouterExecution(query_chunk=40))
+    object.__setattr__(layers[1], "execution", RouterExecution(query_chunk=40))
     chunked, _ = forward(model, tokens, train=True)
     assert relative_error(chunked, dense) <= CHUNKED_RTOL
     remove_routers(model)
@@ -64,12 +64,12 @@ def test_step_zero_is_the_base_model_smollm2(smollm2_dir):
     tokens = jax.random.randint(jax.random.key(0), (1, 256), 0, model.config.vocab_size)
     dense, _ = forward(model, tokens)
     reassociation_floor = relative_error(model(tokens)[0], dense)
-    inject_routers(model, RouterConfig(query_chunk=256), nnx.Rngs(0))
+    inject_routers(model, RouterConfig(), nnx.Rngs(0), execution=RouterExecution(query_chunk=256))
     logits, aux = forward(model, tokens, train=True)
     np.testing.assert_array_equal(logits, dense)
     assert len(aux) == model.config.num_hidden_layers
     for layer in routed_layers(model):
-        object.__setattr__(layer, "config", RouterConfig(query_chunk=64))
+        object.__setattr__(layer, "execution", RouterExecution(query_chunk=64))
     chunked, _ = forward(model, tokens)
     assert relative_error(chunked, dense) <= max(CHUNKED_RTOL, reassociation_floor)
 
@@ -83,8 +83,8 @@ def lm_loss(model, tokens, **attention_kwargs):
 
 @pytest.mark.parametrize("homotopy", [True, False])
 def test_router_gradients_through_the_lm_loss(homotopy):
-    model = inject_routers(tiny_model(), RouterConfig(p=3, levels=4, d_max=2, window=4, query_chunk=16,
-                                                      block_size=16), nnx.Rngs(2), homotopy=homotopy)
+    model = inject_routers(tiny_model(), RouterConfig(p=3, levels=4, d_max=2, window=4, block_size=16),
+                           nnx.Rngs(2), homotopy=homotopy, execution=RouterExecution(query_chunk=16))
     tokens = jax.random.randint(jax.random.key(3), (2, 40), 0, model.config.vocab_size)
     grad_fn = nnx.jit(nnx.grad(lambda m: lm_loss(m, tokens, train=True, tau=0.7, rng=jax.random.key(4)),
                                argnums=nnx.DiffState(0, RouterParam)))
@@ -102,16 +102,16 @@ def test_router_gradients_through_the_lm_loss(homotopy):
 
 
 def test_masked_attention_matches_the_unchunked_oracle_and_its_gradients():
-    config = RouterConfig(p=2, levels=4, d_max=2, window=3, query_chunk=8)
+    config = RouterConfig(p=2, levels=4, d_max=2, window=3)
     b, t, heads, kv, d = 2, 29, 4, 2, 8
     q, k, v = (jax.random.normal(jax.random.key(i), (b, t, n, d)) for i, n in ((0, heads), (1, kv), (2, kv)))
     params = init_router_params(jax.random.key(3), 12, heads, config, homotopy=False)
     x = jax.random.normal(jax.random.key(4), (b, t, 12))
 
     def routed(params, q, k, v, chunk):
-        cfg = RouterConfig(p=2, levels=4, d_max=2, window=3, query_chunk=chunk)
-        routing = route(params, x, config=cfg, routing_heads=heads, tau=0.5, rng=jax.random.key(5))
-        return masked_attention(q, k, v, routing.codes, routing.routes, config=cfg)
+        routing = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=jax.random.key(5))
+        return masked_attention(q, k, v, routing.codes, routing.routes, config=config,
+                                execution=RouterExecution(query_chunk=chunk))
 
     out, visible = jax.jit(routed, static_argnums=4)(params, q, k, v, 8)
     codes = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=jax.random.key(5)).codes
@@ -150,8 +150,8 @@ def test_fp16_surgery_stays_finite_where_naive_scores_overflow():
     for layer in model.model.layers:  # scores of ~1e5 and more: beyond fp16 unless accumulated in float32
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
             proj.weight[...] = proj.weight[...] * 600
-    inject_routers(model, RouterConfig(p=2, levels=4, d_max=2, window=8, query_chunk=16, block_size=16),
-                   nnx.Rngs(0), homotopy=False)
+    inject_routers(model, RouterConfig(p=2, levels=4, d_max=2, window=8, block_size=16),
+                   nnx.Rngs(0), homotopy=False, execution=RouterExecution(query_chunk=16))
     tokens = jax.random.randint(jax.random.key(1), (1, 32), 0, model.config.vocab_size)
     first = model.model.layers[0]
     x = first.input_layernorm(model.model.embed_tokens(tokens))
@@ -167,7 +167,7 @@ def test_fp16_surgery_stays_finite_where_naive_scores_overflow():
 
 def test_chunked_attention_memory_is_bounded_at_8k():
     """Scratch of the compiled backward grows linearly with tokens (O(chunk · N)), not quadratically."""
-    config = RouterConfig(p=2, levels=13, d_max=6, query_chunk=128)
+    config = RouterConfig(p=2, levels=13, d_max=6)
     heads, d = 2, 16
 
     def backward_scratch(t):
@@ -195,7 +195,7 @@ def test_the_kernel_runs_the_mask_that_trains():
     from pallas_kernels import block_sparse_attention
 
     window, tile, t, heads, kv = 5, 16, 80, 4, 2
-    config = RouterConfig(p=2, levels=4, d_max=2, window=window, query_chunk=32)
+    config = RouterConfig(p=2, levels=4, d_max=2, window=window)
     params = init_router_params(jax.random.key(0), 12, heads, config, homotopy=False)
     codes = route(params, jax.random.normal(jax.random.key(1), (1, t, 12)), config=config,
                   routing_heads=heads, rng=jax.random.key(2)).codes
@@ -207,7 +207,7 @@ def test_the_kernel_runs_the_mask_that_trains():
 
     q, k, v = (jax.random.normal(jax.random.key(i), (1, t, n, 64), jnp.bfloat16)
                for i, n in ((3, heads), (4, kv), (5, kv)))
-    trained, _ = masked_attention(q, k, v, codes, config=config)
+    trained, _ = masked_attention(q, k, v, codes, config=config, execution=RouterExecution(query_chunk=32))
     executed = block_sparse_attention(q, k, v, tiles, tile=tile, codes=codes, window=window, sink=True,
                                               interpret=True)
     # bf16 outputs of two float32 computations that round probabilities and sums differently: one bf16

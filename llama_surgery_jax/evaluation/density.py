@@ -1,4 +1,6 @@
-"""Token and block density of the hard mask on a real model and text (METHOD.md §9, §10).
+"""Token and block densities of the hard mask of random or initial routers on a real model and text.
+
+CLI: Token and block density of the hard mask on a real model and text (METHOD.md §9, §10).
 
     python -m llama_surgery_jax.density_report [--model DIR] [--data-dir DIR] [--tokens 2048] [--json FILE]
 

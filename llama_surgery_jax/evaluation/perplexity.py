@@ -1,4 +1,6 @@
-"""Perplexity on WikiText-2 test or your own text: dense, with the surgery's routers, or a baseline; and needle
+"""Perplexity with a stated protocol: windows scored through the model, and the same windows through transformers.
+
+CLI: Perplexity on WikiText-2 test or your own text: dense, with the surgery's routers, or a baseline; and needle
 retrieval.
 
     python -m llama_surgery_jax.evaluate [--model CONVERTED_DIR] [--data-dir DIR] [--context 1024]

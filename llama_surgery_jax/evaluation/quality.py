@@ -1,4 +1,6 @@
-"""Quality against density for a trained surgery run: one script, one folder of tables and plots.
+"""The quality–density study of a trained run as functions: perplexity tables, the curve, NIAH, speed, plots.
+
+CLI: Quality against density for a trained surgery run: one script, one folder of tables and plots.
 
     python -m llama_surgery_jax.quality --run RUN_DIR [--model DIR] [--data-dir DIR] [--out DIR]
         [--contexts 1024,4096,8192] [--windows 8] [--curve-context 1024] [--curve-windows 8]

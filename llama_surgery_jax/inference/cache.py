@@ -168,6 +168,10 @@ class Decoder:
     def step(self, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
         """tokens: [b] → logits [b, vocab], cache; repeats the step with a doubled budget on overflow."""
         slots = cache.layers[0].k.shape[1]
+        # A write past the last slot would be dropped by JAX without a word, and the logits silently wrong.
+        if int(jnp.max(cache.lengths)) >= slots:
+            raise ContextError(f"the cache is full: a sequence holds {int(jnp.max(cache.lengths))} of {slots} slots; "
+                               "prefill with a larger max_len (prompt + new tokens)")
         if not self.gather or not self.routed:  # dense decode sees the whole causal prefix: no gather
             logits, cache, _ = self._decode(self.state, cache, tokens, None)
             return logits, cache

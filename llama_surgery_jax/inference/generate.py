@@ -1,4 +1,6 @@
-"""Text generation with a dense or surgically sparsified Llama: routed prefill, then KV-cache decode.
+"""Generation as a library: prompts → sampled or greedy tokens through a `Decoder`, with timings.
+
+CLI: Text generation with a dense or surgically sparsified Llama: routed prefill, then KV-cache decode.
 
     python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
@@ -71,8 +73,10 @@ def _timed(fn, *args):
 
 def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int, model_context: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             eos_id: int | None = None, warmup: bool = True) -> Generation:
+             eos_ids: tuple[int, ...] = (), warmup: bool = True) -> Generation:
     """prompts: token ids per prompt → Generation. Raises ContextError for empty or too long prompts.
+
+    eos_ids: end-of-sequence ids (`ModelConfig.eos_token_ids`): a row stops at the first of any of them (kept).
 
     warmup: compile (and run once) prefill and the first decode step before timing, so the reported
     speeds exclude compilation (compile_s holds it).
@@ -103,8 +107,7 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
     for step in range(max_new_tokens):
         next_tokens = sample(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k)
         new[:, step] = np.asarray(next_tokens)
-        if eos_id is not None:
-            done |= new[:, step] == eos_id
+        done |= np.isin(new[:, step], eos_ids)
         if step == max_new_tokens - 1 or done.all():
             break
         (logits, cache), seconds = _timed(decoder.step, cache, next_tokens)
@@ -112,7 +115,8 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
         steps += 1
     out = []
     for row in new[:, :step + 1].tolist():
-        out.append(row[:row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row)
+        ends = [i for i, token in enumerate(row) if token in eos_ids]
+        out.append(row[:ends[0] + 1] if ends else row)
     return Generation(out, int(lengths.sum()), prefill_s, decode_s, steps, compile_s, decoder.attention,
                       decoder.budget)
 
@@ -136,6 +140,12 @@ def load_for_inference(model_dir: Path | None, surgery: str | None, dtype: str =
     elif surgery:
         from llama_surgery_jax.training.checkpoints import load_trained_routers
 
+        run = Path(surgery)
+        if not run.exists():
+            raise CheckpointError(f"--surgery {surgery}: no such folder; give a training run's --out folder, or 'init'")
+        if not (run / "config.json").is_file() and not (run / "checkpoints").is_dir() and run.name != "checkpoints":
+            raise CheckpointError(f"--surgery {surgery} is not a training run folder (no config.json, no "
+                                  "checkpoints/): give the --out folder of `python -m llama_surgery_jax.train`")
         try:
             model, config, step = load_trained_routers(model, surgery)
             described = f"routers of {surgery} (step {step}; p={config.p}, d_max={config.d_max}, W={config.window})"

@@ -55,7 +55,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_scaling: RopeScaling | None = None
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # Llama 3.1 lists three; a tuple keeps the config hashable
     name: str = "llama"
 
     def __post_init__(self):
@@ -67,6 +67,13 @@ class ModelConfig:
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (none, one, or Llama 3.1's three)."""
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
 
     @property
     def group_size(self) -> int:
@@ -118,7 +125,8 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_scaling=rope_scaling,
             bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
+            eos_token_id=tuple(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), list)
+            else hf.get("eos_token_id"),
             name=name or hf.get("_name_or_path") or "llama",
         )
 
@@ -146,7 +154,7 @@ class ModelConfig:
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_id is not None:
-            d["eos_token_id"] = self.eos_token_id
+            d["eos_token_id"] = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return d
 
     @classmethod

@@ -10,10 +10,11 @@ from llama_surgery_jax.surgery.mask import SINK, WINDOW
 
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-    """The Dynamic Topology Router of METHOD.md §3–6 (symbols as there).
+    """What the router learns and the mask it defines (METHOD.md §3–6, symbols as there). Only these
+    settings shape the routers' parameters and what they mean: a resumed run must keep them.
 
     A query token i sees key j iff j <= i and (prefix codes equal on the top `levels - d_max` levels,
-    or sink and j == 0, or window is not None and i - j <= window, or i == j).
+    or sink and j == 0, or window is not None and i - j <= window, or i == j): `mask.visible`.
     """
 
     p: int = 2  # tree arity, prime
@@ -24,25 +25,8 @@ class RouterConfig:
     routing_heads: str = "query"  # "query": one route per query head (preprint); "kv": per KV head
     mode: str = "token"  # "token": per-token routes; "block": routes from pooled causal block features
     block_size: int = 128  # block of the block-level mode and tile of the kernels
-    query_chunk: int = 128  # query rows per step of the chunked reference attention (memory ~ chunk × seq)
-    # "reference": the chunked plain-JAX attention (masked_attention.py); "kernel": the block-sparse
-    # kernels (kernel_attention.py; interpret mode on CPU); "auto": kernel on a GPU for bf16/fp16 and
-    # head dim 64/128, reference otherwise.
-    attention_backend: str = "auto"
-    # The router's gradient on the kernel backend. "chunked": plain JAX over query chunks against all keys
-    # (O(N²) elementwise, measured on the H100); "fused": Pallas kernels beside the attention's backward,
-    # on its computed tiles only (pallas_kernels/block_sparse_attention/route_gradient.py; checked in
-    # interpret mode and compiled offline for sm_90, its GPU run is pending). The reference backend
-    # differentiates masked_attention either way.
-    router_gradient: str = "chunked"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
-    tau_start: float = 1.0
-    tau_end: float = 0.1
-    tau_steps: int = 100
-    tau_schedule: str = "linear"  # or "cosine"
-    lambda_max: float = 1.0
-    lambda_steps: int = 50
 
     def __post_init__(self):
         if self.p < 2 or any(self.p % f == 0 for f in range(2, int(self.p**0.5) + 1)):
@@ -51,15 +35,16 @@ class RouterConfig:
             raise ConfigError(f"need levels >= 1 and 0 <= d_max <= levels, got {self.levels}, {self.d_max}")
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
-        choices = {"routing_heads": ("query", "kv"), "mode": ("token", "block"),
-                   "tau_schedule": ("linear", "cosine"), "attention_backend": ("auto", "reference", "kernel"),
-                   "router_gradient": ("chunked", "fused")}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ConfigError(f"{field}={getattr(self, field)!r}; choose one of {list(allowed)}")
-        for field in ("block_size", "query_chunk"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block")})
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RouterConfig:
+        """From a run's recorded settings; fields of other configs (older runs kept τ, λ and the backend
+        here) are left out."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
     @property
     def prefix_levels(self) -> int:
@@ -78,3 +63,48 @@ class RouterConfig:
         while p**levels < n_ref:
             levels += 1
         return cls(p=p, levels=levels, d_max=levels // 2 if d_max is None else d_max, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterExecution:
+    """How routed attention runs: memory and speed, never the function computed (the paths agree to
+    rounding), so a run may resume with other values."""
+
+    # "reference": the chunked plain-JAX attention (reference_attention.py); "kernel": the block-sparse
+    # kernels (kernel_attention.py; interpret mode on CPU); "auto": kernel on a GPU for bf16/fp16 and
+    # head dim 64/128, reference otherwise.
+    attention_backend: str = "auto"
+    query_chunk: int = 128  # query rows per step of the chunked attention (memory ~ chunk × seq)
+    # The router's gradient on the kernel backend. "chunked": plain JAX over query chunks against all keys
+    # (O(N²) elementwise, measured on the H100); "fused": Pallas kernels beside the attention's backward,
+    # on its computed tiles only (pallas_kernels/block_sparse_attention/route_gradient.py; checked in
+    # interpret mode and compiled offline for sm_90, its GPU run is pending). The reference backend
+    # differentiates masked_attention either way.
+    router_gradient: str = "chunked"
+
+    def __post_init__(self):
+        check_choices(self, {"attention_backend": ("auto", "reference", "kernel"),
+                             "router_gradient": ("chunked", "fused")})
+        if self.query_chunk < 1:
+            raise ConfigError(f"query_chunk must be positive, got {self.query_chunk}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSchedule:
+    """Training schedules (METHOD.md §6): Gumbel-Softmax temperature τ and load-balancing weight λ per step."""
+
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    tau_steps: int = 100
+    tau_schedule: str = "linear"  # or "cosine"
+    lambda_max: float = 1.0
+    lambda_steps: int = 50
+
+    def __post_init__(self):
+        check_choices(self, {"tau_schedule": ("linear", "cosine")})
+
+
+def check_choices(config, choices: dict[str, tuple[str, ...]]) -> None:
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ConfigError(f"{field}={getattr(config, field)!r}; choose one of {list(allowed)}")

@@ -25,9 +25,9 @@ is fully dense once the codes of a tile spread (block density 1.000 for random c
 token of a block shares its block's code, so the tile-OR mask is exact and already block-sparse: there
 `block_sparse_attention` with the tile mask and codes runs it, with no sorting or gathers.
 
-Two ways to the router gradient (`RouterConfig.router_gradient`):
+Two ways to the router gradient (`RouterExecution.router_gradient`):
 - "chunked" (default, measured on the H100): `route_gradient` below, plain JAX over query chunks of
-  `RouterConfig.query_chunk` rows against all keys: memory O(chunk · N), compute O(N²) elementwise.
+  `RouterExecution.query_chunk` rows against all keys: memory O(chunk · N), compute O(N²) elementwise.
 - "fused": Pallas kernels beside the attention's backward compute it on the computed tiles only, from
   both passes of the sorted execution (each visible pair lies in exactly one pass, and each pass's dS is
   the global one: P / w · (w dP − w D) with w the pass's merge weight). `pallas_kernels/.../
@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution
 from llama_surgery_jax.surgery.mask import tile_mask, token_mask
 from llama_surgery_jax.surgery.router import soft_mask, tree_distance
 
@@ -67,6 +67,7 @@ class _Settings(NamedTuple):
     """Static (hashable) settings of one call."""
 
     config: RouterConfig
+    execution: RouterExecution
     interpret: bool | None  # None: interpret mode on CPU, compiled kernels on GPU
 
 
@@ -97,7 +98,8 @@ def kernel_forward(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array, *
 
 
 def route_gradient(q: jax.Array, k: jax.Array, v: jax.Array, lse: jax.Array, do: jax.Array,
-                   codes: jax.Array, routes: jax.Array, *, config: RouterConfig) -> jax.Array:
+                   codes: jax.Array, routes: jax.Array, *, config: RouterConfig,
+                   execution: RouterExecution = RouterExecution()) -> jax.Array:
     """∂L/∂routes of the straight-through mask, chunked over queries (never an N × N array).
 
     q, do: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; lse: [b, heads, t] float32; codes: [b, h, t];
@@ -108,7 +110,7 @@ def route_gradient(q: jax.Array, k: jax.Array, v: jax.Array, lse: jax.Array, do:
     kv = k.shape[2]
     groups = heads // kv
     h = codes.shape[1]
-    chunk = min(config.query_chunk, t)
+    chunk = min(execution.query_chunk, t)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
 
@@ -163,7 +165,7 @@ def _routed_fwd(q, k, v, codes, routes, settings):
 
 def _routed_bwd(settings, residuals, do):
     q, k, v, codes, routes = residuals
-    if settings.config.router_gradient == "fused":  # one backward: the kernels give d_routes with dq, dk, dv
+    if settings.execution.router_gradient == "fused":  # one backward: the kernels give d_routes with dq, dk, dv
         (_, lse), pullback = jax.vjp(
             lambda q, k, v, routes: kernel_forward(q, k, v, codes, config=settings.config,
                                                    interpret=settings.interpret, routes=routes), q, k, v, routes)
@@ -173,7 +175,8 @@ def _routed_bwd(settings, residuals, do):
         lambda q, k, v: kernel_forward(q, k, v, codes, config=settings.config, interpret=settings.interpret),
         q, k, v)
     dq, dk, dv = pullback((do, jnp.zeros_like(lse)))
-    d_routes = route_gradient(q, k, v, lse, do, codes, routes, config=settings.config)
+    d_routes = route_gradient(q, k, v, lse, do, codes, routes, config=settings.config,
+                              execution=settings.execution)
     return dq, dk, dv, None, d_routes
 
 
@@ -182,6 +185,7 @@ _routed.defvjp(_routed_fwd, _routed_bwd)
 
 def kernel_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
                             routes: jax.Array | None = None, *, config: RouterConfig,
+                            execution: RouterExecution = RouterExecution(),
                             interpret: bool | None = None) -> jax.Array:
     """Routed causal attention on the kernels: `masked_attention`'s output, without its visible-pair count.
 
@@ -193,7 +197,7 @@ def kernel_routed_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax
     codes = codes.astype(jnp.int32)
     if routes is None:
         return kernel_forward(q, k, v, codes, config=config, interpret=interpret)[0]
-    return _routed(q, k, v, codes, routes, _Settings(config, interpret))
+    return _routed(q, k, v, codes, routes, _Settings(config, execution, interpret))
 
 
 def visible_pairs(codes: jax.Array, *, window: int | None, sink: bool) -> jax.Array:

@@ -1,6 +1,6 @@
 """The chunked reference attention of the surgery: the training path and the kernels' correctness oracle.
 
-Query rows are processed in chunks of `RouterConfig.query_chunk` (`lax.map`), each under
+Query rows are processed in chunks of `RouterExecution.query_chunk` (`lax.map`), each under
 `jax.checkpoint`, so neither pass ever holds an N × N array: memory is O(chunk · N) per step, and the
 backward recomputes each chunk's mask and scores. The mask is built per chunk from prefix codes
 (`topology.token_mask`) and, in training, from the soft routes (`router.tree_distance`).
@@ -24,7 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution
 from llama_surgery_jax.surgery.mask import token_mask
 from llama_surgery_jax.surgery.router import soft_mask, straight_through, tree_distance
 
@@ -56,7 +56,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
-                     routes: jax.Array | None = None, *, config: RouterConfig) -> tuple[jax.Array, jax.Array]:
+                     routes: jax.Array | None = None, *, config: RouterConfig,
+                     execution: RouterExecution = RouterExecution()) -> tuple[jax.Array, jax.Array]:
     """Routed causal attention, chunked over queries. Returns (out, visible_pairs).
 
     q: [b, t, heads, d]; k, v: [b, t, kv_heads, d]; codes: [b, h, t] int prefix codes (h = heads or
@@ -65,7 +66,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, codes: jax.Array,
     out: [b, t, heads, d] in q's dtype; visible_pairs: float32 scalar, summed over b and h.
     """
     t = q.shape[1]
-    chunk = min(config.query_chunk, t)
+    chunk = min(execution.query_chunk, t)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
     positions_k = jnp.arange(t)

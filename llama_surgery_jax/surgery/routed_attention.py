@@ -20,7 +20,7 @@ aux, one dict per layer (float32 scalars unless said):
     block_density       computed causal tiles / causal tiles at tile = config.block_size, original order.
     codes               [batch, heads, seq] int32, only with return_codes=True.
 
-Backend (`RouterConfig.attention_backend`): "reference" is the chunked plain-JAX attention; "kernel" the
+Backend (`RouterExecution.attention_backend`): "reference" is the chunked plain-JAX attention; "kernel" the
 block-sparse kernels, forward and backward, router gradient included (`kernel_attention`); "auto" (the
 default) the kernels on a GPU for bf16/fp16 activations and head dim 64/128, the reference otherwise,
 so on CPU nothing below changes.
@@ -44,7 +44,7 @@ from flax import nnx
 from llama_surgery_jax.model.config import ModelConfig
 from llama_surgery_jax.model.llama import LayerCache, LlamaForCausalLM, dense_attention
 from llama_surgery_jax.surgery import mask
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution
 from llama_surgery_jax.surgery.kernel_attention import (
     kernel_routed_attention,
     prefill_kernel_attention,
@@ -69,11 +69,12 @@ def routing_head_count(router_config: RouterConfig, model_config: ModelConfig) -
 class RoutedAttention(nnx.Module):
     """The `attention_impl` of a routed layer: its router's parameters plus the routed attention, on the
     chunked reference (`masked_attention`) or on the block-sparse kernels (`kernel_attention`) as
-    `RouterConfig.attention_backend` says; both compute the same function and the same gradients."""
+    `RouterExecution.attention_backend` says; both compute the same function and the same gradients."""
 
     def __init__(self, router_config: RouterConfig, model_config: ModelConfig, layer_index: int, *,
-                 rngs: nnx.Rngs, homotopy: bool = True):
+                 rngs: nnx.Rngs, homotopy: bool = True, execution: RouterExecution = RouterExecution()):
         self.config = router_config
+        self.execution = execution
         self.layer_index = layer_index
         heads = routing_head_count(router_config, model_config)
         self.router = TopologyRouter(model_config.hidden_size, heads, router_config, rngs=rngs,
@@ -93,11 +94,13 @@ class RoutedAttention(nnx.Module):
             rng = jax.random.fold_in(rng, self.layer_index)
         routing = self.router(x, tau=tau, rng=rng, hard=hard)
         routes = routing.routes if train else None
-        if resolve_backend(self.config.attention_backend, q) == "kernel":
-            out = kernel_routed_attention(q, k, v, routing.codes, routes, config=self.config)
+        if resolve_backend(self.execution.attention_backend, q) == "kernel":
+            out = kernel_routed_attention(q, k, v, routing.codes, routes, config=self.config,
+                                          execution=self.execution)
             pairs = visible_pairs(routing.codes, window=self.config.window, sink=self.config.sink)
         else:
-            out, pairs = masked_attention(q, k, v, routing.codes, routes, config=self.config)
+            out, pairs = masked_attention(q, k, v, routing.codes, routes, config=self.config,
+                                          execution=self.execution)
         batch, heads, t = routing.codes.shape
         tiles = tile_mask(routing.codes, tile=self.config.block_size, window=self.config.window,
                           sink=self.config.sink)
@@ -120,7 +123,7 @@ class RoutedAttention(nnx.Module):
         if attention == "kernel":
             out = prefill_kernel_attention(q, k, v, codes, config=self.config)
         else:
-            out = masked_attention(q, k, v, codes, None, config=self.config)[0]
+            out = masked_attention(q, k, v, codes, None, config=self.config, execution=self.execution)[0]
         cache = cache._replace(codes=cache.codes.at[:, :, :codes.shape[-1]].set(codes))
         if self.config.mode == "block":
             cache = cache._replace(router_inputs=last_positions_ring(x, lengths, self.config.block_size))
@@ -186,16 +189,17 @@ def routed_layers(model: LlamaForCausalLM) -> list[RoutedAttention]:
 
 
 def inject_routers(model: LlamaForCausalLM, router_config: RouterConfig, rngs: nnx.Rngs, *,
-                   homotopy: bool = True) -> LlamaForCausalLM:
+                   homotopy: bool = True, execution: RouterExecution = RouterExecution()) -> LlamaForCausalLM:
     """Gives every attention layer a fresh router (in place; returns the model).
 
     homotopy=True: the §3 initialisation, so the model still computes the base model's function.
+    execution: how the routed attention runs (backend, query chunk, router gradient), not what it computes.
     Router parameters are float32 `RouterParam`s whatever the base model's dtype.
     """
     for index, layer in enumerate(model.model.layers):
         # nnx.data: the attribute held a plain function (static) until now; a module is pytree data.
         layer.self_attn.attention_impl = nnx.data(
-            RoutedAttention(router_config, model.config, index, rngs=rngs, homotopy=homotopy))
+            RoutedAttention(router_config, model.config, index, rngs=rngs, homotopy=homotopy, execution=execution))
     return model
 
 

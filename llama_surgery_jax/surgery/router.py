@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterSchedule
 from llama_surgery_jax.surgery.mask import tile_mask
 
 PARAM_NAMES = ("backbone_weight", "backbone_bias", "route_weight", "route_bias")
@@ -273,7 +273,7 @@ def _straight_through_bwd(_, cotangent):
 straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
-def tau_at(step: int | jax.Array, config: RouterConfig) -> jax.Array:
+def tau_at(step: int | jax.Array, config: RouterSchedule) -> jax.Array:
     """Gumbel-Softmax temperature at `step`: tau_start → tau_end over tau_steps, then held."""
     progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(config.tau_steps, 1), 0.0, 1.0)
     if config.tau_schedule == "cosine":
@@ -281,7 +281,7 @@ def tau_at(step: int | jax.Array, config: RouterConfig) -> jax.Array:
     return config.tau_start + (config.tau_end - config.tau_start) * progress
 
 
-def lambda_at(step: int | jax.Array, config: RouterConfig) -> jax.Array:
+def lambda_at(step: int | jax.Array, config: RouterSchedule) -> jax.Array:
     """Load-balancing weight λ at `step`: 0 → lambda_max linearly over lambda_steps, then flat."""
     progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(config.lambda_steps, 1), 0.0, 1.0)
     return config.lambda_max * progress

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llama_surgery_jax.model.checkpoint import CheckpointError
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution
 
 
 def model_fingerprint(model_dir: Path) -> dict:
@@ -48,7 +48,8 @@ class RouterCheckpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def check_compatible(self, fingerprint: dict, router: RouterConfig) -> None:
-        """Refuses to resume checkpoints of another base model or router shape."""
+        """Refuses to resume checkpoints of another base model or of other learned router settings; how
+        attention executes (`RouterExecution`) may differ."""
         for step in reversed(self.steps()):
             try:
                 meta = self.read_meta(step)
@@ -58,9 +59,13 @@ class RouterCheckpoints:
                 raise CheckpointError(
                     f"{self.directory} holds router checkpoints of another model ({meta['model']['dir']}), "
                     f"not {fingerprint['dir']}: use another --out folder")
-            if meta["router"] != dataclasses.asdict(router):
+            trained = RouterConfig.from_dict(meta["router"])
+            if trained != router:
+                changed = {k: (v, getattr(router, k)) for k, v in dataclasses.asdict(trained).items()
+                           if v != getattr(router, k)}
+                differences = ", ".join(f"router.{k}: {a} there, {b} here" for k, (a, b) in changed.items())
                 raise CheckpointError(
-                    f"{self.directory} holds routers trained with {meta['router']}, not {dataclasses.asdict(router)}: "
+                    f"{self.directory} holds routers trained with other settings ({differences}): "
                     "use another --out folder, or the same router settings to resume")
             return
 
@@ -105,7 +110,7 @@ def load_trained_routers(model, run_or_checkpoints: str | Path):
         raise CheckpointError(f"{path} holds no router checkpoints: give a training run's --out folder")
     checkpoints = RouterCheckpoints(path)
     meta = checkpoints.read_meta(steps[-1])
-    router_config = RouterConfig(**meta["router"])
+    router_config = RouterConfig.from_dict(meta["router"])
     inject_routers(model, router_config, nnx.Rngs(0))
     graphdef, routers, rest = nnx.split(model, RouterParam, ...)
     restored = checkpoints.restore(steps[-1], routers)
@@ -121,8 +126,8 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None):
     from llama_surgery_jax.surgery.routed_attention import inject_routers
 
     if surgery == "init":
-        config = RouterConfig() if context is None else RouterConfig(query_chunk=context)
-        inject_routers(model, config, nnx.Rngs(0))
+        execution = RouterExecution() if context is None else RouterExecution(query_chunk=context)
+        inject_routers(model, RouterConfig(), nnx.Rngs(0), execution=execution)
     else:
         model, _, step = load_trained_routers(model, surgery)
         print(f"routers from {surgery} (step {step})")

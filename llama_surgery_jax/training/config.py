@@ -7,7 +7,10 @@ import json
 from typing import Any
 
 from llama_surgery_jax.model.config import ConfigError, Precision, read_preset
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution, RouterSchedule
+
+# The nested configs and what each holds: a resume checks `router` only (with the model and the data).
+SECTIONS = {"router": RouterConfig, "execution": RouterExecution, "schedule": RouterSchedule}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,9 @@ class TrainConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: bool = False  # recompute each decoder layer in the backward pass (long sequences, large models)
-    router: RouterConfig = RouterConfig()
+    router: RouterConfig = RouterConfig()  # what the routers learn: p, L, d_max, window, mode, tile
+    execution: RouterExecution = RouterExecution()  # how attention runs: backend, query chunk, router gradient
+    schedule: RouterSchedule = RouterSchedule()  # τ and λ over the steps
     log_every: int = 1
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
@@ -57,14 +62,15 @@ class TrainConfig:
 
     @classmethod
     def preset(cls, name: str) -> TrainConfig:
-        """A named preset from `configs/train/NAME.json` (fields as here; `router` a nested dict)."""
+        """A named preset from `configs/train/NAME.json` (fields as here; router, execution and schedule
+        nested dicts)."""
         values = read_preset("train", name)
         values.pop("description", None)
         return cls().override([f"{k}={json.dumps(v)}" for k, v in flatten_dict(values)])
 
     def override(self, assignments: list[str]) -> TrainConfig:
-        """`key=value` overrides; `router.KEY=value` for the router. Values are parsed as JSON when they
-        parse, else taken as strings, then checked against the field's type."""
+        """`key=value` overrides; `SECTION.KEY=value` for the nested configs (router, execution, schedule).
+        Values are parsed as JSON when they parse, else taken as strings, then checked against the field's type."""
         config = self
         for assignment in assignments:
             key, sep, raw = assignment.partition("=")
@@ -74,9 +80,13 @@ class TrainConfig:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
-            if key.startswith("router."):
-                router = replace_typed(config.router, key.removeprefix("router."), value, "router.")
-                config = dataclasses.replace(config, router=router)
+            section, dot, name = key.partition(".")
+            if dot and section in SECTIONS:
+                for other, kind in SECTIONS.items():  # say where a setting moved (router.tau_steps → schedule.)
+                    if other != section and name in {f.name for f in dataclasses.fields(kind)}:
+                        raise ConfigError(f"{key!r}: {name} is a setting of {other!r} now; use {other}.{name}=")
+                nested = replace_typed(getattr(config, section), name, value, f"{section}.")
+                config = dataclasses.replace(config, **{section: nested})
             else:
                 config = replace_typed(config, key, value, "")
         return config

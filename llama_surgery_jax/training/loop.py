@@ -1,8 +1,11 @@
-"""Router training: the surgery on a converted Llama, only the routers learn (METHOD.md §6).
+"""The router-training loop: data, the jitted train step over a mesh, checkpoints, resume, the final report.
 
-    python -m llama_surgery_jax.train [--preset default|smoke|paper] [--out DIR] [key=value ...]
+CLI: Router training: the surgery on a converted Llama, only the routers learn (METHOD.md §6).
 
-No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid). Running the same
+    python -m llama_surgery_jax.train [--preset cpu|default|smoke|paper] [--out DIR] [key=value ...]
+
+No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid) with the preset that fits
+the machine (`choose_preset`: `default` on a GPU, the short `cpu` run otherwise). Running the same
 command on the same DIR resumes from its newest readable checkpoint. At the end, dense and surgery
 perplexity on `wiki.test.raw` through the same pipeline and the realised densities go to
 DIR/report.json, DIR/report.md and PNG plots; metrics stream to DIR/metrics.jsonl and TensorBoard.
@@ -31,7 +34,7 @@ from llama_surgery_jax import data
 from llama_surgery_jax.model import sharding
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer, read_config
 from llama_surgery_jax.model.config import ConfigError
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterSchedule
 from llama_surgery_jax.surgery.routed_attention import inject_routers
 from llama_surgery_jax.surgery.router import RouterParam, lambda_at, tau_at
 from llama_surgery_jax.training import report
@@ -41,6 +44,22 @@ from llama_surgery_jax.training.config import TrainConfig
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite steps); the last good checkpoint is intact."""
+
+
+GPU_PRESET = "default"
+CPU_PRESET = "cpu"
+
+
+def choose_preset(backend: str) -> tuple[str, str]:
+    """The training preset for a JAX backend (`jax.default_backend()`), and why, in words.
+
+    The `default` run (200 steps of 8 × 1024 tokens) takes minutes on one GPU and about a day on a
+    2-core CPU, so without an accelerator the short `cpu` run is the one that finishes.
+    """
+    if backend == "cpu":
+        return CPU_PRESET, (f"no GPU: JAX backend is 'cpu'; the GPU preset '{GPU_PRESET}' would take hours here; "
+                            f"pass --preset {GPU_PRESET} to run it anyway")
+    return GPU_PRESET, f"JAX backend is '{backend}'; pass --preset {CPU_PRESET} for the short CPU run"
 
 
 # ---------------------------------------------------------------------------- data
@@ -98,7 +117,7 @@ def lm_loss(model, tokens: jax.Array, **attention_kwargs):
     return nll.mean(), aux
 
 
-def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.GradientTransformation, *,
+def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.GradientTransformation, *,
                     remat: bool = False):
     """The pure step: (routers, opt_state, frozen, tokens, step, seed) → (routers, opt_state, metrics).
 
@@ -109,8 +128,8 @@ def make_train_step(graphdef, router_config: RouterConfig, optimizer: optax.Grad
     """
 
     def step_fn(routers, opt_state, frozen, tokens, step, seed):
-        tau = tau_at(step, router_config)
-        lam = lambda_at(step, router_config)
+        tau = tau_at(step, schedule)
+        lam = lambda_at(step, schedule)
         rng = jax.random.fold_in(jax.random.key(seed), step)
 
         def loss_fn(routers):
@@ -163,7 +182,7 @@ class Run:
 
 def build_run(config: TrainConfig, model_dir: Path) -> Run:
     model = load_model(model_dir, config.precision)
-    inject_routers(model, config.router, nnx.Rngs(config.seed))
+    inject_routers(model, config.router, nnx.Rngs(config.seed), execution=config.execution)
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
     optimizer = make_optimizer(config)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
@@ -176,7 +195,7 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(routers)
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
-        make_train_step(graphdef, config.router, optimizer, remat=config.remat),
+        make_train_step(graphdef, config.schedule, optimizer, remat=config.remat),
         in_shardings=(router_shardings, opt_shardings, frozen_shardings, sharding.batch_sharding(mesh),
                       replicated, replicated),
         out_shardings=(router_shardings, opt_shardings, replicated),
@@ -223,14 +242,16 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     logger = report.MetricsLogger(out, resume_step=start, is_primary=jax.process_index() == 0)
     process_rows = config.batch_size // jax.process_count()
     bad_in_a_row = 0
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train",
-               disable=not progress or jax.process_index() != 0)
+    # Compiled ahead of the loop, so that the bar's rate and ETA count steady-state steps only and the
+    # minutes of a first compilation on a CPU are announced rather than mistaken for a hang.
+    step_fn, compile_seconds = compile_step(run, seed, primary=jax.process_index() == 0)
+    bar = tqdm(initial=start, total=config.steps, desc="train", disable=not progress or jax.process_index() != 0)
     last_time, done, step_seconds = time.perf_counter(), 0, []
-    for step in bar:
+    for step in range(start, config.steps):
         rows = batches.next_batch()
         mine = rows[jax.process_index() * process_rows:(jax.process_index() + 1) * process_rows]
         batch = sharding.global_batch(mine, run.mesh, config.batch_size)
-        run.routers, run.opt_state, metrics = run.step_fn(
+        run.routers, run.opt_state, metrics = step_fn(
             run.routers, run.opt_state, run.frozen, batch, sharding.put(np.int32(step), replicated), seed)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
@@ -239,7 +260,11 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         last_time = now
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lb=f"{metrics['load_balance']:.3f}",
                         tau=f"{metrics['tau']:.2f}", lam=f"{metrics['lambda']:.2f}",
-                        dens=f"{metrics['token_density']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                        dens=f"{metrics['token_density']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+        if step == start:  # the first call still holds one-off costs: the rate and ETA count the steps after it
+            restart_clock(bar, step + 1)
+        else:
+            bar.update()
         if metrics["finite"]:
             bad_in_a_row = 0
         else:
@@ -253,22 +278,50 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             checkpoints.save(step + 1, run.routers, run.opt_state,
                              {"step": step + 1, "data_position": batches.position, "seed": config.seed,
-                              "model": fingerprint, "router": dataclasses.asdict(config.router)})
+                              "model": fingerprint, "router": dataclasses.asdict(config.router),
+                              "execution": dataclasses.asdict(config.execution),
+                              "schedule": dataclasses.asdict(config.schedule)})
         done += 1
         if stop_after is not None and done >= stop_after:
+            bar.close()
             checkpoints.wait()
             logger.close()
             return {"stopped_at": step + 1}
+    bar.close()
     checkpoints.wait()
     logger.close()
     if not config.report:
         return {"steps": config.steps}
-    # The first step of an invocation includes compilation: leave it out of the rate.
-    timing = {"steps_timed": len(step_seconds) - 1,
+    # Compilation is timed on its own; the first step can still hold one-off costs: leave it out of the rate.
+    timing = {"compile_s": compile_seconds, "steps_timed": len(step_seconds) - 1,
               "steps_per_s": (len(step_seconds) - 1) / sum(step_seconds[1:]) if len(step_seconds) > 1 else None,
               "peak_device_memory_gib": peak_device_memory_gib(), "device": jax.devices()[0].device_kind,
               "devices": jax.device_count()}
     return report.final_report(run, out, config, timing, evaluation=evaluation, train_source=train_source)
+
+
+def compile_step(run: Run, seed: jax.Array, *, primary: bool = True):
+    """The run's jitted step compiled for its batch shape ahead of time; returns (compiled, seconds)."""
+    config = run.config
+    replicated = sharding.replicated(run.mesh)
+    batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32,
+                                 sharding=sharding.batch_sharding(run.mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    if primary:
+        print("compiling the train step ...", end=" ", flush=True)
+    started = time.perf_counter()
+    compiled = run.step_fn.lower(run.routers, run.opt_state, run.frozen, batch, step, seed).compile()
+    seconds = time.perf_counter() - started
+    if primary:
+        print(f"done in {seconds:.1f} s", flush=True)
+    return compiled, seconds
+
+
+def restart_clock(bar: tqdm, n: int) -> None:
+    """Sets the bar's count to n and starts its rate, ETA and elapsed time from now."""
+    bar.reset()
+    bar.initial = bar.n = bar.last_print_n = n
+    bar.refresh()
 
 
 def peak_device_memory_gib() -> float | None:

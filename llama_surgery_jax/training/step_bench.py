@@ -1,4 +1,6 @@
-"""One surgery training step (routers only, frozen base), reference path vs kernel path: time and peak memory.
+"""One surgery training step per row (reference vs kernel path): time and peak memory, each row in a fresh process.
+
+CLI: One surgery training step (routers only, frozen base), reference path vs kernel path: time and peak memory.
 
     python -m llama_surgery_jax.step_bench                       # SmolLM2 and Llama 3.1 8B shapes, 4k/8k/16k
     python -m llama_surgery_jax.step_bench --models llama-3.1-8b --lengths 8192
@@ -33,12 +35,12 @@ import optax
 from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig, Precision
-from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution, RouterSchedule
 
 MODELS = ("smollm2-135m", "llama-3.1-8b")
 LENGTHS = (4096, 8192, 16384)
 # kernel: the kernels with the chunked JAX router gradient; kernel-fused: the router gradient inside the
-# backward kernels (RouterConfig.router_gradient).
+# backward kernels (RouterExecution.router_gradient).
 BACKENDS = ("reference", "kernel", "kernel-fused")
 TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
@@ -50,13 +52,13 @@ def model_config(name: str) -> ModelConfig:
     return TINY if name == TINY.name else ModelConfig.named(name)
 
 
-def router_config(tiny: bool, backend: str) -> RouterConfig:
+def router_config(tiny: bool, backend: str) -> tuple[RouterConfig, RouterExecution]:
     """The default router (L = 13, d_max = 6, window 128, tile 128); tiles and chunks of 16 / 32 when tiny."""
     paths = dict(attention_backend=backend.removesuffix("-fused"),
                  router_gradient="fused" if backend.endswith("-fused") else "chunked")
     if tiny:
-        return RouterConfig(levels=6, d_max=2, window=8, block_size=16, query_chunk=32, **paths)
-    return RouterConfig(**paths)
+        return RouterConfig(levels=6, d_max=2, window=8, block_size=16), RouterExecution(query_chunk=32, **paths)
+    return RouterConfig(), RouterExecution(**paths)
 
 
 def run_row(model_name: str, tokens_count: int, backend: str, *, dtype: str, init: str, repeats: int,
@@ -68,15 +70,15 @@ def run_row(model_name: str, tokens_count: int, backend: str, *, dtype: str, ini
     from llama_surgery_jax.training.loop import make_train_step
 
     config = model_config(model_name)
-    router = router_config(model_name == TINY.name, backend)
+    router, execution = router_config(model_name == TINY.name, backend)
     model = LlamaForCausalLM(config, precision=Precision(dtype, dtype), rngs=nnx.Rngs(seed))
-    inject_routers(model, router, nnx.Rngs(seed + 1), homotopy=init == "homotopy")
+    inject_routers(model, router, nnx.Rngs(seed + 1), homotopy=init == "homotopy", execution=execution)
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
     del model
     optimizer = optax.adamw(1e-3)
     opt_state = optimizer.init(routers)
     tokens = jax.random.randint(jax.random.key(seed + 2), (1, tokens_count), 0, config.vocab_size)
-    step = jax.jit(make_train_step(graphdef, router, optimizer, remat=remat), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(graphdef, RouterSchedule(), optimizer, remat=remat), donate_argnums=(0, 1))
     compiled = step.lower(routers, opt_state, frozen, tokens, 0, seed).compile()
     analysis = compiled.memory_analysis()
     times, first = [], None
@@ -96,6 +98,7 @@ def run_row(model_name: str, tokens_count: int, backend: str, *, dtype: str, ini
         "loss": float(first["loss"]), "finite": bool(first["finite"]),
         "token_density": float(first["token_density"]), "block_density": float(first["block_density"]),
         "device": jax.devices()[0].device_kind, "router": dataclasses.asdict(router),
+        "execution": dataclasses.asdict(execution),
     }
 
 
