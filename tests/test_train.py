@@ -186,3 +186,19 @@ def test_smoke_preset_on_the_embedded_model(smollm2_dir, wikitext_dir, tmp_path,
     assert "surgery ppl" in capsys.readouterr().out
     assert "surgery" in (tmp_path / "smoke" / "report.md").read_text()
     shutil.rmtree(tmp_path / "smoke")
+
+
+def test_resume_checks_what_is_learned_not_how_it_runs(tiny_model_dir, wikitext_dir, tmp_path):
+    """An execution setting (query chunk, backend, router gradient) may change on resume; a learned one may not."""
+    from llama_surgery_jax.model.checkpoint import CheckpointError
+
+    out = tmp_path / "run"
+    first = tiny_config(tiny_model_dir, wikitext_dir, "steps=2", "report=false")
+    train(first, out, progress=False)
+    resumed = train(first.override(["steps=3", "execution.query_chunk=16", "execution.attention_backend=reference"]),
+                    out, progress=False)
+    assert resumed["steps"] == 3
+    with pytest.raises(CheckpointError, match=r"router\.d_max: 3 there, 2 here"):
+        train(first.override(["steps=4", "router.d_max=2"]), out, progress=False)
+    with pytest.raises(ConfigError, match="schedule.tau_steps"):
+        first.override(["router.tau_steps=5"])
