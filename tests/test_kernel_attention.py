@@ -14,7 +14,7 @@ from conftest import fresh_seed
 from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig, Precision
-from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.model.llama import LlamaForCausalLM, abstract_model
 from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution, RouterSchedule
 from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, resolve_backend, visible_pairs
 from llama_surgery_jax.surgery.mask import token_density, token_mask
@@ -164,9 +164,25 @@ def test_visible_pairs_counts_the_hard_mask():
 
 def test_auto_is_the_reference_on_cpu():
     q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
-    assert resolve_backend("auto", q) == ("kernel" if jax.default_backend() == "gpu" else "reference")
-    assert resolve_backend("auto", q.astype(jnp.float32)) == "reference"
-    assert resolve_backend("kernel", q) == "kernel"
+    assert resolve_backend("auto", q.dtype, 64) == ("kernel" if jax.default_backend() == "gpu" else "reference")
+    assert resolve_backend("auto", jnp.float32, 64) == "reference"
+    assert resolve_backend("kernel", q.dtype, 64) == "kernel"
+
+
+def test_one_backend_rule_for_training_prefill_and_decode(monkeypatch):
+    """On a GPU, 'auto' runs the kernels for bf16/fp16 and head dim 64/128 only, in training and inference alike:
+    a float32 model is never rounded to bf16 behind the user's back."""
+    from llama_surgery_jax.inference.cache import resolve_attention
+    from llama_surgery_jax.model.config import ModelConfig
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_backend("auto", jnp.float32, 128) == "reference"
+    assert resolve_backend("auto", jnp.bfloat16, 128) == "kernel"
+    assert resolve_backend("auto", jnp.bfloat16, 96) == "reference"
+    config = dataclasses.replace(ModelConfig.named("tiny"), head_dim=64)
+    for dtype, expected in (("float32", "reference"), ("bfloat16", "kernel"), ("float16", "kernel")):
+        model = abstract_model(config, Precision(dtype, dtype))
+        assert resolve_attention("auto", model) == expected, dtype
 
 
 SMALL = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

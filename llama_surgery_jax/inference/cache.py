@@ -36,10 +36,10 @@ from flax import nnx
 
 from llama_surgery_jax.model.llama import LayerCache, LlamaForCausalLM
 from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.kernel_attention import resolve_backend
 from llama_surgery_jax.surgery.routed_attention import RoutedAttention, routed_layers
 
 ATTENTION_CHOICES = ("auto", "reference", "kernel")
-KERNEL_HEAD_DIMS = (64, 128)
 
 
 class ContextError(ValueError):
@@ -61,13 +61,10 @@ def router_config(model: LlamaForCausalLM) -> RouterConfig | None:
 
 
 def resolve_attention(attention: str, model: LlamaForCausalLM) -> str:
-    """'auto' → 'kernel' on a GPU with a kernel head size, else 'reference'."""
+    """'auto' → the training backend's rule (`kernel_attention.resolve_backend`) for the model's compute dtype."""
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    if attention != "auto":
-        return attention
-    on_gpu = jax.default_backend() == "gpu"
-    return "kernel" if on_gpu and model.config.head_dim in KERNEL_HEAD_DIMS else "reference"
+    return resolve_backend(attention, model.precision.compute, model.config.head_dim)
 
 
 def check_context(lengths, max_new_tokens: int, context: int) -> int:

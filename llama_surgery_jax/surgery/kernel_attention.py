@@ -51,16 +51,18 @@ KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def kernel_applies(q: jax.Array) -> bool:
-    """Whether the GPU kernels take these queries: head dim 64 or 128, bf16 or fp16."""
-    return q.shape[-1] in KERNEL_HEAD_DIMS and q.dtype in KERNEL_DTYPES
+def kernel_applies(dtype, head_dim: int) -> bool:
+    """Whether the GPU kernels take these activations: head dim 64 or 128, bf16 or fp16. A float32 model
+    stays on the reference: the kernels would round it to bf16, which the float32 path never does."""
+    return head_dim in KERNEL_HEAD_DIMS and jnp.dtype(dtype) in KERNEL_DTYPES
 
 
-def resolve_backend(backend: str, q: jax.Array) -> str:
-    """'auto' → 'kernel' on a GPU when `kernel_applies(q)`, else 'reference'; the others as given."""
+def resolve_backend(backend: str, dtype, head_dim: int) -> str:
+    """The one rule for training, prefill and decode: 'auto' → 'kernel' on a GPU when `kernel_applies`,
+    else 'reference'; the others as given."""
     if backend != "auto":
         return backend
-    return "kernel" if jax.default_backend() == "gpu" and kernel_applies(q) else "reference"
+    return "kernel" if jax.default_backend() == "gpu" and kernel_applies(dtype, head_dim) else "reference"
 
 
 class _Settings(NamedTuple):
