@@ -292,3 +292,20 @@ def test_fp16_routing_and_scores_stay_finite_where_the_naive_version_overflows()
     x16 = jnp.full((1, 5, HIDDEN), 3e4, jnp.float16)
     routing = route(params, x16, config=config, routing_heads=HEADS, tau=0.1, rng=jax.random.key(3))
     assert np.all(np.isfinite(routing.routes)) and np.isfinite(routing.load_balance_loss)
+
+
+def test_limits_are_refused_when_the_config_is_built():
+    """Codes that overflow int32, and tiles the kernels cannot take, fail at config time, not inside jit."""
+    from llama_surgery_jax.model.config import ConfigError
+    from llama_surgery_jax.training.config import TrainConfig
+
+    RouterConfig(p=2, levels=36, d_max=6)  # 2^30 codes fit
+    with pytest.raises(ConfigError, match="overflow int32"):
+        RouterConfig(p=2, levels=36, d_max=5)  # 2^31 codes: the last, 2^31 − 1, would be the kernels' padding
+    with pytest.raises(ConfigError, match="overflow int32"):
+        RouterConfig(p=7, levels=20, d_max=8)
+    with pytest.raises(ConfigError, match="power of two"):
+        RouterConfig(block_size=48)
+    with pytest.raises(ConfigError, match="block_size a power of two >= 16"):
+        TrainConfig().override(["router.block_size=8", "execution.attention_backend=kernel"])
+    TrainConfig().override(["router.block_size=8"])  # auto takes the reference for such tiles

@@ -64,7 +64,9 @@ def resolve_attention(attention: str, model: LlamaForCausalLM) -> str:
     """'auto' → the training backend's rule (`kernel_attention.resolve_backend`) for the model's compute dtype."""
     if attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    return resolve_backend(attention, model.precision.compute, model.config.head_dim)
+    config = router_config(model)
+    return resolve_backend(attention, model.precision.compute, model.config.head_dim,
+                           config.block_size if config is not None else 128)
 
 
 def check_context(lengths, max_new_tokens: int, context: int) -> int:

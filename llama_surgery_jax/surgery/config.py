@@ -36,8 +36,12 @@ class RouterConfig:
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block")})
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be positive, got {self.block_size}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two (the kernels take 16 and up)")
+        # Codes are int32 in [0, p^k), and the kernels pad with INT32_MAX: p^k must stay below it.
+        if self.num_codes > 2**31 - 1:
+            raise ConfigError(f"p^(levels - d_max) = {self.p}^{self.prefix_levels} codes overflow int32: "
+                              "lower levels or raise d_max")
 
     @classmethod
     def from_dict(cls, values: dict) -> RouterConfig:

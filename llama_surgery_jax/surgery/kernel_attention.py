@@ -51,18 +51,23 @@ KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
-def kernel_applies(dtype, head_dim: int) -> bool:
-    """Whether the GPU kernels take these activations: head dim 64 or 128, bf16 or fp16. A float32 model
-    stays on the reference: the kernels would round it to bf16, which the float32 path never does."""
-    return head_dim in KERNEL_HEAD_DIMS and jnp.dtype(dtype) in KERNEL_DTYPES
+def kernel_tile(tile: int) -> bool:
+    """Whether the kernels can tile blocks of `tile` tokens: a power of two from 16 (the MMA shape) up."""
+    return tile >= 16 and not tile & (tile - 1)
 
 
-def resolve_backend(backend: str, dtype, head_dim: int) -> str:
+def kernel_applies(dtype, head_dim: int, tile: int = 128) -> bool:
+    """Whether the GPU kernels take these activations: head dim 64 or 128, bf16 or fp16, a kernel tile. A
+    float32 model stays on the reference: the kernels would round it to bf16, which float32 never does."""
+    return head_dim in KERNEL_HEAD_DIMS and jnp.dtype(dtype) in KERNEL_DTYPES and kernel_tile(tile)
+
+
+def resolve_backend(backend: str, dtype, head_dim: int, tile: int = 128) -> str:
     """The one rule for training, prefill and decode: 'auto' → 'kernel' on a GPU when `kernel_applies`,
     else 'reference'; the others as given."""
     if backend != "auto":
         return backend
-    return "kernel" if jax.default_backend() == "gpu" and kernel_applies(dtype, head_dim) else "reference"
+    return "kernel" if jax.default_backend() == "gpu" and kernel_applies(dtype, head_dim, tile) else "reference"
 
 
 class _Settings(NamedTuple):

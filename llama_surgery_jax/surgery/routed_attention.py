@@ -94,7 +94,7 @@ class RoutedAttention(nnx.Module):
             rng = jax.random.fold_in(rng, self.layer_index)
         routing = self.router(x, tau=tau, rng=rng, hard=hard)
         routes = routing.routes if train else None
-        if resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1]) == "kernel":
+        if resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], self.config.block_size) == "kernel":
             out = kernel_routed_attention(q, k, v, routing.codes, routes, config=self.config,
                                           execution=self.execution)
             pairs = visible_pairs(routing.codes, window=self.config.window, sink=self.config.sink)

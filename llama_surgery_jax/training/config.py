@@ -8,6 +8,7 @@ from typing import Any
 
 from llama_surgery_jax.model.config import ConfigError, Precision, read_preset
 from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution, RouterSchedule
+from llama_surgery_jax.surgery.kernel_attention import kernel_tile
 
 # The nested configs and what each holds: a resume checks `router` only (with the model and the data).
 SECTIONS = {"router": RouterConfig, "execution": RouterExecution, "schedule": RouterSchedule}
@@ -52,6 +53,9 @@ class TrainConfig:
 
     def __post_init__(self):
         Precision(self.param_dtype, self.compute_dtype)  # validates the names
+        if self.execution.attention_backend == "kernel" and not kernel_tile(self.router.block_size):
+            raise ConfigError(f"execution.attention_backend=kernel needs router.block_size a power of two >= 16, "
+                              f"got {self.router.block_size}")
         for field in ("seq_len", "batch_size", "steps", "eval_context", "eval_windows", "checkpoint_every"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
