@@ -353,3 +353,19 @@ def test_hopper_kernel_matches_reference(dtype, d, routing):
     _check_grads_against_reference(
         q, k, v, tiled_token_mask(tm, n, tile), lambda q, k, v: block_sparse_attention(q, k, v, tm), dtype
     )
+
+
+@pytest.mark.parametrize(("n", "tile", "window", "num_codes"), [(200, 16, 20, 3), (256, 32, 0, 8), (130, 64, None, 2)])
+def test_executed_tiles_are_the_schedules_the_kernel_is_given(n, tile, window, num_codes):
+    """Every report and baseline counts `mask.executed_tiles`: it must equal the active tiles of the two
+    schedules `token_routed_attention` builds (bucket pass over sorted codes, and every band tile)."""
+    from llama_surgery_jax.surgery.mask import executed_tiles
+    from pallas_kernels.block_sparse_attention import token_routed_tiles
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    codes = jax.random.randint(jax.random.key(seed), (2, 3, n), 0, num_codes)
+    bucket, band = token_routed_tiles(codes, tile=tile, window=window, sink=True)
+    given = (build_schedule(bucket).counts.sum(-1)
+             + build_schedule(jnp.broadcast_to(band, bucket.shape)).counts.sum(-1))
+    np.testing.assert_array_equal(executed_tiles(codes, tile=tile, window=window, sink=True), given,
+                                  err_msg=f"seed {seed}")

@@ -34,6 +34,7 @@ from llama_surgery_jax.surgery.mask import (
     block_density,
     bucket_tiles,
     causal_pairs,
+    executed_tiles,
     tile_mask,
     token_density,
 )
@@ -93,10 +94,11 @@ def densities(codes: jax.Array, config: RouterConfig) -> dict[str, float]:
         bucket = bucket_tiles(codes, tile=tile)
         row[f"tile{tile}_original"] = float(block_density(
             tile_mask(codes, tile=tile, window=config.window, sink=config.sink)))
-        sorted_tiles = jnp.sum(bucket) + jnp.sum(band)
-        row[f"tile{tile}_sorted"] = float(sorted_tiles / (heads * causal_pairs(n)))
+        executed = jnp.sum(executed_tiles(codes, tile=tile, window=config.window, sink=config.sink))
+        row[f"tile{tile}_sorted"] = float(executed / (heads * causal_pairs(n)))  # what the kernel runs
         row[f"tile{tile}_sorted_bucket_pass"] = float(block_density(bucket))
-        row[f"tile{tile}_band_pass"] = float(block_density(band))
+        # Band tiles holding a pair the bucket pass leaves (codes differ); the kernel runs every band tile.
+        row[f"tile{tile}_band_pass_needed"] = float(block_density(band))
     return row
 
 

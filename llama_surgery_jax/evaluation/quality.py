@@ -98,11 +98,11 @@ class Attention:
 
 def surgery_density(model, tokens: np.ndarray) -> dict:
     """Densities of the current routers on tokens [b, t], mean over layers and heads, with per layer × head
-    maps: token density, block density at tile = block_size in original order, and sorted (the bucket
-    pass over (code, position) order OR the sink/window band, as report.py and the kernel count it)."""
+    maps: token density, block density at tile = block_size in original order, and sorted: the tiles the
+    kernel executes (`mask.executed_tiles`: bucket pass over (code, position) order plus every band tile)."""
     from flax import nnx
 
-    from llama_surgery_jax.surgery.mask import band_tiles, bucket_tiles, causal_pairs, tile_mask, token_density
+    from llama_surgery_jax.surgery.mask import causal_pairs, executed_tiles, tile_mask, token_density
 
     config = routed_layers(model)[0].config
     tile = config.block_size
@@ -114,10 +114,9 @@ def surgery_density(model, tokens: np.ndarray) -> dict:
         n = -(-codes.shape[-1] // tile)
         norm = codes.shape[0] * causal_pairs(n)
         original = jnp.sum(tile_mask(codes, tile=tile, window=config.window, sink=config.sink), axis=(0, 2, 3))
-        sorted_tiles = bucket_tiles(codes, tile=tile) | band_tiles(n, tile=tile, window=config.window,
-                                                                   sink=config.sink)
+        executed = executed_tiles(codes, tile=tile, window=config.window, sink=config.sink)
         token = jax.vmap(lambda c: token_density(c, window=config.window, sink=config.sink), in_axes=1)(codes)
-        return token, original / norm, jnp.sum(sorted_tiles, axis=(0, 2, 3)) / norm
+        return token, original / norm, jnp.sum(executed, axis=0) / norm
 
     for layer_aux in aux:
         for key, value in zip(per, one_layer(layer_aux["codes"]), strict=True):

@@ -179,6 +179,22 @@ def band_pass_tiles(codes: jax.Array, *, tile: int, window: int | None, sink: bo
     return tiles
 
 
+def executed_tiles(codes: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """codes: [..., t] → int32 [...]: the tiles the kernel computes per head for exact token routing (§9):
+    every bucket-pass tile over the code-sorted sequence plus every band tile (sink, window, diagonal) in
+    original order. This is what the kernel is given (`pallas_kernels.token_routed_tiles`), the count that
+    every report and every baseline is sized from; it can exceed the causal tile count (two passes)."""
+    n = -(-codes.shape[-1] // tile)
+    band = jnp.sum(band_tiles(n, tile=tile, window=window, sink=sink), dtype=jnp.int32)
+    return jnp.sum(bucket_tiles(codes, tile=tile), axis=(-2, -1), dtype=jnp.int32) + band
+
+
+def executed_block_density(codes: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """codes: [..., t] → float32 [...]: `executed_tiles` / causal tiles, per head."""
+    n = -(-codes.shape[-1] // tile)
+    return executed_tiles(codes, tile=tile, window=window, sink=sink).astype(jnp.float32) / causal_pairs(n)
+
+
 def causal_pairs(t: int) -> int:
     return t * (t + 1) // 2
 

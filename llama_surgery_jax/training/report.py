@@ -18,7 +18,7 @@ from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import perplexity, protocol
 from llama_surgery_jax.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import load_tokenizer
-from llama_surgery_jax.surgery.mask import band_pass_tiles, bucket_tiles, causal_pairs, token_density
+from llama_surgery_jax.surgery.mask import causal_pairs, executed_tiles, token_density
 from llama_surgery_jax.surgery.routed_attention import hard_topology, remove_routers
 
 DENSITY_TILES = (64, 128)
@@ -66,11 +66,9 @@ def topology_densities(model, tokens: jax.Array, config) -> dict:
             n = topo.tile_mask.shape[-1]
             per_head = jnp.sum(topo.tile_mask, axis=(0, 2, 3)) / (topo.tile_mask.shape[0] * causal_pairs(n))
             per_layer[f"block_{tile}"].append(np.asarray(per_head))
-            # Two passes (METHOD.md §9): buckets over the code-sorted sequence, then the sink/window band
-            # in original order for the pairs whose codes differ; their tiles add up.
-            computed = (jnp.sum(bucket_tiles(topo.codes, tile=tile), axis=(0, 2, 3))
-                        + jnp.sum(band_pass_tiles(topo.codes, tile=tile, window=router.window, sink=router.sink),
-                                  axis=(0, 2, 3)))
+            # What the kernel runs (METHOD.md §9): the bucket pass over the code-sorted sequence plus every
+            # sink/window/diagonal tile of the band pass in original order.
+            computed = jnp.sum(executed_tiles(topo.codes, tile=tile, window=router.window, sink=router.sink), axis=0)
             sorted_per_head = computed / (topo.codes.shape[0] * causal_pairs(n))
             per_layer[f"block_{tile}_sorted"].append(np.asarray(sorted_per_head))
             if tile == tiles[0]:

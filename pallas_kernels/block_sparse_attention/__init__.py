@@ -1,6 +1,6 @@
 """Block-sparse causal attention for Llama Surgery: reference, schedule, kernels, public API."""
 
-from .api import DEFAULT_TILE, block_sparse_attention, merge_partials, token_routed_attention
+from .api import DEFAULT_TILE, block_sparse_attention, merge_partials, token_routed_attention, token_routed_tiles
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
@@ -24,5 +24,6 @@ __all__ = [
     "hopper_supported",
     "transpose_schedule",
     "token_routed_attention",
+    "token_routed_tiles",
     "validate_schedule",
 ]

@@ -267,6 +267,27 @@ def _gather_tokens(x, perm, group):
     return jnp.take_along_axis(x, idx, axis=1).reshape(b, n, r * group, d)
 
 
+def _sorted_passes(codes: jax.Array, tile: int, window: int | None, sink: bool):
+    """Padded codes [B, R, n_tiles · tile] → (permutation, sorted codes, bucket-pass tile mask [B, R, nt, nt],
+    band-pass tile mask [1, 1, nt, nt]): exactly the two tile masks `token_routed_attention` runs."""
+    perm = jnp.argsort(codes, axis=-1, stable=True).astype(jnp.int32)  # (code, position) order
+    sorted_codes = jnp.take_along_axis(codes, perm, axis=-1)
+    bucket = sorted_bucket_tiles(sorted_codes, tile=tile)
+    local = band_tiles(codes.shape[-1] // tile, tile=tile, window=window, sink=sink)[None, None]
+    return perm, sorted_codes, bucket, local
+
+
+def token_routed_tiles(codes: jax.Array, *, tile: int = DEFAULT_TILE, window: int | None = WINDOW,
+                       sink: bool = SINK) -> tuple[jax.Array, jax.Array]:
+    """codes: [B, R, N] → the bucket-pass and band-pass tile masks that `token_routed_attention` gives its
+    kernels for these codes (the executed tiles that reports count)."""
+    n = codes.shape[-1]
+    pad = -(-n // tile) * tile - n
+    codes = _pad_tokens(codes.astype(jnp.int32), pad, 2, value=jnp.iinfo(jnp.int32).max)
+    _, _, bucket, local = _sorted_passes(codes, tile, window, sink)
+    return bucket, local
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -320,13 +341,11 @@ def token_routed_attention(
     # Padding tokens get a code of their own, sorted last: no real token shares it.
     codes = _pad_tokens(codes.astype(jnp.int32), pad, 2, value=jnp.iinfo(jnp.int32).max)
 
-    perm = jnp.argsort(codes, axis=-1, stable=True).astype(jnp.int32)  # (code, position) order
-    sorted_codes = jnp.take_along_axis(codes, perm, axis=-1)
+    perm, sorted_codes, bucket, local = _sorted_passes(codes, tile, window, sink)
     sorted_routes = None if routes is None else jnp.take_along_axis(routes, perm[:, :, None, :], axis=-1)
     q_group = hq // r
     qs = _gather_tokens(q, perm, q_group)
     ks, vs = (_gather_tokens(x, perm, 1) for x in (k, v))
-    bucket = sorted_bucket_tiles(sorted_codes, tile=tile)
     o1, lse1 = _attention(qs, ks, vs, sorted_routes, build_schedule(bucket), transpose_schedule(bucket),
                           (sorted_codes, perm), cfg)
     # Un-permute: the inverse permutation gathers each token back to its position.
@@ -334,7 +353,6 @@ def token_routed_attention(
     o1 = _gather_tokens(o1, inv, q_group)
     lse1 = jnp.take_along_axis(lse1, jnp.repeat(inv, q_group, axis=1), axis=-1)
 
-    local = band_tiles(nt, tile=tile, window=window, sink=sink)[None, None]
     o2, lse2 = _attention(
         q, k, v, routes, build_schedule(local), transpose_schedule(local), (None, None), cfg._replace(rule=Rule.LOCAL)
     )
