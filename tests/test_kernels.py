@@ -369,3 +369,22 @@ def test_executed_tiles_are_the_schedules_the_kernel_is_given(n, tile, window, n
              + build_schedule(jnp.broadcast_to(band, bucket.shape)).counts.sum(-1))
     np.testing.assert_array_equal(executed_tiles(codes, tile=tile, window=window, sink=True), given,
                                   err_msg=f"seed {seed}")
+
+
+def test_bench_exits_non_zero_when_a_check_crashes(monkeypatch, capsys):
+    """The bench logs a crashed section and goes on, but its exit code says the run failed."""
+    from pallas_kernels.block_sparse_attention import bench
+
+    monkeypatch.setattr(bench, "tune", lambda log: (8, 3, {}))
+    monkeypatch.setattr(bench, "grad_check", lambda log, result: None)
+    monkeypatch.setattr(bench, "correctness", lambda log, result: None)
+    args = ["--lengths", "64", "--budget-s", "0", "--no-torch"]  # budget 0: no timing rows
+    assert bench.main(args) == 0
+
+    def crash(log, result):
+        raise RuntimeError("a kernel that no longer compiles")
+
+    monkeypatch.setattr(bench, "correctness", crash)
+    assert bench.main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: crash" in out and "a kernel that no longer compiles" in out
