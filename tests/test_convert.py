@@ -176,3 +176,16 @@ def test_the_embedded_gguf_is_the_pinned_release(tmp_path):
     other.write_bytes(b"GGUF but not the pinned one")
     with pytest.raises(FileNotFoundError, match="not the pinned"):
         embedded.check_sha256(other)
+
+
+def test_scale_check_dry_run_on_the_tiny_preset(tmp_path):
+    """`python -m convert.scale_check` (the 8B conversion measurement) end to end on the tiny preset:
+    Meta's sharded layout with its index, a converter child process, float32 parity with transformers."""
+    from convert.scale_check import main as scale_check
+
+    assert scale_check(["--work", str(tmp_path), "--preset", "tiny", "--shard-size", "100KB", "--tokens", "32",
+                        "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert len(result["checkpoint"]["shards"]) > 1 and result["checkpoint"]["index"]
+    # float32 on both sides from the same bf16 weights; the tiny parity bound of this file.
+    assert result["parity"]["relative_error"] <= 1e-5
