@@ -47,7 +47,8 @@ def convert_in_child(source: Path, out: Path) -> tuple[float, float]:
     """Runs the converter in its own process → (wall seconds, peak RSS GiB of that process)."""
     start = time.perf_counter()
     subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_flax.py"), str(source), str(out)], check=True,
-                   cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+                   cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     wall = time.perf_counter() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
     return wall, peak_kib / 2**20
