@@ -202,3 +202,61 @@ def test_resume_checks_what_is_learned_not_how_it_runs(tiny_model_dir, wikitext_
         train(first.override(["steps=4", "router.d_max=2"]), out, progress=False)
     with pytest.raises(ConfigError, match="schedule.tau_steps"):
         first.override(["router.tau_steps=5"])
+
+
+# ---------------------------------------------------------------------------- the preset that fits the machine
+
+
+def run_main_without_training(monkeypatch, argv: list[str], backend: str) -> tuple[TrainConfig, Path]:
+    """main(argv) on a machine whose JAX backend is `backend`; returns what it would train, and where."""
+    import llama_surgery_jax.train as cli
+
+    calls = []
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(cli, "train", lambda config, out: calls.append((config, out)) or {})
+    assert cli.main(argv) == 0
+    (call,) = calls
+    return call
+
+
+def test_choose_preset_by_backend():
+    from llama_surgery_jax.training.loop import choose_preset
+
+    assert choose_preset("cpu")[0] == "cpu"
+    assert choose_preset("gpu")[0] == "default"
+    why = choose_preset("cpu")[1]
+    assert "no GPU" in why and "'cpu'" in why and "--preset default" in why
+
+
+def test_no_preset_on_a_cpu_runs_the_cpu_preset_and_says_why(monkeypatch, capsys):
+    config, out = run_main_without_training(monkeypatch, [], "cpu")
+    assert config == TrainConfig.preset("cpu") and out == Path("runs/cpu")
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith("preset: cpu (no GPU: JAX backend is 'cpu'")
+    assert "--preset default" in first_line
+
+
+def test_no_preset_on_a_gpu_runs_the_default_preset(monkeypatch, capsys):
+    config, out = run_main_without_training(monkeypatch, ["steps=3"], "gpu")
+    assert config == TrainConfig.preset("default").override(["steps=3"]) and out == Path("runs/default")
+    assert capsys.readouterr().out.splitlines()[0].startswith("preset: default (JAX backend is 'gpu'")
+
+
+def test_an_explicit_preset_wins(monkeypatch, capsys):
+    config, out = run_main_without_training(monkeypatch, ["--preset", "default", "--out", "elsewhere"], "cpu")
+    assert config == TrainConfig.preset("default") and out == Path("elsewhere")
+    assert capsys.readouterr().out.splitlines()[0] == "preset: default (--preset)"
+    config, out = run_main_without_training(monkeypatch, ["--preset", "smoke"], "gpu")
+    assert config == TrainConfig.preset("smoke") and out == Path("runs/smoke")
+
+
+def test_cpu_preset_is_a_short_run_of_the_embedded_model():
+    """The cpu preset parses, and is what `make train` without a GPU should be: the embedded model on
+    WikiText-2 valid, a short run with the final report, windows that fit the evaluation context."""
+    config = TrainConfig.preset("cpu")
+    assert config.model == "" and config.train_split == "valid" and config.report
+    assert config.steps < TrainConfig.preset("default").steps
+    assert config.seq_len * config.batch_size < 1024 * 8
+    assert config.eval_windows >= 8 and config.eval_windows % config.eval_batch == 0
+    assert config.router.p ** config.router.levels >= config.eval_context  # L = ceil(log_p N_ref)
+    assert config.schedule.tau_steps <= config.steps and config.schedule.lambda_steps <= config.steps
