@@ -72,13 +72,16 @@ def parity(source: Path, converted: Path, tokens: int) -> dict:
     torch.cuda.empty_cache()
 
     import jax
+    from flax import nnx
 
     from llama_surgery_jax.model.checkpoint import load_model
     from llama_surgery_jax.model.config import Precision
 
-    model = load_model(converted, Precision("float32", "float32"))
+    # The weights enter the jit as an argument: closed over, 32 GB would be baked into the program as constants.
+    graphdef, state = nnx.split(load_model(converted, Precision("float32", "float32")))
     with jax.default_matmul_precision("highest"):
-        ours = np.asarray(jax.jit(lambda t: model(t)[0])(jax.numpy.asarray(ids)))
+        logits = jax.jit(lambda state, t: nnx.merge(graphdef, state)(t)[0])(state, jax.numpy.asarray(ids))
+        ours = np.asarray(logits)
     diff = ours.astype(np.float64) - theirs
     return {"tokens": tokens, "relative_error": float(np.linalg.norm(diff) / np.linalg.norm(theirs)),
             "max_abs_diff": float(np.abs(diff).max()), "max_abs_logit": float(np.abs(theirs).max()),
@@ -99,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     make_s = make_checkpoint(source, args.preset, args.shard_size)
     shards = sorted(p.name for p in source.glob("*.safetensors"))
     size_gb = sum(p.stat().st_size for p in source.glob("*.safetensors")) / 1e9
+    print(f"made {len(shards)} shards, {size_gb:.2f} GB, in {make_s:.0f} s", flush=True)
     wall, peak = convert_in_child(source, converted)
+    print(f"converted in {wall:.0f} s, peak RSS {peak:.1f} GiB", flush=True)
     result = {"checkpoint": {"shards": shards, "index": (source / "model.safetensors.index.json").is_file(),
                              "gb": size_gb, "make_s": make_s},
               "conversion": {"wall_s": wall, "peak_rss_gib": peak}, "parity": parity(source, converted, args.tokens)}
