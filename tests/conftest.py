@@ -132,3 +132,25 @@ def tiny_model_dir(tiny_hf_dir, wikitext_dir, tmp_path_factory) -> Path:
     out = convert(tiny_hf_dir, tmp_path_factory.mktemp("converted") / "tiny", progress=False)
     train_tiny_tokenizer(out, wikitext_dir)
     return out
+
+
+def tiny_train_config(model_dir, wikitext_dir, *extra):
+    """The smoke preset on the tiny model: 6 steps of 4 × 64 tokens, a checkpoint after every step, a small
+    evaluation (2 windows of 64). A small homotopy margin and a large rate, so that routes move within a few steps."""
+    from llama_surgery_jax.training.config import TrainConfig
+
+    return TrainConfig.preset("smoke").override([
+        f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=6",
+        "checkpoint_every=1", "eval_context=64", "eval_windows=2", "eval_batch=2",
+        "router.init_bias=1.0", "learning_rate=0.05", *extra])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model_dir, wikitext_dir, tmp_path_factory):
+    """One run of `tiny_train_config` with its report, trained once per session and shared: (config, run folder,
+    train's result). Tests only read the folder; one that changes a run works on a copy (shutil.copytree)."""
+    from llama_surgery_jax.training.loop import train
+
+    config = tiny_train_config(tiny_model_dir, wikitext_dir)
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    return config, out, train(config, out, progress=False)
