@@ -223,6 +223,11 @@ def hard_topology(model: LlamaForCausalLM, tokens: jax.Array, *, tile: int | Non
         raise ValueError("the model has no routers: call inject_routers first")
     config = layers[0].config
     tile = config.block_size if tile is None else tile
-    _, aux = model(tokens, positions, train=False, rng=rng, return_codes=True)
-    return tuple(HardTopology(a["codes"], tile_mask(a["codes"], tile=tile, window=config.window,
-                                                    sink=config.sink)) for a in aux)
+
+    @nnx.jit  # one program: run op by op, the routed forward of a report took minutes on a CPU
+    def topologies(model, tokens, positions, rng):
+        _, aux = model(tokens, positions, train=False, rng=rng, return_codes=True)
+        return tuple(HardTopology(a["codes"], tile_mask(a["codes"], tile=tile, window=config.window,
+                                                        sink=config.sink)) for a in aux)
+
+    return topologies(model, tokens, positions, rng)
