@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preset: {preset} ({why})", flush=True)
     try:
         config = TrainConfig.preset(preset).override(args.overrides)
+        if preset == "paper" and not config.model:
+            raise ConfigError("--preset paper is the preprint's run on Llama 3.1 8B: pass model=<converted Llama "
+                              "3.1 8B folder> (convert/hf_to_flax.py); it would otherwise train the embedded SmolLM2")
         out = Path(args.out or f"runs/{preset}")
         result = train(config, out)
     except (ConfigError, CheckpointError, data.DataError, FileNotFoundError, TrainingError) as e:

@@ -323,3 +323,44 @@ def test_cpu_preset_is_a_short_run_of_the_embedded_model():
     assert config.eval_windows >= 8 and config.eval_windows % config.eval_batch == 0
     assert config.router.p ** config.router.levels >= config.eval_context  # L = ceil(log_p N_ref)
     assert config.schedule.tau_steps <= config.steps and config.schedule.lambda_steps <= config.steps
+
+
+def test_a_run_whose_checkpoints_are_all_unreadable_is_refused(tiny_run, tmp_path):
+    """Restarting from step 0 would silently discard the run: refuse, and say how to start over on purpose."""
+    from llama_surgery_jax.model.checkpoint import CheckpointError
+
+    config, run_dir, _ = tiny_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    for f in (tmp_path / "run" / "checkpoints").rglob("*"):
+        if f.is_file() and f.parent.name != "checkpoints":
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="is readable.*delete"):
+        train(config.override(["report=false"]), tmp_path / "run", progress=False)
+
+
+def test_resuming_on_other_data_is_refused(tiny_run, wikitext_dir, tmp_path):
+    """The checkpoint's data position indexes the text it was trained on; another text cannot resume it."""
+    from llama_surgery_jax.model.checkpoint import CheckpointError
+
+    config, run_dir, _ = tiny_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    other = tmp_path / "other.txt"
+    other.write_text((wikitext_dir / "wiki.valid.tokens").read_text()[:50_000])
+    with pytest.raises(CheckpointError, match="not on .*other.txt"):
+        train(config.override([f"data={other}", "report=false"]), tmp_path / "run", progress=False)
+
+
+def test_the_paper_preset_needs_its_model(capsys):
+    assert main(["--preset", "paper"]) == 2
+    assert "pass model=<converted Llama 3.1 8B folder>" in capsys.readouterr().err
+
+
+def test_batch_size_must_split_over_the_mesh_and_the_processes():
+    from types import SimpleNamespace
+
+    from llama_surgery_jax.model.sharding import check_batch
+
+    mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 1})
+    check_batch(8, mesh)
+    with pytest.raises(ConfigError, match="batch_size=6 does not split over the mesh's data × fsdp = 4"):
+        check_batch(6, mesh)

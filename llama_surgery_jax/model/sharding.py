@@ -8,6 +8,8 @@ sharded only when the axis size divides it, so one code path runs on 1 CPU, 4 ho
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -63,6 +65,16 @@ def shard_state(state, mesh: Mesh):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[batch, seq] arrays: batch split over data × fsdp."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the batch axes of the mesh and over the processes."""
+    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    processes = jax.process_count()
+    for count, what in ((shards, f"the mesh's data × fsdp = {shards} batch shards"),
+                        (processes, f"{processes} processes")):
+        if batch_size % count:
+            raise ConfigError(f"batch_size={batch_size} does not split over {what}: use a multiple of {count}")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -47,7 +47,7 @@ class RouterCheckpoints:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-    def check_compatible(self, fingerprint: dict, router: RouterConfig) -> None:
+    def check_compatible(self, fingerprint: dict, router: RouterConfig, data_source: dict | None = None) -> None:
         """Refuses to resume checkpoints of another base model or of other learned router settings; how
         attention executes (`RouterExecution`) may differ."""
         for step in reversed(self.steps()):
@@ -59,6 +59,12 @@ class RouterCheckpoints:
                 raise CheckpointError(
                     f"{self.directory} holds router checkpoints of another model ({meta['model']['dir']}), "
                     f"not {fingerprint['dir']}: use another --out folder")
+            trained_on = meta.get("data")
+            if data_source is not None and trained_on is not None and trained_on["sha256"] != data_source["sha256"]:
+                raise CheckpointError(
+                    f"{self.directory} holds routers trained on {trained_on['source']} ({trained_on['tokens']} "
+                    f"tokens), not on {data_source['source']} ({data_source['tokens']} tokens): its saved data "
+                    "position means nothing in another text; use another --out folder, or the same data to resume")
             trained = RouterConfig.from_dict(meta["router"])
             if trained != router:
                 changed = {k: (v, getattr(router, k)) for k, v in dataclasses.asdict(trained).items()
@@ -90,6 +96,10 @@ class RouterCheckpoints:
             except Exception as e:  # orbax raises many types for damaged files
                 print(f"warning: checkpoint {self.directory / str(step)} is unreadable ({type(e).__name__}: "
                       f"{str(e)[:200]}); falling back to the one before it", file=sys.stderr)
+        if self.steps():  # checkpoints exist and none reads: starting over would discard the run silently
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} is readable (steps {self.steps()}): to start this run over on "
+                f"purpose, delete {self.directory} (or give another --out folder)")
         return None
 
     def wait(self) -> None:

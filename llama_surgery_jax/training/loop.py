@@ -19,6 +19,7 @@ Multi-process (one process per host, the JAX runtime's own coordination):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -186,6 +187,7 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
     optimizer = make_optimizer(config)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    sharding.check_batch(config.batch_size, mesh)
     router_shardings = sharding.shard_state(routers, mesh)
     frozen_shardings = sharding.shard_state(frozen, mesh)
     routers = sharding.put(routers, router_shardings)
@@ -220,9 +222,11 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     read_config(model_dir)  # a clear error before anything heavy
     fingerprint = model_fingerprint(model_dir)
     checkpoints = RouterCheckpoints(out / "checkpoints", keep=config.keep_checkpoints)
-    checkpoints.check_compatible(fingerprint, config.router)
-
     tokens, train_source = load_training_tokens(config, model_dir)
+    data_source = {"source": data.describe(train_source), "tokens": int(len(tokens)),
+                   "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
+    checkpoints.check_compatible(fingerprint, config.router, data_source)
+
     batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed,
                               source=data.describe(train_source))
     # Read and window the report's text now, so that a missing or too short one fails before training, not after.
@@ -278,7 +282,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
             checkpoints.save(step + 1, run.routers, run.opt_state,
                              {"step": step + 1, "data_position": batches.position, "seed": config.seed,
-                              "model": fingerprint, "router": dataclasses.asdict(config.router),
+                              "model": fingerprint, "data": data_source, "router": dataclasses.asdict(config.router),
                               "execution": dataclasses.asdict(config.execution),
                               "schedule": dataclasses.asdict(config.schedule)})
         done += 1
