@@ -213,3 +213,24 @@ def test_quality_text_perplexity_section(run_on_text, tiny_model_dir, capsys):
     assert quality_main(["--run", str(run_on_text / "run"), "--model", str(tiny_model_dir), "--text", str(short),
                          "--out", str(out), *sections]) == 2
     assert "give a longer text or a smaller --contexts / --curve-context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_missing_wikitext_fails_in_ci_and_is_loud_elsewhere(ci, tmp_path):
+    """A clone without ../shared must not look green: CI fails the tests that need the data; elsewhere they
+    skip, and the end of the run says so in capitals."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WIKITEXT2_DIR": str(tmp_path / "absent"), "CI": ci}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/test_text_data.py::test_wikitext_stays_the_default_with_the_same_protocol"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    if ci:
+        assert done.returncode == 1 and "1 error" in done.stdout, done.stdout[-2000:]
+    else:
+        assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout[-2000:]
+    assert "WIKITEXT-2 MISSING" in done.stdout, done.stdout[-2000:]
