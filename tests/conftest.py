@@ -40,23 +40,27 @@ def float32_bound(accumulation_length: int, depth: int = 1, margin: float = 10.0
     return margin * math.sqrt(accumulation_length * depth) * F32_U
 
 
-# The tiny model (configs/models/tiny.json) computed twice in float32 with sums in other orders (1 vs 4 devices,
-# fsdp × tensor splits, remat, another compiled program for the same pipeline): per layer up to 8 sums may
-# reorder (q, k, v, o projections, the softmax sum, P·V, gate/up, down), the longest over intermediate_size terms.
-_TINY = json.loads((REPO / "configs" / "models" / "tiny.json").read_text())
-TINY_SUMS_PER_LAYER = 8
-TINY_LOGITS_BOUND = float32_bound(_TINY["intermediate_size"],
-                                  depth=TINY_SUMS_PER_LAYER * _TINY["num_hidden_layers"])  # 176, 16: 3.2e-5
-# Mean cross-entropy (and log perplexity) moves by at most 2·max|Δlogit| (log-sum-exp and the target logit are
-# each 1-Lipschitz in the largest element). The tiny random model's logits are far below its loss (|logit| ≤
-# ‖normed hidden‖·‖lm_head row‖ ≈ 8 × 0.16 against a loss ≈ ln 512 = 6.2; only routers ever train), so relative
-# to the loss, or as a relative change of perplexity per unit of log perplexity: 2 × the logits' bound, 6.3e-5.
-TINY_LOSS_BOUND = 2 * TINY_LOGITS_BOUND
+# A Llama computed twice in float32 with its sums in other orders (torch vs XLA, 1 vs 4 devices, fsdp × tensor
+# splits, remat, another compiled program of the same pipeline): per layer up to 8 sums may reorder (q, k, v, o
+# projections, the softmax sum, P·V, gate/up, down), the longest over intermediate_size terms.
+SUMS_PER_LAYER = 8
 
 
-def tiny_ppl_rtol(ppl: float) -> float:
-    """Relative perplexity bound of two float32 computations of the tiny model: Δ log ppl ≤ TINY_LOSS_BOUND·log ppl."""
-    return TINY_LOSS_BOUND * math.log(ppl)
+def logits_bound(preset: str) -> float:
+    """float32_bound of a configs/models preset's forward, relative to the largest logit (or in RMS)."""
+    config = json.loads((REPO / "configs" / "models" / f"{preset}.json").read_text())
+    return float32_bound(config["intermediate_size"], depth=SUMS_PER_LAYER * config["num_hidden_layers"])
+
+
+TINY_LOGITS_BOUND = logits_bound("tiny")  # 176 terms, 16 sums: 3.2e-5
+SMOLLM2_LOGITS_BOUND = logits_bound("smollm2-135m")  # 1536 terms, 240 sums: 3.6e-4
+# The tiny model's logits are small: |logit| ≤ ‖final normed hidden‖ · ‖lm_head row‖ = √64 (RMSNorm, weight 1)
+# × ≤ 0.21 (rows of std 0.02 in 64 dims, the largest of 512; only routers ever train) < 2 (measured 0.77).
+TINY_MAX_LOGIT = 2.0
+# Mean cross-entropy, and so log perplexity, moves by at most 2·max|Δlogit| (log-sum-exp and the target logit are
+# each 1-Lipschitz in the largest element): an absolute bound in nats on a loss or on log ppl, 1.3e-4 (so also on
+# a relative change of perplexity, or a perplexity gap).
+TINY_NLL_BOUND = 2 * TINY_LOGITS_BOUND * TINY_MAX_LOGIT
 
 
 # ---------------------------------------------------------------------------- fresh seeds

@@ -9,14 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import SMOLLM2_LOGITS_BOUND, TINY_NLL_BOUND
 
 from llama_surgery_jax import data
 from llama_surgery_jax.evaluate import main
 from llama_surgery_jax.evaluation.perplexity import perplexity
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 
-# The issue's bar for the same protocol through both stacks (fp32 on both sides).
-PPL_RTOL = 5e-3
+# SmolLM2 through both stacks in float32 from the same dequantized GGUF weights: torch and XLA order every sum
+# differently, so the logits agree to SMOLLM2_LOGITS_BOUND (conftest: 3.6e-4, in RMS). Per token the NLL moves by
+# Δlog-sum-exp − Δ(target logit), each of the size of a typical logit error: |Δ log ppl| ≲ 2·rms(Δlogits) ≤
+# 2 × SMOLLM2_LOGITS_BOUND × rms(logits), the scale taken from transformers' logits (rms 7.8 on these windows:
+# 5.6e-3, the issue's bar of 5e-3 for the same protocol through both stacks; measured 1.4e-7).
 
 
 def test_detokenizer_undoes_the_tokenized_release():
@@ -61,8 +65,9 @@ def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir):
         logits = hf(batch).logits[:, :-1].double()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     theirs = math.exp(nll.item())
+    bound = 2 * SMOLLM2_LOGITS_BOUND * float(logits.pow(2).mean().sqrt())
     assert ours["tokens"] == 3 * 255
-    assert abs(ours["ppl"] - theirs) / theirs <= PPL_RTOL, (ours["ppl"], theirs)
+    assert abs(math.log(ours["ppl"]) - nll.item()) <= bound, (ours["ppl"], theirs, bound)
 
 
 def test_cli_writes_json_with_the_protocol(tiny_hf_dir, tmp_path, wikitext_dir, capsys):
@@ -106,6 +111,8 @@ def test_dense_logits_are_float32_and_causal(tiny_hf_dir, tmp_path):
 
 
 def test_surgery_init_prints_the_dense_perplexity_exactly(tiny_model_dir, wikitext_dir, tmp_path):
+    """Homotopy routers with one query chunk do dense attention's arithmetic op for op (test_surgery's step-0
+    tests), through the same scorer: the perplexities are equal bit for bit by construction."""
     args = ["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--context", "64", "--max-windows", "2"]
     assert main([*args, "--json", str(tmp_path / "dense.json")]) == 0
     assert main([*args, "--surgery", "init", "--json", str(tmp_path / "init.json")]) == 0
@@ -113,36 +120,32 @@ def test_surgery_init_prints_the_dense_perplexity_exactly(tiny_model_dir, wikite
     assert init["surgery"] == "init" and init["ppl"] == dense["ppl"]
 
 
-def test_surgery_from_a_training_run(tiny_model_dir, wikitext_dir, tmp_path, capsys):
-    from llama_surgery_jax.training.config import TrainConfig
-    from llama_surgery_jax.training.loop import train
-
-    config = TrainConfig.preset("smoke").override([
-        f"model={tiny_model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2",
-        "eval_context=64", "eval_windows=2", "eval_batch=2"])
-    trained = train(config, tmp_path / "run", progress=False)
+def test_surgery_from_a_training_run(tiny_run, tiny_model_dir, wikitext_dir, tmp_path, capsys):
+    config, run_dir, trained = tiny_run
+    assert (config.eval_context, config.eval_windows, config.eval_batch) == (64, 2, 2)  # as the CLI below
     assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--context", "64",
-                 "--max-windows", "2", "--batch-size", "2", "--surgery", str(tmp_path / "run"),
+                 "--max-windows", "2", "--batch-size", "2", "--surgery", str(run_dir),
                  "--json", str(tmp_path / "s.json")]) == 0
-    # The same routers, windows and pipeline as the run's own report.
-    assert json.loads((tmp_path / "s.json").read_text())["ppl"] == pytest.approx(trained["surgery_ppl"], rel=1e-6)
+    # The same routers (restored bit for bit), windows and scorer as the run's own report, but another compiled
+    # program (the run's arrays are placed on its mesh): the tiny model's float32 bound on log perplexity.
+    ppl = json.loads((tmp_path / "s.json").read_text())["ppl"]
+    assert abs(math.log(ppl) - math.log(trained["surgery_ppl"])) <= TINY_NLL_BOUND, (ppl, trained["surgery_ppl"])
     assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--surgery",
                  str(tmp_path / "nowhere")]) == 2
     assert "holds no router checkpoints" in capsys.readouterr().err
 
 
-def test_quality_script_end_to_end_on_tiny(tiny_model_dir, wikitext_dir, tmp_path):
-    """Every section of `quality` (perplexity table, curve, NIAH, speed, p ablation, plots) on the tiny model."""
+def test_quality_script_end_to_end_on_tiny(tiny_run, tiny_model_dir, wikitext_dir, tmp_path):
+    """Every section of `quality` (perplexity table, curve, NIAH, speed, p ablation, plots) on the tiny model,
+    from the shared tiny run."""
     from llama_surgery_jax.quality import main as quality_main
-    from llama_surgery_jax.training.config import TrainConfig
-    from llama_surgery_jax.training.loop import train
 
+    run_dir = tiny_run[1]
     tiny = [f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2", "eval_context=64",
             "eval_windows=2", "eval_batch=2"]
-    train(TrainConfig.preset("smoke").override([f"model={tiny_model_dir}", *tiny]), tmp_path / "run", progress=False)
     out = tmp_path / "quality"
     assert quality_main([
-        "--run", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir),
+        "--run", str(run_dir), "--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir),
         "--out", str(out), "--contexts", "64,128", "--windows", "2", "--curve-context", "64", "--curve-windows", "2",
         "--d-max", "2", "--window-sweep", "4", "--baseline-extra", "0", "--niah-lengths", "96", "--niah-depths", "0,1",
         "--niah-trials", "1", "--speed-contexts", "64", "--speed-new-tokens", "4", "--speed-dtype", "float32",
@@ -160,7 +163,7 @@ def test_quality_script_end_to_end_on_tiny(tiny_model_dir, wikitext_dir, tmp_pat
     for name in ("quality.md", "quality_density.png", "density_heatmap.png", "tree_path.png"):
         assert (out / name).is_file(), name
     # A second, shorter invocation replaces the sections it runs and keeps the others.
-    assert quality_main(["--run", str(tmp_path / "run"), "--model", str(tiny_model_dir), "--data-dir",
+    assert quality_main(["--run", str(run_dir), "--model", str(tiny_model_dir), "--data-dir",
                          str(wikitext_dir), "--out", str(out), "--contexts", "64", "--windows", "1",
                          "--curve-context", "64", "--curve-windows", "0", "--niah-lengths", "", "--speed-contexts",
                          ""]) == 0
@@ -182,6 +185,8 @@ def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, wikitext_dir, 
     assert main([*args, "--context", "128", "--baseline", "streaming", "--baseline-density", "1.0",
                  "--baseline-tile", "32", "--dense-too", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["baseline"]["block_density"] == 1.0 and abs(result["gap"]) < 1e-5
+    # At full density the streaming baseline attends to every causal pair, but with its own chunked softmax:
+    # float32 reassociation of the tiny model, so the perplexity ratio's gap is within TINY_NLL_BOUND.
+    assert result["baseline"]["block_density"] == 1.0 and abs(result["gap"]) <= TINY_NLL_BOUND, result["gap"]
     assert main([*args, "--baseline", "moba", "--surgery", "init"]) == 2
     assert "not with --surgery" in capsys.readouterr().err
