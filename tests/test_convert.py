@@ -10,16 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import fresh_seed, make_hf_llama
+from conftest import SMOLLM2_LOGITS_BOUND, TINY_LOGITS_BOUND, fresh_seed, make_hf_llama
 
 from convert.hf_to_flax import ConversionError, convert
 from llama_surgery_jax.model.checkpoint import load_model
 from llama_surgery_jax.model.config import ModelConfig, Precision
 
-# fp32 on both sides; the differences are summation order only.
-TINY_PARITY_RTOL = 1e-5
-# SmolLM2: 30 layers and a 49k vocabulary accumulate more float32 rounding than the tiny model.
-SMOLLM2_PARITY_RTOL = 1e-4
+# fp32 on both sides from the same weights; torch and XLA differ by the order of every sum only: conftest's
+# logits bounds (float32_bound over the MLP width, 8 sums per layer), relative Frobenius error. Tiny: 176 terms,
+# 2 layers: 3.2e-5 (measured 2.6e-7). SmolLM2: 1536 terms, 30 layers: 3.6e-4 (measured 1.2e-6).
+TINY_PARITY_RTOL = TINY_LOGITS_BOUND
+SMOLLM2_PARITY_RTOL = SMOLLM2_LOGITS_BOUND
 
 
 def relative_error(ours, theirs) -> float:
@@ -58,8 +59,10 @@ def test_bf16_checkpoint_keeps_bf16_and_matches(tmp_path):
     # Evaluate both in float32 from the same bf16 weights.
     ours = load_model(out, Precision("float32", "float32"))
     theirs = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    ids = np.random.default_rng(fresh_seed()).integers(0, 512, size=(1, 64))
-    assert relative_error(ours(jnp.asarray(ids))[0], hf_logits(theirs, ids)) <= TINY_PARITY_RTOL
+    seed = fresh_seed()
+    ids = np.random.default_rng(seed).integers(0, 512, size=(1, 64))
+    err = relative_error(ours(jnp.asarray(ids))[0], hf_logits(theirs, ids))
+    assert err <= TINY_PARITY_RTOL, f"seed {seed}: relative error {err:.2e}"
 
 
 @pytest.mark.slow
@@ -188,4 +191,4 @@ def test_scale_check_dry_run_on_the_tiny_preset(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert len(result["checkpoint"]["shards"]) > 1 and result["checkpoint"]["index"]
     # float32 on both sides from the same bf16 weights; the tiny parity bound of this file.
-    assert result["parity"]["relative_error"] <= 1e-5
+    assert result["parity"]["relative_error"] <= TINY_PARITY_RTOL, result["parity"]
