@@ -40,6 +40,14 @@ def float32_bound(accumulation_length: int, depth: int = 1, margin: float = 10.0
     return margin * math.sqrt(accumulation_length * depth) * F32_U
 
 
+def attention_order_bound(t: int, hidden_size: int, layers: int) -> float:
+    """Two computations of a model that differ only in how attention sums (chunked queries, a baseline's own
+    softmax): per layer the softmax normaliser and P·V over the t keys may reorder (2 sums); the hidden-size
+    projections around them keep their shapes but may be fused differently, so the longest sum is
+    max(t, hidden_size). Relative to the largest logit."""
+    return float32_bound(max(t, hidden_size), depth=2 * layers)
+
+
 # A Llama computed twice in float32 with its sums in other orders (torch vs XLA, 1 vs 4 devices, fsdp × tensor
 # splits, remat, another compiled program of the same pipeline): per layer up to 8 sums may reorder (q, k, v, o
 # projections, the softmax sum, P·V, gate/up, down), the longest over intermediate_size terms.

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BF16_U, float32_bound
+from conftest import BF16_U, attention_order_bound, float32_bound
 from flax import nnx
 
 from llama_surgery_jax.model.config import ModelConfig, Precision
@@ -19,14 +19,12 @@ from llama_surgery_jax.surgery.router import RouterParam, init_router_params, ro
 # arithmetic op for op (routed_attention's docstring), so those logits are compared bit for bit, as are the
 # dense model's before and after remove_routers (the same function compiled the same way).
 #
-# Chunking changes the row count of the P·V matmul, and XLA's CPU dot may then sum in another order. Per
-# layer two sums may reorder: the softmax normaliser and P·V, both over the t keys; the hidden-size
-# projections around them keep their shapes but may be fused differently. So: float32 reassociation over
-# sums of max(t, hidden) terms, 2 per layer (conftest.float32_bound, margin ×10), relative to the largest logit.
+# Chunking changes the row count of the P·V matmul, and XLA's CPU dot may then sum in another order: the
+# softmax normaliser and P·V over the t keys, 2 sums per layer (conftest.attention_order_bound).
 
 
 def chunked_bound(config: ModelConfig, t: int) -> float:
-    return float32_bound(max(t, config.hidden_size), depth=2 * config.num_hidden_layers)
+    return attention_order_bound(t, config.hidden_size, config.num_hidden_layers)
 
 
 def tiny_model(precision: Precision | None = None):
