@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import F32_U
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,8 @@ from llama_surgery_jax.surgery.mask import (
 )
 from llama_surgery_jax.surgery.router import hard_topology, init_router_params, route
 
-PROPERTY = settings(deadline=None, max_examples=25)
+# Each example draws new shapes (t, heads, tile, window), so each compiles anew: 10 per run, fresh every run.
+PROPERTY = settings(deadline=None, max_examples=10)
 WINDOWS = st.one_of(st.none(), st.integers(0, 20))
 
 
@@ -83,7 +85,8 @@ def test_tile_mask_from_code_sets_is_the_tile_or_of_the_token_mask(codes, tile, 
 def test_token_density_counts_the_full_mask(codes, window, sink):
     t = codes.shape[-1]
     expected = np.asarray(full_mask(codes, window, sink)).sum() / (codes.size // t * t * (t + 1) / 2)
-    np.testing.assert_allclose(token_density(codes, window=window, sink=sink, chunk=16), expected, rtol=1e-6)
+    # Integer counts, exact in float32, then one division: ≤ u from the exact ratio (×10 margin).
+    np.testing.assert_allclose(token_density(codes, window=window, sink=sink, chunk=16), expected, rtol=10 * F32_U)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -161,6 +164,7 @@ def test_tile_mask_memory_is_linear():
         return compiled.memory_analysis().temp_size_in_bytes
 
     small, large = scratch(8192), scratch(32768)
+    # 4× the tokens: linear scratch grows 4×, t² · tile 16×; ×1.5 leaves room for buffers of fixed size.
     assert large / small < 4 * 1.5, f"{small / 2**20:.1f} → {large / 2**20:.1f} MiB for 4× the tokens"
     # The codes themselves (4 MiB at 32k) times a few: sorted block copies, the per-step lookup, the mask.
     assert large < 16 * 32 * 32768 * 4, f"{large / 2**20:.1f} MiB"
