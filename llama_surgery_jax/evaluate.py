@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        from llama_surgery_jax.training.checkpoints import prepare_for_evaluation, trained_base
+
+        if not args.model and args.surgery and args.surgery != "init":
+            args.model = trained_base(args.surgery)  # the run's own base model, when it is here
         model_dir = Path(args.model) if args.model else default_model_dir()
         model = load_model(model_dir, Precision(args.dtype, args.dtype))
         tokenizer = load_tokenizer(model_dir)
@@ -83,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         token_windows = windows_by_context[contexts[0]]
         attention_kwargs = {}
         if args.surgery:
-            from llama_surgery_jax.training.checkpoints import prepare_for_evaluation
-
-            model, attention_kwargs = prepare_for_evaluation(model, args.surgery, context=max(contexts))
+            model, attention_kwargs = prepare_for_evaluation(model, args.surgery, context=max(contexts),
+                                                             model_dir=model_dir)
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

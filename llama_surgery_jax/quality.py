@@ -99,18 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from llama_surgery_jax.model.embedded import default_model_dir
-    from llama_surgery_jax.training.checkpoints import load_trained_routers
+    from llama_surgery_jax.training.checkpoints import load_trained_routers, trained_base
 
     started = time.perf_counter()
     try:
-        model_dir = Path(args.model) if args.model else default_model_dir()
+        model_dir = Path(args.model or trained_base(args.run) or default_model_dir())  # the run's base by default
         tokenizer = load_tokenizer(model_dir)
         corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
         ids = data.tokenize(tokenizer, corpus.text)
         # The longest window any section cuts from the text; the curve's context is always used (routing plots).
         data.windows(ids, max([*args.contexts, args.curve_context]), 1, source=data.describe(corpus.source),
                      setting="--contexts / --curve-context")
-        model, router, step = load_trained_routers(load_model(model_dir), args.run)
+        model, router, step = load_trained_routers(load_model(model_dir), args.run, model_dir=model_dir)
         longest = max([*args.contexts, args.curve_context, *args.niah_lengths, *args.speed_contexts])
         if longest > model.config.max_position_embeddings:
             raise ConfigError(f"{longest} tokens exceed the model's context {model.config.max_position_embeddings}")

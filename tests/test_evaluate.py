@@ -190,3 +190,21 @@ def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, wikitext_dir, 
     assert result["baseline"]["block_density"] == 1.0 and abs(result["gap"]) <= TINY_NLL_BOUND, result["gap"]
     assert main([*args, "--baseline", "moba", "--surgery", "init"]) == 2
     assert "not with --surgery" in capsys.readouterr().err
+
+
+def test_a_run_evaluates_on_its_own_base_model_and_refuses_another(tiny_run, tiny_model_dir, smollm2_dir, wikitext_dir,
+                                                                   capsys):
+    """No --model: the base the run was trained on (not the embedded default). Another --model: refused by
+    its fingerprint with a clear message, not an orbax traceback."""
+    from llama_surgery_jax.training.checkpoints import model_fingerprint, trained_base
+
+    _, run_dir, _ = tiny_run
+    assert trained_base(run_dir) == tiny_model_dir.absolute()
+    common = ["--context", "64", "--max-windows", "1", "--data-dir", str(wikitext_dir)]
+    assert main(["--surgery", str(run_dir), *common]) == 0
+    assert main(["--surgery", str(run_dir), "--model", str(smollm2_dir), *common]) == 2
+    err = capsys.readouterr().err
+    assert "were trained on the base model" in err and str(smollm2_dir) in err
+    # The same model converted elsewhere matches: the fingerprint leaves the source's path out.
+    here = model_fingerprint(tiny_model_dir)
+    assert here["sha256"] != here["legacy_sha256"]

@@ -124,7 +124,10 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
 def load_for_inference(model_dir: Path | None, surgery: str | None, dtype: str = "float32"):
     """(model, tokenizer, surgery description). A run folder without router checkpoints → dense, said."""
     from llama_surgery_jax.model.embedded import default_model_dir
+    from llama_surgery_jax.training.checkpoints import BaseModelMismatch, load_trained_routers, trained_base
 
+    if not model_dir and surgery and surgery != "init" and Path(surgery).exists():
+        model_dir = trained_base(surgery)  # the run's own base model, when it is here
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     model = load_model(model_dir, Precision(dtype, dtype))
     tokenizer = load_tokenizer(model_dir)
@@ -138,8 +141,6 @@ def load_for_inference(model_dir: Path | None, surgery: str | None, dtype: str =
         inject_routers(model, RouterConfig(), nnx.Rngs(0))
         described = "routers at their homotopy initialisation"
     elif surgery:
-        from llama_surgery_jax.training.checkpoints import load_trained_routers
-
         run = Path(surgery)
         if not run.exists():
             raise CheckpointError(f"--surgery {surgery}: no such folder; give a training run's --out folder, or 'init'")
@@ -147,8 +148,10 @@ def load_for_inference(model_dir: Path | None, surgery: str | None, dtype: str =
             raise CheckpointError(f"--surgery {surgery} is not a training run folder (no config.json, no "
                                   "checkpoints/): give the --out folder of `python -m llama_surgery_jax.train`")
         try:
-            model, config, step = load_trained_routers(model, surgery)
+            model, config, step = load_trained_routers(model, surgery, model_dir=model_dir)
             described = f"routers of {surgery} (step {step}; p={config.p}, d_max={config.d_max}, W={config.window})"
+        except BaseModelMismatch:
+            raise
         except CheckpointError as e:
             print(f"warning: {e}; running the DENSE model", file=sys.stderr)
             described = f"dense ({surgery} holds no routers)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -19,14 +20,48 @@ from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.surgery.config import RouterConfig, RouterExecution
 
 
+class BaseModelMismatch(CheckpointError):
+    """Routers trained on one base model, asked to run on another."""
+
+
 def model_fingerprint(model_dir: Path) -> dict:
-    """What identifies the frozen base: its folder, and a hash of its config and conversion record."""
+    """What identifies the frozen base: its folder, and a hash of its config and conversion record (dtype,
+    parameter count) without the source's path, so the same model converted on another machine matches.
+    `legacy_sha256` is the hash that runs recorded before (path included), so their checkpoints still resume."""
     model_dir = Path(model_dir).absolute()
-    digest = hashlib.sha256()
+    content, legacy = hashlib.sha256(), hashlib.sha256()
     for name in ("config.json", "conversion.json"):
         path = model_dir / name
-        digest.update(path.read_bytes() if path.is_file() else b"")
-    return {"dir": str(model_dir), "sha256": digest.hexdigest()}
+        raw = path.read_bytes() if path.is_file() else b""
+        legacy.update(raw)
+        if name == "conversion.json" and raw:
+            record = json.loads(raw)
+            record.pop("source", None)
+            record.pop("description", None)  # names the source's path too
+            raw = json.dumps(record, sort_keys=True).encode()
+        content.update(raw)
+    return {"dir": str(model_dir), "sha256": content.hexdigest(), "legacy_sha256": legacy.hexdigest()}
+
+
+def same_model(recorded: dict, fingerprint: dict) -> bool:
+    """Whether a run's recorded base (`model_fingerprint` then) is the model of `fingerprint` (now)."""
+    return recorded["sha256"] in (fingerprint["sha256"], fingerprint["legacy_sha256"])
+
+
+def run_checkpoints(run_or_checkpoints: str | Path) -> Path:
+    """A training run's checkpoints folder, from the run folder or the folder itself."""
+    path = Path(run_or_checkpoints).absolute()
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def trained_base(run_or_checkpoints: str | Path) -> Path | None:
+    """The base model folder a run trained on, when that folder is on this machine (else None)."""
+    path = run_checkpoints(run_or_checkpoints)
+    steps = RouterCheckpoints(path).steps() if path.is_dir() else []
+    if not steps:
+        return None
+    recorded = Path(RouterCheckpoints(path).read_meta(steps[-1])["model"]["dir"])
+    return recorded if (recorded / "config.json").is_file() else None
 
 
 def abstract(tree):
@@ -55,7 +90,7 @@ class RouterCheckpoints:
                 meta = self.read_meta(step)
             except Exception:  # unreadable: restore_latest reports and skips it
                 continue
-            if meta["model"]["sha256"] != fingerprint["sha256"]:
+            if not same_model(meta["model"], fingerprint):
                 raise CheckpointError(
                     f"{self.directory} holds router checkpoints of another model ({meta['model']['dir']}), "
                     f"not {fingerprint['dir']}: use another --out folder")
@@ -106,20 +141,25 @@ class RouterCheckpoints:
         self.manager.wait_until_finished()
 
 
-def load_trained_routers(model, run_or_checkpoints: str | Path):
+def load_trained_routers(model, run_or_checkpoints: str | Path, *, model_dir: str | Path | None = None):
     """Injects routers into `model` and loads the newest checkpoint of a training run folder
-    (or its `checkpoints/` folder). Returns (model, router config, step)."""
+    (or its `checkpoints/` folder). Returns (model, router config, step).
+
+    model_dir: the folder `model` was loaded from; routers trained on another base are refused.
+    """
     from llama_surgery_jax.surgery.routed_attention import inject_routers
     from llama_surgery_jax.surgery.router import RouterParam
 
-    path = Path(run_or_checkpoints).absolute()
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
+    path = run_checkpoints(run_or_checkpoints)
     steps = RouterCheckpoints(path).steps() if path.is_dir() else []
     if not steps:
         raise CheckpointError(f"{path} holds no router checkpoints: give a training run's --out folder")
     checkpoints = RouterCheckpoints(path)
     meta = checkpoints.read_meta(steps[-1])
+    if model_dir is not None and not same_model(meta["model"], model_fingerprint(model_dir)):
+        raise BaseModelMismatch(
+            f"the routers in {path} were trained on the base model {meta['model']['dir']}, not on {model_dir} "
+            "(their config or conversion differs): pass --model with the run's base model, or leave --model out")
     router_config = RouterConfig.from_dict(meta["router"])
     inject_routers(model, router_config, nnx.Rngs(0))
     graphdef, routers, rest = nnx.split(model, RouterParam, ...)
@@ -127,7 +167,7 @@ def load_trained_routers(model, run_or_checkpoints: str | Path):
     return nnx.merge(graphdef, restored.routers, rest), router_config, steps[-1]
 
 
-def prepare_for_evaluation(model, surgery: str, context: int | None = None):
+def prepare_for_evaluation(model, surgery: str, context: int | None = None, model_dir: str | Path | None = None):
     """`--surgery init` (homotopy routers) or a run folder → (model, attention kwargs for evaluation).
 
     At init the routed attention takes the whole window as one query chunk (`context`), so it runs the
@@ -139,7 +179,7 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None):
         execution = RouterExecution() if context is None else RouterExecution(query_chunk=context)
         inject_routers(model, RouterConfig(), nnx.Rngs(0), execution=execution)
     else:
-        model, _, step = load_trained_routers(model, surgery)
+        model, _, step = load_trained_routers(model, surgery, model_dir=model_dir)
         print(f"routers from {surgery} (step {step})")
     return model, {"train": False, "rng": None}
 
