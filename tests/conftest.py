@@ -165,15 +165,20 @@ def tiny_model_dir(tiny_hf_dir, wikitext_dir, tmp_path_factory) -> Path:
     return out
 
 
+def tiny_train_overrides(model_dir, wikitext_dir) -> list[str]:
+    """The smoke preset's overrides for the tiny model: 6 steps of 4 × 64 tokens, a checkpoint after every step,
+    a small evaluation (2 windows of 64). A small homotopy margin and a large rate, so routes move within a few
+    steps. Also the command line of the multi-device runs, whose first step is then `tiny_run`'s."""
+    return [f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=6",
+            "checkpoint_every=1", "eval_context=64", "eval_windows=2", "eval_batch=2",
+            "router.init_bias=1.0", "learning_rate=0.05"]
+
+
 def tiny_train_config(model_dir, wikitext_dir, *extra):
-    """The smoke preset on the tiny model: 6 steps of 4 × 64 tokens, a checkpoint after every step, a small
-    evaluation (2 windows of 64). A small homotopy margin and a large rate, so that routes move within a few steps."""
+    """The smoke preset with `tiny_train_overrides` (and `extra` key=value overrides)."""
     from llama_surgery_jax.training.config import TrainConfig
 
-    return TrainConfig.preset("smoke").override([
-        f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=6",
-        "checkpoint_every=1", "eval_context=64", "eval_windows=2", "eval_batch=2",
-        "router.init_bias=1.0", "learning_rate=0.05", *extra])
+    return TrainConfig.preset("smoke").override([*tiny_train_overrides(model_dir, wikitext_dir), *extra])
 
 
 @pytest.fixture(scope="session")

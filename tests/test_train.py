@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import F32_U, SUMS_PER_LAYER, TINY_NLL_BOUND, float32_bound
+from conftest import F32_U, SUMS_PER_LAYER, TINY_NLL_BOUND, float32_bound, tiny_train_overrides
 from conftest import tiny_train_config as tiny_config
 
 from llama_surgery_jax.model.config import ConfigError, ModelConfig
@@ -129,21 +129,30 @@ def test_remat_changes_memory_not_results(tiny_model_dir, wikitext_dir):
         assert np.all(np.abs(a - b) <= atol), float(np.max(np.abs(a - b) - atol))
 
 
-def run_one_step(model_dir, wikitext_dir, out: Path, devices: int, *mesh) -> float:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "llama_surgery_jax.train", "--preset", "smoke", "--out", str(out),
-           f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1",
-           "report=false", "router.init_bias=1.0", *mesh]
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0 and (out / "metrics.jsonl").is_file(), done.stdout + done.stderr
+def first_loss(out: Path) -> float:
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
 
-@pytest.fixture(scope="module")
-def one_device_loss(tiny_model_dir, wikitext_dir, tmp_path_factory) -> float:
-    """The first step's loss on one device, the reference of the multi-device tests (run once)."""
-    return run_one_step(tiny_model_dir, wikitext_dir, tmp_path_factory.mktemp("one-device") / "one", 1)
+def one_step_command(model_dir, wikitext_dir, out: Path) -> list[str]:
+    """The first step of `tiny_run` (the same overrides), alone and without a report."""
+    return ["--preset", "smoke", "--out", str(out), *tiny_train_overrides(model_dir, wikitext_dir), "steps=1",
+            "report=false"]
+
+
+def run_one_step(model_dir, wikitext_dir, out: Path, devices: int, *mesh) -> float:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "llama_surgery_jax.train", *one_step_command(model_dir, wikitext_dir, out), *mesh]
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and (out / "metrics.jsonl").is_file(), done.stdout + done.stderr
+    return first_loss(out)
+
+
+@pytest.fixture
+def one_device_loss(tiny_run) -> float:
+    """The reference of the multi-device tests: the first step's loss of the shared single-device run, which
+    the multi-device commands repeat (same preset and overrides, so the same batch, routers and step)."""
+    return first_loss(tiny_run[1])
 
 
 # The loss of one step on 1 device and on 4 (or 2 processes): float32 reassociation of the forward only
@@ -160,9 +169,7 @@ def test_two_processes_with_jax_distributed(one_device_loss, tiny_model_dir, wik
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["--preset", "smoke", "--out", str(tmp_path / "multi"), f"model={tiny_model_dir}",
-              f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=1", "report=false",
-              "router.init_bias=1.0"]
+    common = one_step_command(tiny_model_dir, wikitext_dir, tmp_path / "multi")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([sys.executable, "-m", "llama_surgery_jax.train", "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *common],
