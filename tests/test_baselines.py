@@ -35,12 +35,13 @@ def test_both_baselines_compute_the_same_tiles_per_row(n):
     for extra in range(n + 1):
         stream = streaming_tiles(n, extra)
         moba = moba_tiles(q, k, tile=8, extra=extra)
-        np.testing.assert_array_equal(jnp.sum(moba, -1), jnp.broadcast_to(jnp.sum(stream, -1), moba.shape[:-1]))
+        np.testing.assert_array_equal(jnp.sum(moba, -1), jnp.broadcast_to(jnp.sum(stream, -1), moba.shape[:-1]),
+                                      err_msg=f"seed {seed}, extra {extra}")
         assert not jnp.any(moba & ~jnp.tril(jnp.ones((n, n), bool))), f"seed {seed}: a tile above the diagonal"
         assert jnp.all(moba[..., 0]) and jnp.all(jnp.diagonal(moba, axis1=-2, axis2=-1)), f"seed {seed}: sink, diagonal"
         # Both a count of tiles over the count of causal tiles, each divided once in float64: equal to a rounding.
-        assert float(jnp.mean(jnp.sum(stream))) / (n * (n + 1) / 2) == pytest.approx(baseline_block_density(n, extra),
-                                                                                       rel=10 * F32_U)
+        density = float(jnp.mean(jnp.sum(stream))) / (n * (n + 1) / 2)
+        assert density == pytest.approx(baseline_block_density(n, extra), rel=10 * F32_U), (seed, extra)
 
 
 def test_density_matching():
