@@ -140,6 +140,19 @@ def wikitext_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_dir):
+    """transformers' model of the embedded GGUF, dequantized to float32 and loaded once (its GGUF reader takes
+    ~10 s): the reference of the SmolLM2 conversion and perplexity tests. Read only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llama_surgery_jax.model.embedded import embedded_gguf
+
+    gguf = embedded_gguf()
+    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
 def train_tiny_tokenizer(folder: Path, wikitext: Path, vocab_size: int = 512) -> None:
     """A byte-level BPE of the tiny model's vocabulary size, trained on a slice of WikiText-2 valid."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

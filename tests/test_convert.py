@@ -66,13 +66,8 @@ def test_bf16_checkpoint_keeps_bf16_and_matches(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(smollm2_dir):
-    from transformers import AutoModelForCausalLM
-
-    from llama_surgery_jax.model.embedded import embedded_gguf
-
-    gguf = embedded_gguf()
-    theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+def test_smollm2_gguf_matches_transformers(smollm2_dir, smollm2_transformers):
+    theirs = smollm2_transformers
     ours = load_model(smollm2_dir)
     seed = fresh_seed()
     ids = np.random.default_rng(seed).integers(0, ours.config.vocab_size, size=(2, 96))

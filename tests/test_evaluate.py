@@ -49,17 +49,12 @@ def test_windows_protocol():
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir):
-    from transformers import AutoModelForCausalLM
-
-    from llama_surgery_jax.model.embedded import embedded_gguf
-
+def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir, smollm2_transformers):
     ids = data.tokenize(load_tokenizer(smollm2_dir), data.load_text("test", wikitext_dir))
     token_windows = data.windows(ids, 256, count=3)
     ours = perplexity(load_model(smollm2_dir), token_windows, batch_size=3, progress=False)
 
-    gguf = embedded_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf = smollm2_transformers
     with torch.no_grad():
         batch = torch.tensor(token_windows, dtype=torch.long)
         logits = hf(batch).logits[:, :-1].double()
