@@ -214,8 +214,9 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     out = out.absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
+        probe = out / f".write-test-{jax.process_index()}"  # one per process: several share the folder
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
         raise ConfigError(f"cannot write to the output folder {out}: {e}") from None
     model_dir = Path(config.model) if config.model else _default_model_dir()
