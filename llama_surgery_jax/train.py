@@ -3,7 +3,7 @@
     python -m llama_surgery_jax.train [--preset cpu|default|smoke|paper] [--out DIR] [key=value ...]
 
 No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid) with the preset that fits
-the machine: `default` on a GPU, the short `cpu` run (about 10 minutes on 2 cores) otherwise; the first
+the machine: `default` on a GPU, the short `cpu` run (4–7 minutes on 2 cores) otherwise; the first
 line printed says which and why. Running the same command on the same DIR resumes from its newest
 readable checkpoint. At the end, dense and surgery perplexity on `wiki.test.raw` through the same
 pipeline and the realised densities go to DIR/report.json, DIR/report.md and PNG plots; metrics stream
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                "execution.* how attention runs (backend, query_chunk, router_gradient), schedule.* τ and λ",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="cpu | default | smoke | paper (configs/train/); without it, 'default' "
-                        "on a GPU and 'cpu' (about 10 minutes on 2 cores) otherwise")
+                        "on a GPU and 'cpu' (4–7 minutes on 2 cores) otherwise")
     parser.add_argument("--out", help="output folder (default runs/PRESET, the preset run); rerun on it to resume")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
     parser.add_argument("--num-processes", type=int)
