@@ -1,23 +1,6 @@
 """Token and block densities of the hard mask of random or initial routers on a real model and text.
 
-CLI: Token and block density of the hard mask on a real model and text (METHOD.md §9, §10).
-
-    python -m llama_surgery_jax.density_report [--model DIR] [--data-dir DIR] [--tokens 2048] [--json FILE]
-
-For p ∈ {2, 3, 5, 7} (L = ceil(log_p 8192)) and every d_max, with routers at their homotopy
-initialisation and with random route heads (`init_router_params(homotopy=False)`, seed 0), it routes
-each layer's attention input of the dense model on the first `--tokens` tokens of wiki.valid.tokens
-(no BOS) and reports, averaged over layers and routing heads (window and sink as in RouterConfig):
-
-    token density      visible causal pairs / causal pairs
-    tile T, original   computed causal tiles / causal tiles: the tile OR of the token mask
-    tile T, sorted     tokens sorted by (code, position) per head: bucket-pass tiles (equal codes, in
-                       sorted order) + band-pass tiles (window and sink pairs whose codes differ, in
-                       original order), over causal tiles; each pair is computed by exactly one pass
-    block mode         the block-level router (routes from pooled causal block features, block = tile)
-
-At initialisation the router is dense, so its rows read 1.0 everywhere. The routes are computed on the
-dense model's activations (identical to the surgery's at initialisation).
+Command line, options and protocol: `python -m llama_surgery_jax.density_report` (llama_surgery_jax/density_report.py).
 """
 
 from __future__ import annotations

@@ -1,25 +1,6 @@
 """Perplexity with a stated protocol: windows scored through the model, and the same windows through transformers.
 
-CLI: Perplexity on WikiText-2 test or your own text: dense, with the surgery's routers, or a baseline; and needle
-retrieval.
-
-    python -m llama_surgery_jax.evaluate [--model CONVERTED_DIR] [--data-dir DIR] [--context 1024]
-                                         [--max-windows N] [--surgery init|CHECKPOINT] [--json FILE]
-                                         [--contexts 1024,4096,8192] [--dense-too]
-                                         [--baseline streaming|moba --baseline-density D]
-                                         [--niah 2048,4096,8192 [--niah-trials N]] [--text FILE|DIR]
-
-`--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
-context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
-`gap`); `--baseline` runs a static sink + local-window mask (streaming) or untrained MoBA-style block
-gating at block density D instead of the routers (`baselines.py`); `--niah` adds needle-in-a-haystack
-exact-match accuracy at those lengths (`niah.py`), for the model as configured and, with `--dense-too`,
-dense. The full comparison with plots is `python -m llama_surgery_jax.quality --run RUN`.
-
-Protocol (stated in every result): the whole `wiki.test.raw` (or the `--text` file, or a folder's `*.txt`
-files in name order joined by a blank line) is tokenized as one stream with no BOS, cut into non-overlapping
-windows of `--context` tokens (stride = context, the tail that fills no window dropped); every token of a
-window after its first is scored. ppl = exp(total NLL / scored tokens).
+The command line, its options and protocol: `python -m llama_surgery_jax.evaluate` (llama_surgery_jax/evaluate.py).
 """
 
 from __future__ import annotations

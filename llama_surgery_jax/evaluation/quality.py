@@ -1,36 +1,6 @@
 """The quality–density study of a trained run as functions: perplexity tables, the curve, NIAH, speed, plots.
 
-CLI: Quality against density for a trained surgery run: one script, one folder of tables and plots.
-
-    python -m llama_surgery_jax.quality --run RUN_DIR [--model DIR] [--data-dir DIR] [--out DIR]
-        [--contexts 1024,4096,8192] [--windows 8] [--curve-context 1024] [--curve-windows 8]
-        [--d-max 2,3,4,5,6,7] [--window-sweep 0,32,64,128,256] [--baseline-extra 0,1,2,3,4,6]
-        [--niah-lengths 2048,4096,8192] [--niah-depths 0,0.25,0.5,0.75,1] [--niah-trials 2]
-        [--speed-contexts 1024,4096,8192] [--speed-new-tokens 64]
-        [--ablate-p 2,3,5,7 --ablate-steps 200 --ablate-preset default] [--text FILE|DIR]
-
-Writes OUT/quality.json, OUT/quality.md (every table), OUT/quality_density.png (the curve),
-OUT/density_heatmap.png (per layer × head densities), OUT/tree_path.png (one token's route). Sections
-(each skipped by giving an empty list, e.g. `--niah-lengths ""`, or `--curve-windows 0`; a section
-not run keeps the results an earlier run wrote into the same OUT/quality.json, so the work can be split
-into several shorter commands):
-
-  perplexity   WikiText-2 test (or the `--text` file or folder, which the curve, the ablation's evaluation and
-               the speed prompts use too) at each context: dense, surgery, streaming and MoBA baselines at the
-               surgery's own block density (sorted, tile = block_size, measured on the first window),
-               the evaluate.py protocol (no BOS, stride = context, all tokens after a window's first).
-  curve        at --curve-context: surgery with d_max and W changed at evaluation time (the trained
-               routers' choices are kept; a larger d_max compares fewer prefix levels), the baselines
-               at several `extra` blocks, dense at 1.0; x = block density (sorted, tile = block_size).
-  niah         needle-in-a-haystack exact-match accuracy, dense vs surgery (`niah.py`); the filler is always
-               WikiText-2 valid.
-  speed        prefill and decode tokens/s, dense (cuDNN via jax.nn.dot_product_attention) vs surgery
-               (block-sparse kernel prefill; decode gathering visible keys, and masked over the cache),
-               batch 1, compilation excluded, in --speed-dtype.
-  ablation     routers trained per tree arity p (L = ceil(log_p seq_len), d_max = L // 2, else the
-               preset), each evaluated like the curve's surgery point.
-
-Routes are the argmax (no noise), the hard mask; WikiText-2 test is only evaluated on, never tuned on.
+The command line, its options and protocol: `python -m llama_surgery_jax.quality` (llama_surgery_jax/quality.py).
 """
 
 from __future__ import annotations

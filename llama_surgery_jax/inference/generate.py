@@ -1,16 +1,6 @@
 """Generation as a library: prompts → sampled or greedy tokens through a `Decoder`, with timings.
 
-CLI: Text generation with a dense or surgically sparsified Llama: routed prefill, then KV-cache decode.
-
-    python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
-        [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
-        [--attention auto|reference|kernel] [--no-gather] [--json FILE]
-
-Several `--prompt`s make one batch (right-padded; prompts may differ in length). No `--model`: the
-embedded SmolLM2-135M-Instruct. `--surgery` loads the routers of a training run; a folder without
-router checkpoints runs the dense model and says so. Greedy by default; `--temperature > 0` samples
-(seeded: the same seed gives the same text). Prints each completion and tokens/s of prefill and decode
-(compilation timed apart). See `kv_cache.py` for the attention paths.
+The command line, its options and protocol: `python -m llama_surgery_jax.generate` (llama_surgery_jax/generate.py).
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """The router-training loop: data, the jitted train step over a mesh, checkpoints, resume, the final report.
 
-CLI: Router training: the surgery on a converted Llama, only the routers learn (METHOD.md §6).
-
-    python -m llama_surgery_jax.train [--preset cpu|default|smoke|paper] [--out DIR] [key=value ...]
-
-No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid) with the preset that fits
-the machine (`choose_preset`: `default` on a GPU, the short `cpu` run otherwise). Running the same
-command on the same DIR resumes from its newest readable checkpoint. At the end, dense and surgery
-perplexity on `wiki.test.raw` through the same pipeline and the realised densities go to
-DIR/report.json, DIR/report.md and PNG plots; metrics stream to DIR/metrics.jsonl and TensorBoard.
-`data=FILE|DIR` trains on your own UTF-8 text and `eval_data=FILE|DIR` scores the report on it
-(a folder: its *.txt files in name order); the report's protocol names both sources.
-
-Multi-process (one process per host, the JAX runtime's own coordination):
-    python -m llama_surgery_jax.train --coordinator HOST:PORT --num-processes N --process-id I ...
+The command line, its options and protocol: `python -m llama_surgery_jax.train` (llama_surgery_jax/train.py).
 """
 
 from __future__ import annotations

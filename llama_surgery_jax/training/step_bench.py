@@ -1,22 +1,6 @@
 """One surgery training step per row (reference vs kernel path): time and peak memory, each row in a fresh process.
 
-CLI: One surgery training step (routers only, frozen base), reference path vs kernel path: time and peak memory.
-
-    python -m llama_surgery_jax.step_bench                       # SmolLM2 and Llama 3.1 8B shapes, 4k/8k/16k
-    python -m llama_surgery_jax.step_bench --models llama-3.1-8b --lengths 8192
-    python -m llama_surgery_jax.step_bench --tiny                # CPU smoke run (kernels in interpret mode)
-
-Random weights in bf16 (`--dtype`), batch 1, the real train step (`train.make_train_step`: AdamW on the
-router parameters, gradients w.r.t. them alone). Routers start from a random route head (`--init random`,
-tokens spread by content, so the mask is sparse; the table gives its token and block density) or from the
-homotopy init (`--init homotopy`, the dense step 0). `--remat` recomputes each decoder layer in the
-backward pass (`model.checkpointed`; without it Llama 3.1 8B at 8k needs ~61 GB of saved activations by
-estimate, beside 16 GB of weights). Each row runs in a fresh process, so that `peak_bytes_in_use` is that
-row's peak and an out-of-memory row does not end the others (`--in-process`
-runs them here instead: the tiny test). One markdown table on stdout, all rows as JSON in `--out`.
-
-Columns: ms = median over `--repeats` timed steps after one warm-up; peak GiB = the device's
-peak_bytes_in_use (None on CPU); compiled temp GiB = XLA's scratch estimate for the step.
+The command line, its options and protocol: `python -m llama_surgery_jax.step_bench` (llama_surgery_jax/step_bench.py).
 """
 
 from __future__ import annotations
