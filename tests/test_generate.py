@@ -81,7 +81,7 @@ def test_three_paths_agree_block_mode():
     first token): prompts that end inside a block, decode across block starts, and a batch of two lengths."""
     seed = fresh_seed()
     model = LlamaForCausalLM(ModelConfig.named("tiny"), rngs=nnx.Rngs(seed))
-    config = dataclasses.replace(SPARSE_ROUTER, mode="block", block_size=8, routing_heads="kv")
+    config = dataclasses.replace(SPARSE_ROUTER, mode="block_prefix", block_size=8, routing_heads="kv")
     inject_routers(model, config, nnx.Rngs(seed + 1), homotopy=False)
     tokens = jax.random.randint(jax.random.key(seed), (2, 40), 0, 512)
     _, aux = model(tokens)

@@ -41,7 +41,7 @@ WINDOW = 5
 # "coarse": 4 codes, large buckets; "spread": 64 codes for 77 tokens, so most rows see only sink + window;
 # "block": block-level routing (one route per tile of 16 tokens), which runs the tile-OR kernel instead.
 SHAPES = {"coarse": dict(p=2, levels=4, d_max=2), "spread": dict(p=2, levels=6, d_max=0),
-          "block": dict(p=2, levels=4, d_max=1, mode="block")}
+          "block_prefix": dict(p=2, levels=4, d_max=1, mode="block_prefix")}
 
 
 def rel_err(actual, expected, seed=None) -> float:
@@ -83,7 +83,7 @@ def routed_loss(config, x, heads, rng, weights, kernel, hard=True, paths=None):
     return loss
 
 
-@pytest.mark.parametrize("mode", ["token", "block"])
+@pytest.mark.parametrize("mode", ["token", "block_prefix"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_forward_is_the_hard_mask_attention(dtype, mode):
     seed = fresh_seed()
@@ -104,10 +104,10 @@ def test_forward_is_the_hard_mask_attention(dtype, mode):
 CASES = [(jnp.float32, r, s, "chunked") for r in ("query", "kv") for s in ("coarse", "spread")] + [
     (jnp.bfloat16, "query", "coarse", "chunked"), (jnp.bfloat16, "kv", "spread", "chunked"),
     (jnp.float16, "query", "spread", "chunked"), (jnp.float16, "kv", "coarse", "chunked"),
-    (jnp.float32, "query", "block", "chunked"), (jnp.bfloat16, "kv", "block", "chunked"),
+    (jnp.float32, "query", "block_prefix", "chunked"), (jnp.bfloat16, "kv", "block_prefix", "chunked"),
     (jnp.float32, "query", "coarse", "fused"), (jnp.float32, "kv", "spread", "fused"),
-    (jnp.float32, "kv", "block", "fused"), (jnp.bfloat16, "query", "spread", "fused"),
-    (jnp.bfloat16, "query", "block", "fused"), (jnp.float16, "kv", "coarse", "fused")]
+    (jnp.float32, "kv", "block_prefix", "fused"), (jnp.bfloat16, "query", "spread", "fused"),
+    (jnp.bfloat16, "query", "block_prefix", "fused"), (jnp.float16, "kv", "coarse", "fused")]
 
 
 @pytest.mark.parametrize(("dtype", "routing_heads", "shape", "router_gradient"), CASES)

@@ -276,7 +276,7 @@ def test_pooled_block_features_are_causal(block_size, token):
 
 
 def test_block_mode_shares_one_route_per_block():
-    config = RouterConfig(p=2, levels=4, d_max=1, mode="block", block_size=8)
+    config = RouterConfig(p=2, levels=4, d_max=1, mode="block_prefix", block_size=8)
     params = init_router_params(jax.random.key(0), HIDDEN, HEADS, config, homotopy=False)
     routing = route(params, random_x(1, t=30), config=config, routing_heads=HEADS, rng=jax.random.key(2))
     codes = np.asarray(routing.codes)

@@ -95,7 +95,7 @@ def routed_codes(params, x, config):
 
 
 @PROPERTY
-@given(st.sampled_from(["token", "block"]), st.integers(0, 22), WINDOWS, st.booleans())
+@given(st.sampled_from(["token", "block_prefix"]), st.integers(0, 22), WINDOWS, st.booleans())
 def test_row_i_never_depends_on_later_tokens(mode, i, window, sink):
     config = RouterConfig(p=2, levels=3, d_max=1, mode=mode, block_size=4, window=window, sink=sink)
     params = init_router_params(jax.random.key(0), 8, 2, config, homotopy=False)

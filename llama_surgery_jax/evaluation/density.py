@@ -114,7 +114,7 @@ def report(model, tokens: jax.Array, *, routing_heads: str = "query", seed: int 
             params = [init_router_params(key, hidden, heads, base, homotopy=router == "init") for key in keys]
             choices = layer_choices(params, xs, heads=heads, config=base)
             block_choices = {tile: layer_choices(params, xs, heads=heads, config=dataclasses.replace(
-                base, mode="block", block_size=tile)) for tile in TILES}
+                base, mode="block_prefix", block_size=tile)) for tile in TILES}
             for d_max in [base.d_max] if router == "init" else range(base.levels):
                 config = dataclasses.replace(base, d_max=d_max)
                 codes = prefix_codes(choices, p=p, prefix_levels=config.prefix_levels)

@@ -97,7 +97,7 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
         codes = ring = None
         if isinstance(impl, RoutedAttention):
             codes = jnp.full((batch, impl.router.routing_heads, slots), -1, jnp.int32)
-            if impl.config.mode == "block":
+            if impl.config.mode == "block_prefix":
                 ring = jnp.zeros((batch, impl.config.block_size, config.hidden_size), dtype)
         layers.append(LayerCache(k, jnp.zeros_like(k), codes, ring))
     return tuple(layers)

@@ -30,7 +30,7 @@ from flax import nnx
 
 from llama_surgery_jax.model.llama import LlamaForCausalLM
 from llama_surgery_jax.surgery.mask import causal_pairs
-from llama_surgery_jax.surgery.reference_attention import attend
+from llama_surgery_jax.surgery.reference_attention import tile_masked_attention
 from llama_surgery_jax.surgery.routed_attention import remove_routers
 
 BASELINES = ("streaming", "moba")
@@ -89,32 +89,6 @@ def moba_tiles(q: jax.Array, k: jax.Array, *, tile: int, extra: int) -> jax.Arra
         picked = jax.nn.one_hot(top, n, dtype=bool).any(axis=-2) & candidates
         chosen = chosen | picked
     return chosen | ((kb == 0) | (kb == qb))
-
-
-def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.Array, *, tile: int,
-                          chunk: int = 256) -> jax.Array:
-    """Causal attention inside computed tiles, chunked over query rows (memory O(chunk · t)).
-
-    q: [b, t, h, d]; k, v: [b, t, k, d]; tiles: bool [b or 1, h or 1, n, n] → [b, t, h, d].
-    """
-    b, t, heads, d = q.shape
-    chunk = min(chunk, t)
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    q_chunks = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_chunks, chunk, heads, d),
-                            1, 0)
-    tiles = jnp.broadcast_to(tiles, (b, heads, *tiles.shape[-2:]))
-    positions_k = jnp.arange(t)
-
-    def one_chunk(args):
-        index, q_chunk = args
-        positions_q = index * chunk + jnp.arange(chunk)
-        rows = jnp.take(tiles, jnp.minimum(positions_q // tile, tiles.shape[-1] - 1), axis=2)
-        visible = jnp.take(rows, positions_k // tile, axis=3) & (positions_k[None, :] <= positions_q[:, None])
-        return attend(q_chunk, k, v, visible)
-
-    outs = jax.lax.map(one_chunk, (jnp.arange(n_chunks), q_chunks))
-    return jnp.moveaxis(outs, 0, 1).reshape(b, n_chunks * chunk, heads, d)[:, :t]
 
 
 def baseline_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, kind: str, extra: int, tile: int,

@@ -23,8 +23,17 @@ class RouterConfig:
     window: int | None = WINDOW  # local window W in tokens (i - j <= W visible); None: no window
     sink: bool = SINK  # token 0 always visible
     routing_heads: str = "query"  # "query": one route per query head (preprint); "kv": per KV head
-    mode: str = "token"  # "token": per-token routes; "block": routes from pooled causal block features
-    block_size: int = 128  # block of the block-level mode and tile of the kernels
+    # "token": per-token routes, the preprint's rule above. "block_prefix": the same rule with one route per
+    # block from pooled causal block features. "block": budgeted block routing (METHOD.md §11,
+    # `block_routing`): each query block computes its forced tiles and its closest key blocks in the tree
+    # up to a density budget; d_max is unused, all `levels` digits rank.
+    mode: str = "token"
+    block_size: int = 128  # block of the block modes and tile of the kernels
+    # Block mode only, read at evaluation (a run may be evaluated at any ρ): the executed block density ρ
+    # of every layer, and how it is spread over the (layer, head) pairs: "adaptive" (per-head densities
+    # calibrated on the training data so that heads with spread attention take more) or "uniform".
+    block_density: float = 0.2
+    budget: str = "adaptive"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
 
@@ -35,13 +44,26 @@ class RouterConfig:
             raise ConfigError(f"need levels >= 1 and 0 <= d_max <= levels, got {self.levels}, {self.d_max}")
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
-        check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block")})
+        check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block_prefix", "block"),
+                             "budget": ("adaptive", "uniform")})
+        if not 0.0 < self.block_density <= 1.0:
+            raise ConfigError(f"router.block_density={self.block_density} must be in (0, 1]: the fraction of "
+                              "causal tiles computed")
+        if self.mode == "block" and self.p**self.levels > 2**31 - 1:
+            raise ConfigError(f"block mode ranks full codes: p^levels = {self.p}^{self.levels} overflows int32")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size={self.block_size} must be a power of two (the kernels take 16 and up)")
         # Codes are int32 in [0, p^k), and the kernels pad with INT32_MAX: p^k must stay below it.
         if self.num_codes > 2**31 - 1:
             raise ConfigError(f"p^(levels - d_max) = {self.p}^{self.prefix_levels} codes overflow int32: "
                               "lower levels or raise d_max")
+
+    # Settings read at evaluation only: a run resumes, and is evaluated, with any value of them.
+    EVALUATION_FIELDS = ("block_density", "budget")
+
+    def learned(self) -> dict:
+        """The settings that shape what the routers learn (a resumed run must keep them)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EVALUATION_FIELDS}
 
     @classmethod
     def from_dict(cls, values: dict) -> RouterConfig:

@@ -129,3 +129,30 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Ar
     out = jnp.einsum("brgm,brmd->brgd", probs.astype(v.dtype), v_sel, preferred_element_type=jnp.float32)
     most = jnp.max(count)
     return out.reshape(b, heads, d).astype(q.dtype), most
+
+
+def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.Array, *, tile: int,
+                          chunk: int = 256) -> jax.Array:
+    """Causal attention inside computed tiles, chunked over query rows (memory O(chunk · t)).
+
+    q: [b, t, h, d]; k, v: [b, t, k, d]; tiles: bool [b or 1, h or k or 1, n, n] → [b, t, h, d].
+    """
+    b, t, heads, d = q.shape
+    chunk = min(chunk, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    q_chunks = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_chunks, chunk, heads, d),
+                            1, 0)
+    routing_heads = k.shape[2] if tiles.shape[1] == 1 else tiles.shape[1]  # a shared mask: one per KV head
+    tiles = jnp.broadcast_to(tiles, (b, routing_heads, *tiles.shape[-2:]))
+    positions_k = jnp.arange(t)
+
+    def one_chunk(args):
+        index, q_chunk = args
+        positions_q = index * chunk + jnp.arange(chunk)
+        rows = jnp.take(tiles, jnp.minimum(positions_q // tile, tiles.shape[-1] - 1), axis=2)
+        visible = jnp.take(rows, positions_k // tile, axis=3) & (positions_k[None, :] <= positions_q[:, None])
+        return attend(q_chunk, k, v, visible)
+
+    outs = jax.lax.map(one_chunk, (jnp.arange(n_chunks), q_chunks))
+    return jnp.moveaxis(outs, 0, 1).reshape(b, n_chunks * chunk, heads, d)[:, :t]

@@ -52,8 +52,13 @@ from llama_surgery_jax.surgery.kernel_attention import (
     visible_pairs,
 )
 from llama_surgery_jax.surgery.mask import block_density, causal_pairs, tile_mask
-from llama_surgery_jax.surgery.reference_attention import attend, gathered_attention, masked_attention
-from llama_surgery_jax.surgery.router import HardTopology, RouterParam, TopologyRouter, route
+from llama_surgery_jax.surgery.reference_attention import (
+    attend,
+    gathered_attention,
+    masked_attention,
+    tile_masked_attention,
+)
+from llama_surgery_jax.surgery.router import HardTopology, RouterParam, TopologyRouter, route, route_blocks
 
 __all__ = ["RoutedAttention", "RouterParam", "inject_routers", "remove_routers", "routed_layers",
            "hard_topology"]
@@ -84,8 +89,17 @@ class RoutedAttention(nnx.Module):
                  cache: LayerCache | None = None, lengths: jax.Array | None = None, train: bool = False,
                  tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True,
                  return_codes: bool = False, return_choices: bool = False, attention: str = "reference",
-                 budget: int | None = None, **_) -> tuple[jax.Array, dict, LayerCache | None]:
+                 budget: int | None = None, **block_kwargs) -> tuple[jax.Array, dict, LayerCache | None]:
         """The `attention_impl` contract of `model.llama`: (out [b, t, heads, d], aux, cache)."""
+        if self.config.mode == "block":
+            if mode != "train":
+                raise NotImplementedError(
+                    "budgeted block routing has no KV-cache prefill/decode yet (the sparse-decode issue): score it "
+                    "by perplexity, and needles by re-prefill (evaluation.niah)")
+            if rng is not None:
+                rng = jax.random.fold_in(rng, self.layer_index)
+            out, aux = self.block_attention(q, k, v, x=x, train=train, tau=tau, rng=rng, **block_kwargs)
+            return out, aux, cache
         if mode == "prefill":
             return self.prefill(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention)
         if mode == "decode":
@@ -115,6 +129,89 @@ class RoutedAttention(nnx.Module):
             aux["choices"] = jnp.argmax(routing.routes, axis=-1)  # [b, h, t, levels], level L − 1 = root side
         return out, aux, cache
 
+    def block_attention(self, q, k, v, *, x, train: bool, tau, rng, block_density=None, selection: str = "router",
+                        measure_recall: bool = False, return_codes: bool = False, remat=None, **_):
+        """Budgeted block routing (METHOD.md §11, `block_routing`) → (out, aux).
+
+        train=True (self-distillation): the layer computes the frozen model's dense attention, and aux holds
+        `distill_loss`, the KL between the router's soft tile scores and the dense attention's tile mass.
+        train=False: the tile mask of `selection` under the budget: block_density None (the config's ρ, uniform
+        over heads), a float ρ, or per-(layer, head) densities [layers, heads]; attention runs on those tiles
+        (the kernel on a GPU, `tile_masked_attention` otherwise). aux: block_density (executed) and
+        token_density per sequence [b], attention_recall [b] when measure_recall.
+        """
+        from llama_surgery_jax.surgery import block_routing as br
+
+        config = self.config
+        tile = config.block_size
+        heads = self.router.routing_heads
+        t = q.shape[1]
+        n = -(-t // tile)
+        routing = route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau, rng=rng,
+                               hard=False)
+        candidate = br.candidate_tiles(n, tile=tile, window=config.window, sink=config.sink)
+        if train:
+            mass = br.tile_attention_mass(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), tile=tile,
+                                          routing_heads=heads)
+            scores = br.soft_shared_depth(routing.q_routes, routing.k_routes)
+            dense_path = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
+            out = dense_attention(q, k, v, attention=dense_path)[0]  # cuDNN on a GPU
+            return out, {"distill_loss": br.distillation_loss(scores, mass, candidate),
+                         "load_balance_loss": routing.load_balance_loss}
+        forced = mask.band_tiles(n, tile=tile, window=config.window, sink=config.sink)
+        densities = self.layer_densities(block_density)
+        budgets = br.row_budgets(densities, jnp.sum(forced, axis=-1, dtype=jnp.int32))
+        mass = None
+        if measure_recall or selection in ("oracle", "global_oracle"):
+            mass = br.tile_attention_mass(q, k, tile=tile, routing_heads=heads)
+        tiles = self.select(selection, routing, q, k, mass, budgets)
+        if resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile) == "kernel":
+            from pallas_kernels import block_sparse_attention
+
+            out = block_sparse_attention(q, k, v, tiles, tile=tile)
+        else:
+            out = tile_masked_attention(q, k, v, tiles, tile=tile)
+        pairs = jnp.sum(jnp.where(tiles, br.tile_pairs(t, tile), 0), axis=(1, 2, 3), dtype=jnp.int32)
+        aux = {"block_density": br.executed_density(tiles),
+               "token_density": pairs.astype(jnp.float32) / (heads * causal_pairs(t))}
+        if mass is not None:
+            aux["attention_recall"] = br.attention_recall(tiles, mass)
+        if return_codes:
+            aux["codes"] = (routing.q_codes, routing.k_codes)
+            aux["tiles"] = tiles
+        return out, aux
+
+    def layer_densities(self, block_density) -> jax.Array:
+        """This layer's per-head densities [heads] from a float ρ or a [layers, heads] table (None: config's ρ)."""
+        heads = self.router.routing_heads
+        if block_density is None:
+            block_density = self.config.block_density
+        table = jnp.asarray(block_density, jnp.float32)
+        if table.ndim == 0:
+            return jnp.full((heads,), table)
+        return table[self.layer_index]
+
+    def select(self, selection: str, routing, q, k, mass, budgets) -> jax.Array:
+        """The tile mask [b, h, n, n] of one selection rule (`block_routing.SELECTIONS`) under `budgets`."""
+        from llama_surgery_jax.surgery import block_routing as br
+
+        config = self.config
+        n = routing.q_codes.shape[-1]
+        rule = dict(tile=config.block_size, window=config.window, sink=config.sink)
+        if selection == "global_oracle":
+            return br.global_oracle_tiles(mass, budgets, **rule)
+        if selection == "router":
+            score = br.router_score(routing.q_codes, routing.k_codes, p=config.p, levels=config.levels)
+        elif selection == "recent":
+            score = jnp.broadcast_to(br.recent_score(n), routing.q_codes.shape + (n,))
+        elif selection == "moba":
+            score = br.moba_score(q, k, tile=config.block_size, routing_heads=self.router.routing_heads)
+        elif selection == "oracle":
+            score = mass
+        else:
+            raise ValueError(f"unknown selection {selection!r}; choose one of {br.SELECTIONS}")
+        return br.select_tiles(score, budgets, **rule)
+
     def prefill(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str):
         """The prompt with evaluation routes (argmax, no noise); its codes (and, in block mode, the router
         inputs of each prompt's last T positions) go to the cache. attention: "reference" (the chunked
@@ -125,7 +222,7 @@ class RoutedAttention(nnx.Module):
         else:
             out = masked_attention(q, k, v, codes, None, config=self.config, execution=self.execution)[0]
         cache = cache._replace(codes=cache.codes.at[:, :, :codes.shape[-1]].set(codes))
-        if self.config.mode == "block":
+        if self.config.mode == "block_prefix":
             cache = cache._replace(router_inputs=last_positions_ring(x, lengths, self.config.block_size))
         return out, {}, cache
 
@@ -135,7 +232,7 @@ class RoutedAttention(nnx.Module):
         `mask.visible` lets it see. budget None: masked over every slot; M: the first M visible keys per
         (sequence, routing head) gathered (aux["keys_seen"] > M means the step must be repeated)."""
         batch = jnp.arange(q.shape[0])
-        if self.config.mode == "block":
+        if self.config.mode == "block_prefix":
             ring = cache.router_inputs.at[batch, lengths % self.config.block_size].set(x[:, 0])
             cache = cache._replace(router_inputs=ring)
             new_codes = decode_block_codes(self.router, self.config, ring, cache.codes, lengths)

@@ -50,11 +50,16 @@ def init_router_params(key: jax.Array, hidden_size: int, routing_heads: int, con
     `homotopy=True` (§3): route_weight = 0 and route_bias = +init_bias on child 0, −init_bias on the
     others, so every token takes child 0 at every level and the mask is dense. `homotopy=False`: a
     random route head (normal, std 1/√hidden, zero bias), tokens spread by content (for measurements).
+    Block mode routes the query role and the key role of every block apart (`route_blocks`): route_weight
+    has 2 · heads · levels · p outputs, and it starts random whatever `homotopy` says, because a budget is
+    sparse from step 0 (identical codes would rank by recency alone: the StreamingLLM floor) and a saturated
+    homotopy bias would stall the distillation's gradient.
     """
     backbone_key, route_key = jax.random.split(key)
-    out = routing_heads * config.levels * config.p
+    roles = 2 if config.mode == "block" else 1
+    out = roles * routing_heads * config.levels * config.p
     std = 1.0 / math.sqrt(hidden_size)
-    if homotopy:
+    if homotopy and config.mode == "token":
         route_weight = jnp.zeros((hidden_size, out), jnp.float32)
         child_bias = jnp.full((config.p,), -config.init_bias, jnp.float32).at[0].set(config.init_bias)
         route_bias = jnp.tile(child_bias, routing_heads * config.levels)
@@ -147,19 +152,63 @@ def route(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, r
           tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True) -> Routing:
     """x: [b, t, hidden] (the layer's attention input) → Routing with codes [b, h, t], routes [b, h, t, l, c].
 
-    config.mode "token": one route per token from its own features. "block": one route per block of
-    config.block_size tokens from `pooled_block_features` (causal), shared by the block's tokens.
+    config.mode "token": one route per token from its own features. "block_prefix": one route per block of
+    config.block_size tokens from `pooled_block_features` (causal), shared by the block's tokens. Budgeted
+    block mode routes each block as a query and as a key: `route_blocks`.
     """
+    if config.mode == "block":
+        raise ValueError("budgeted block routing places query and key blocks apart: call route_blocks")
     t = x.shape[1]
     features = x if config.mode == "token" else pooled_block_features(x, config.block_size)
     logits = router_logits(params, features, routing_heads=routing_heads, levels=config.levels, p=config.p)
     routes, choices = sample_routes(logits, tau=tau, rng=rng, hard=hard)
     balance = load_balance_loss(logits, choices)
-    if config.mode == "block":
+    if config.mode == "block_prefix":
         routes = jnp.repeat(routes, config.block_size, axis=2)[:, :, :t]
         choices = jnp.repeat(choices, config.block_size, axis=2)[:, :, :t]
     codes = prefix_codes(choices, p=config.p, prefix_levels=config.prefix_levels)
     return Routing(codes, routes, balance)
+
+
+class BlockRouting(NamedTuple):
+    """One layer's block routing (mode "block"). q_codes, k_codes: [b, h, n] int32 full-depth codes (all
+    `levels` digits, root first) of each block as a query and as a key; q_routes, k_routes: [b, h, n, l, c]
+    float32 child distributions (soft unless hard); load_balance_loss: scalar float32."""
+
+    q_codes: jax.Array
+    k_codes: jax.Array
+    q_routes: jax.Array
+    k_routes: jax.Array
+    load_balance_loss: jax.Array
+
+
+def key_block_features(x: jax.Array, block_size: int) -> jax.Array:
+    """x: [b, t, hidden] → [b, ceil(t / block_size), hidden] float32: the mean of each block's own tokens (a
+    key block competes only for later query blocks, which see all of it)."""
+    b, t, d = x.shape
+    n = -(-t // block_size)
+    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block_size - t), (0, 0))).reshape(b, n, block_size, d)
+    counts = jnp.clip(t - jnp.arange(n) * block_size, 1, block_size).astype(jnp.float32)
+    return jnp.sum(padded, axis=2) / counts[None, :, None]
+
+
+def route_blocks(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int,
+                 tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = False) -> BlockRouting:
+    """x: [b, t, hidden] → BlockRouting: every block placed on the tree twice, as a query (from the causal
+    `pooled_block_features`, tokens up to its first) and as a key (from `key_block_features`)."""
+    h = routing_heads
+    both = 2 * h
+
+    def role(features, heads, key):
+        logits = router_logits(params, features, routing_heads=both, levels=config.levels, p=config.p)[:, heads]
+        routes, choices = sample_routes(logits, tau=tau, rng=key, hard=hard)
+        return routes, prefix_codes(choices, p=config.p, prefix_levels=config.levels), logits, choices
+
+    q_key, k_key = (None, None) if rng is None else jax.random.split(rng)
+    q_routes, q_codes, q_logits, q_choices = role(pooled_block_features(x, config.block_size), slice(0, h), q_key)
+    k_routes, k_codes, k_logits, k_choices = role(key_block_features(x, config.block_size), slice(h, both), k_key)
+    balance = 0.5 * (load_balance_loss(q_logits, q_choices) + load_balance_loss(k_logits, k_choices))
+    return BlockRouting(q_codes, k_codes, q_routes, k_routes, balance)
 
 
 class HardTopology(NamedTuple):

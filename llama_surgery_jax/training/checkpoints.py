@@ -101,8 +101,8 @@ class RouterCheckpoints:
                     f"tokens), not on {data_source['source']} ({data_source['tokens']} tokens): its saved data "
                     "position means nothing in another text; use another --out folder, or the same data to resume")
             trained = RouterConfig.from_dict(meta["router"])
-            if trained != router:
-                changed = {k: (v, getattr(router, k)) for k, v in dataclasses.asdict(trained).items()
+            if trained.learned() != router.learned():
+                changed = {k: (v, getattr(router, k)) for k, v in trained.learned().items()
                            if v != getattr(router, k)}
                 differences = ", ".join(f"router.{k}: {a} there, {b} here" for k, (a, b) in changed.items())
                 raise CheckpointError(

@@ -106,19 +106,30 @@ def lm_loss(model, tokens: jax.Array, **attention_kwargs):
 
 
 def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.GradientTransformation, *,
-                    remat: bool = False):
+                    remat: bool = False, block_mode: bool = False):
     """The pure step: (routers, opt_state, frozen, tokens, step, seed) → (routers, opt_state, metrics).
 
     Gradients are taken with respect to the router parameters alone: the frozen base enters as a
     constant, so no weight gradient of the base is ever computed. A step whose loss or gradients are
     not finite leaves routers and optimizer state unchanged (metrics say so). remat: recompute each
     decoder layer in the backward pass (`model.checkpointed`): activation memory of one layer, not all.
+    block_mode: the loss is the self-distillation of budgeted block routing (METHOD.md §11): the frozen
+    model runs dense, and each layer's router fits its soft tile scores to the dense attention's tile mass;
+    otherwise the preprint's LM loss through the straight-through mask. Both add λ · load balance.
     """
 
     def step_fn(routers, opt_state, frozen, tokens, step, seed):
         tau = tau_at(step, schedule)
         lam = lambda_at(step, schedule)
         rng = jax.random.fold_in(jax.random.key(seed), step)
+
+        def distill_fn(routers):
+            # Self-distillation (block mode): the frozen model runs dense; no LM head, no LM loss.
+            model = nnx.merge(graphdef, routers, frozen)
+            _, aux, _ = model.hidden_states(tokens, remat=remat, train=True, tau=tau, rng=rng)
+            distill = jnp.mean(jnp.stack([a["distill_loss"] for a in aux]))
+            balance = jnp.mean(jnp.stack([a["load_balance_loss"] for a in aux]))
+            return distill + lam * balance, (distill, balance, None)
 
         def loss_fn(routers):
             model = nnx.merge(graphdef, routers, frozen)
@@ -129,16 +140,19 @@ def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.Gradien
                          jnp.mean(jnp.stack([a["block_density"] for a in aux])))
             return ce + lam * balance, (ce, balance, densities)
 
-        (loss, (ce, balance, (token_density, block_density))), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(routers)
+        (loss, (main, balance, densities)), grads = jax.value_and_grad(
+            distill_fn if block_mode else loss_fn, has_aux=True)(routers)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, routers)
         new_routers = optax.apply_updates(routers, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        metrics = {"loss": loss, "ce": ce, "load_balance": balance, "tau": tau, "lambda": lam,
-                   "token_density": token_density, "block_density": block_density,
-                   "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, "load_balance": balance, "tau": tau, "lambda": lam, "grad_norm": grad_norm,
+                   "finite": finite}
+        if block_mode:
+            metrics["distill"] = main
+        else:
+            metrics.update(ce=main, token_density=densities[0], block_density=densities[1])
         return keep(new_routers, routers), keep(new_opt_state, opt_state), metrics
 
     return step_fn
@@ -184,7 +198,8 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(routers)
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
-        make_train_step(graphdef, config.schedule, optimizer, remat=config.remat),
+        make_train_step(graphdef, config.schedule, optimizer, remat=config.remat,
+                        block_mode=config.router.mode == "block"),
         in_shardings=(router_shardings, opt_shardings, frozen_shardings, sharding.batch_sharding(mesh),
                       replicated, replicated),
         out_shardings=(router_shardings, opt_shardings, replicated),
@@ -250,9 +265,10 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         metrics["tokens_per_s"] = config.batch_size * config.seq_len / (now - last_time)
         step_seconds.append(now - last_time)
         last_time = now
+        shown = {"dens": f"{metrics['token_density']:.3f}"} if "token_density" in metrics else {}
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", lb=f"{metrics['load_balance']:.3f}",
-                        tau=f"{metrics['tau']:.2f}", lam=f"{metrics['lambda']:.2f}",
-                        dens=f"{metrics['token_density']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                        tau=f"{metrics['tau']:.2f}", lam=f"{metrics['lambda']:.2f}", **shown,
+                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
         if step == start:  # the first call still holds one-off costs: the rate and ETA count the steps after it
             restart_clock(bar, step + 1)
         else:

@@ -1,0 +1,248 @@
+"""Budgeted block routing (METHOD.md §11): which key blocks each query block computes, under a density budget.
+
+A query block always computes its forced tiles: the sink block, its own block and the blocks its local window
+reaches (`mask.band_tiles`). Beyond them it takes the best remaining causal key blocks by a score, up to its
+row budget. The one selection rule (`select_tiles`) serves the router and every baseline; only the score
+differs:
+
+    router          (shared tree-prefix depth of the query block's and the key block's codes, key block index):
+                    the closest blocks in the tree, ties to the most recent
+    recent          the key block index: StreamingLLM's sink + most recent blocks
+    moba            the pooled query of the block · the mean key of the key block (MoBA-style gate)
+    oracle          the layer's true dense attention mass of the tile (an upper bound: it reads every row)
+
+and `global_oracle_tiles` spends the same number of tiles per layer on the heaviest tiles of any head and
+row (the bound of adaptive allocation, not a recipe: it is not causal).
+
+Budgets (`row_budgets`) are cumulative, so that the executed block density of a head is its density ρ at
+every length: row r computes max(forced(r), min(r + 1, ⌈ρ · causal tiles of rows ≤ r⌉ − tiles of rows < r))
+tiles. Early rows, whose forced tiles exceed ρ, run over; later rows pay it back. Row r's count depends on
+r alone, never on the tokens or the length, so prefill and decode agree and row i of the mask depends only
+on tokens ≤ i (the scores are causal: a query block's code is computed from tokens up to its first token,
+a key block's from its own tokens, and only key blocks before the query block compete).
+
+Shapes: b batch, h routing heads, n = ceil(t / tile) blocks, l tree levels, c = p children.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from llama_surgery_jax.surgery.mask import band_tiles, causal_pairs, causal_tiles
+
+SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle")
+
+
+def candidate_tiles(n: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """bool [n, n]: causal tiles that compete for the budget (neither sink, nor diagonal, nor window)."""
+    return causal_tiles(n, n) & ~band_tiles(n, tile=tile, window=window, sink=sink)
+
+
+def floor_density(n: int, *, tile: int, window: int | None, sink: bool) -> float:
+    """The executed block density of the forced tiles alone at n blocks: no budget can go below it."""
+    return float(jnp.sum(band_tiles(n, tile=tile, window=window, sink=sink))) / causal_pairs(n)
+
+
+def check_density(density: float) -> None:
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"block density {density} must be in (0, 1]: it is the fraction of causal tiles computed")
+
+
+def row_budgets(densities: jax.Array, forced_per_row: jax.Array) -> jax.Array:
+    """densities: [h] float in (0, 1], forced_per_row: [n] int → [h, n] int32 tiles computed per row.
+
+    Cumulative (see the module docstring): a scan over rows, traceable, so ρ may be a traced value.
+    """
+    n = forced_per_row.shape[0]
+    rows = jnp.arange(n, dtype=jnp.int32)
+    cumulative_target = jnp.ceil(densities[:, None].astype(jnp.float32)
+                                 * ((rows + 1) * (rows + 2) // 2).astype(jnp.float32)[None, :]).astype(jnp.int32)
+
+    def step(spent, row):
+        target, forced, r = row
+        take = jnp.clip(target - spent, forced, r + 1)
+        return spent + take, take
+
+    def per_head(targets):
+        return jax.lax.scan(step, jnp.int32(0), (targets, forced_per_row.astype(jnp.int32), rows))[1]
+
+    return jax.vmap(per_head)(cumulative_target)
+
+
+def select_tiles(score: jax.Array, budgets: jax.Array, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """score: [b, h, n, n] (higher first; ties go to the higher key block), budgets: [h, n] int → tiles
+    bool [b, h, n, n]: the forced tiles, plus the best `budget − forced` candidates of each row."""
+    n = score.shape[-1]
+    forced = band_tiles(n, tile=tile, window=window, sink=sink)
+    candidate = causal_tiles(n, n) & ~forced
+    # Sort key: score first, then the key block index; non-candidates last. A stable sort of −score over key
+    # blocks in descending index order breaks ties towards the most recent block.
+    reversed_score = jnp.where(candidate, score, -jnp.inf)[..., ::-1]
+    order = jnp.argsort(-reversed_score, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)[..., ::-1]  # rank of each key block in its row, original order
+    extra = budgets - jnp.sum(forced, axis=-1, dtype=jnp.int32)[None, :]  # [h, n]
+    return forced | (candidate & (rank < extra[None, :, :, None]))
+
+
+def global_oracle_tiles(mass: jax.Array, budgets: jax.Array, *, tile: int, window: int | None,
+                        sink: bool) -> jax.Array:
+    """mass: [b, h, n, n] true tile mass, budgets: [h, n] → tiles [b, h, n, n]: per sequence, the same number
+    of tiles as the budgets in all, the forced ones plus the heaviest candidates of any head and row."""
+    b, h, n, _ = mass.shape
+    forced = band_tiles(n, tile=tile, window=window, sink=sink)
+    candidate = causal_tiles(n, n) & ~forced
+    extra = jnp.sum(budgets) - h * jnp.sum(forced)
+    flat = jnp.where(candidate, mass, -jnp.inf).reshape(b, -1)
+    rank = jnp.argsort(jnp.argsort(-flat, axis=-1, stable=True), axis=-1)
+    return forced | (candidate & (rank < extra).reshape(b, h, n, n))
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def shared_prefix_depth(q_codes: jax.Array, k_codes: jax.Array, *, p: int, levels: int) -> jax.Array:
+    """Full-depth codes (root digit first, base p, `levels` digits), broadcast → int32: the number of
+    leading levels on which they agree (levels when equal, 0 when they part at the root)."""
+    depth = jnp.zeros(jnp.broadcast_shapes(q_codes.shape, k_codes.shape), jnp.int32)
+    for level in range(1, levels + 1):
+        place = p ** (levels - level)
+        depth = depth + (q_codes // place == k_codes // place).astype(jnp.int32)
+    return depth
+
+
+def router_score(q_codes: jax.Array, k_codes: jax.Array, *, p: int, levels: int) -> jax.Array:
+    """q_codes, k_codes: [b, h, n] → float32 [b, h, n, n]: the shared prefix depth of every block pair (ties
+    are broken towards recent blocks by `select_tiles`)."""
+    return shared_prefix_depth(q_codes[..., :, None], k_codes[..., None, :], p=p, levels=levels).astype(jnp.float32)
+
+
+def soft_shared_depth(routes_q: jax.Array, routes_k: jax.Array) -> jax.Array:
+    """routes_q, routes_k: [b, h, n, l, c] per-level child distributions (level l − 1 the root) → [b, h, n, n]:
+    the expected shared prefix depth Σ_j Π_{levels from the root down to j} Σ_c a_q·a_k. Equal to
+    `shared_prefix_depth` for one-hot routes; differentiable everywhere (no division)."""
+    levels = routes_q.shape[-2]
+    running = None
+    total = 0.0
+    for level in reversed(range(levels)):
+        agreement = jnp.einsum("bhqc,bhkc->bhqk", routes_q[..., level, :], routes_k[..., level, :],
+                               precision=jax.lax.Precision.HIGHEST)
+        running = agreement if running is None else running * agreement
+        total = total + running
+    return total
+
+
+def recent_score(n: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, :], (n, n))
+
+
+def causal_block_mean(x: jax.Array, tile: int) -> jax.Array:
+    """x: [b, t, h, d] → [b, n, h, d] float32: mean over the `tile` tokens ending at each block's first token."""
+    t = x.shape[1]
+    n = -(-t // tile)
+    csum = jnp.concatenate([jnp.zeros_like(x[:, :1], jnp.float32), jnp.cumsum(x.astype(jnp.float32), axis=1)], 1)
+    end = jnp.arange(n) * tile + 1  # exclusive end: the first token included
+    start = jnp.maximum(end - tile, 0)
+    return (csum[:, end] - csum[:, start]) / (end - start)[None, :, None, None].astype(jnp.float32)
+
+
+def block_mean(x: jax.Array, tile: int) -> jax.Array:
+    """x: [b, t, h, d] → [b, n, h, d] float32: the mean of each block's own tokens."""
+    b, t, h, d = x.shape
+    n = -(-t // tile)
+    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * tile - t), (0, 0), (0, 0))).reshape(b, n, tile, h, d)
+    counts = jnp.clip(t - jnp.arange(n) * tile, 1, tile).astype(jnp.float32)
+    return jnp.sum(padded, axis=2) / counts[None, :, None, None]
+
+
+def moba_score(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int) -> jax.Array:
+    """q: [b, t, heads, d], k: [b, t, kv, d] → [b, h, n, n]: causal pooled query · mean key, summed over the
+    query heads of a routing head (h = heads or kv)."""
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    pooled_q = causal_block_mean(q, tile).reshape(b, -1, kv, heads // kv, d)
+    gate = jnp.einsum("bqkgd,bmkd->bkgqm", pooled_q, block_mean(k, tile))
+    if routing_heads == kv:
+        return jnp.sum(gate, axis=2)
+    return gate.reshape(b, heads, *gate.shape[-2:])
+
+
+def tile_attention_mass(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int) -> jax.Array:
+    """The dense causal attention's probability mass per tile, mean over the query block's rows (and over
+    the query heads of a KV routing head): q: [b, t, heads, d], k: [b, t, kv, d] → float32 [b, h, n, n];
+    each row of a head sums to 1. One query block at a time (`lax.map`): memory O(tile · t), never t × t."""
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    n = -(-t // tile)
+    pad = n * tile - t
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, tile, kv, heads // kv, d)
+    kpos = jnp.arange(t)
+
+    def one_block(index):
+        rows = index * tile + jnp.arange(tile)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", qb[:, index], k, preferred_element_type=jnp.float32)
+        scores = jnp.where(kpos[None, :] <= rows[:, None], scores / math.sqrt(d), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jnp.pad(probs, [(0, 0)] * 4 + [(0, pad)]).reshape(*probs.shape[:-1], n, tile).sum(-1)
+        valid = (rows < t).astype(jnp.float32)
+        return jnp.einsum("bkgqm,q->bkgm", probs, valid) / jnp.sum(valid)
+
+    mass = jnp.moveaxis(jax.lax.map(one_block, jnp.arange(n)), 0, -2)  # [b, kv, g, n, n]
+    if routing_heads == kv:
+        return jnp.mean(mass, axis=2)
+    return mass.reshape(b, heads, n, n)
+
+
+# ---------------------------------------------------------------------------- the distillation loss
+
+
+def distillation_loss(scores: jax.Array, mass: jax.Array, candidate: jax.Array) -> jax.Array:
+    """KL(target ‖ router) over each row's candidate key blocks, weighted by the mass the row has there.
+
+    scores: [b, h, n, n] soft tile scores (higher: more attention predicted); mass: [b, h, n, n] the dense
+    tile mass (no gradient); candidate: bool [n, n]. The forced tiles are computed anyway, so only the
+    ranking of the candidates matters: target and prediction are normalised over them, and rows weigh by
+    the dense mass that falls on candidates (a row whose attention stays local teaches little).
+    """
+    mass = jax.lax.stop_gradient(mass) * candidate
+    row_mass = jnp.sum(mass, axis=-1)
+    target = mass / jnp.maximum(row_mass, 1e-30)[..., None]
+    log_predicted = jax.nn.log_softmax(jnp.where(candidate, scores, -jnp.inf), axis=-1)
+    log_predicted = jnp.where(candidate, log_predicted, 0.0)  # rows without candidates are all −inf
+    log_target = jnp.log(jnp.where(target > 0, target, 1.0))
+    kl = jnp.sum(jnp.where(target > 0, target * (log_target - log_predicted), 0.0), axis=-1)
+    return jnp.sum(row_mass * kl) / jnp.maximum(jnp.sum(row_mass), 1e-30)
+
+
+# ---------------------------------------------------------------------------- what executed
+
+
+def tile_pairs(t: int, tile: int) -> jax.Array:
+    """int32 [n, n]: causal token pairs inside each tile (the last block may be short)."""
+    n = -(-t // tile)
+    size = jnp.clip(t - jnp.arange(n) * tile, 0, tile)
+    below = size[:, None] * size[None, :]
+    diagonal = size * (size + 1) // 2
+    qb, kb = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    return jnp.where(qb == kb, diagonal[:, None], jnp.where(kb < qb, below, 0)).astype(jnp.int32)
+
+
+def executed_density(tiles: jax.Array) -> jax.Array:
+    """tiles: bool [b, h, n, n] → float32 [b]: computed causal tiles / causal tiles, per sequence."""
+    n = tiles.shape[-1]
+    count = jnp.sum(tiles & causal_tiles(n, n), axis=(1, 2, 3), dtype=jnp.int32)
+    return count.astype(jnp.float32) / (tiles.shape[1] * causal_pairs(n))
+
+
+def attention_recall(tiles: jax.Array, mass: jax.Array) -> jax.Array:
+    """tiles: bool [b, h, n, n], mass: [b, h, n, n] → float32 [b]: the dense attention mass inside the
+    executed tiles, mean over rows and heads (each row's mass sums to 1)."""
+    return jnp.mean(jnp.sum(jnp.where(tiles, mass, 0.0), axis=-1), axis=(1, 2))
+
+
+def tokens_mask(tiles: jax.Array, t: int, tile: int) -> jax.Array:
+    """tiles: bool [b, h, n, n] → bool [b, h, t, t]: causal pairs inside computed tiles (small t: tests)."""
+    pos = jnp.arange(t)
+    return tiles[:, :, pos // tile][:, :, :, pos // tile] & (pos[None, :] <= pos[:, None])
