@@ -62,6 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", choices=["streaming", "moba"], help="a baseline mask instead of routers")
     parser.add_argument("--baseline-density", type=float, default=0.5, help="the baseline's target block density")
     parser.add_argument("--baseline-tile", type=int, default=128, help="the baseline's block size in tokens")
+    parser.add_argument("--block-density", type=float,
+                        help="block-mode runs: the executed block density ρ (default: the run's router.block_density)")
+    parser.add_argument("--budget", choices=["adaptive", "uniform"],
+                        help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
+                             "when the run has them) or ρ for every head")
+    parser.add_argument("--selection", choices=["router", "recent", "moba", "oracle", "global_oracle"],
+                        help="block-mode runs: which tiles fill the budget (default: the router); the others are "
+                             "baselines under the same budget, the oracles upper bounds that read the dense attention")
+    parser.add_argument("--allow-floor", action="store_true",
+                        help="run a block density below the floor of the sink and window tiles (the floor executes)")
     parser.add_argument("--niah", help="comma-separated needle-in-a-haystack lengths in tokens, e.g. 2048,4096")
     parser.add_argument("--niah-trials", type=int, default=2, help="cases per (length, depth)")
     args = parser.parse_args(argv)
@@ -88,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         attention_kwargs = {}
         if args.surgery:
             model, attention_kwargs = prepare_for_evaluation(model, args.surgery, context=max(contexts),
-                                                             model_dir=model_dir)
+                                                             model_dir=model_dir, block_density=args.block_density,
+                                                             budget=args.budget, selection=args.selection)
+        elif args.block_density is not None or args.budget or args.selection:
+            raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
+        if "block_density" in attention_kwargs and not args.allow_floor:
+            check_above_floor(model, attention_kwargs, contexts)
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.contexts:
         result["by_context"] = by_context
     if args.niah:
-        result["niah"] = niah(model, tokenizer, args)
+        result["niah"] = niah(model, tokenizer, args, **attention_kwargs)
     if args.dense_too:
         from llama_surgery_jax.surgery.routed_attention import remove_routers
 
@@ -140,6 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json_atomic(args.json, result)
     return 0
+
+
+def check_above_floor(model, attention_kwargs: dict, contexts: list[int]) -> None:
+    """A block density below what the sink and window tiles alone execute is refused (it cannot be honoured)."""
+    import numpy as np
+
+    from llama_surgery_jax.surgery.block_routing import floor_density
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+    config = routed_layers(model)[0].config
+    rho = float(np.mean(attention_kwargs["block_density"]))
+    for context in contexts:
+        n = -(-context // config.block_size)
+        floor = floor_density(n, tile=config.block_size, window=config.window, sink=config.sink)
+        if rho < floor:
+            raise CheckpointError(
+                f"block density {rho:.3f} is below the floor {floor:.3f} at context {context} (tile "
+                f"{config.block_size}, window {config.window}: the sink, own and window tiles alone execute that "
+                "much): raise --block-density, use a longer context, or pass --allow-floor to run the floor")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from llama_surgery_jax import data
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablate-preset", default="default")
     parser.add_argument("--ablate-override", action="append", default=[], help="key=value for each p's training")
     parser.add_argument("--route-token", type=int, default=512, help="the token whose tree path is drawn")
+    parser.add_argument("--densities", type=float_list, default=[0.1, 0.2, 0.3],
+                        help="block-mode runs: the executed block densities of the table")
+    parser.add_argument("--windows-at", type=context_counts, default=[],
+                        help="block-mode runs: windows per context, e.g. 8192:all,1024:8 (else --windows)")
+    parser.add_argument("--niah-densities", type=float_list, default=[0.2, 0.3],
+                        help="block-mode runs: the densities of the needle rows")
     args = parser.parse_args(argv)
 
     from llama_surgery_jax.model.embedded import default_model_dir
@@ -119,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else Path(args.run) / "quality"
     out.mkdir(parents=True, exist_ok=True)
+    if router.mode == "block":
+        return block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, out, started)
     att = Attention(model)
     # Sections not run this time keep what an earlier invocation on the same folder wrote, so the
     # measurement can be split into several shorter commands.
@@ -160,6 +169,58 @@ def main(argv: list[str] | None = None) -> int:
     plot_routing(density["per_layer_head"], choices, token, router.block_size, router.p, out)
     print(f"wrote {out / 'quality.md'} ({math.ceil(result['seconds'])} s)")
     return 0
+
+
+def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, out: Path, started: float) -> int:
+    """A block-mode run: the table of `evaluation.block_quality` (every context × ρ × row, with dense), attention
+    recall per layer, and needles by re-prefill; OUT/block_quality.json and .md."""
+    from llama_surgery_jax.evaluation import block_quality as bq
+    from llama_surgery_jax.evaluation.niah import run_niah
+    from llama_surgery_jax.inference.cache import Decoder
+    from llama_surgery_jax.surgery.routed_attention import remove_routers
+    from llama_surgery_jax.training import calibration
+
+    calibrated = calibration.read(Path(args.run))
+    counts = dict(args.windows_at)
+    windows = {c: data.windows(ids, c, counts.get(c, args.windows), source=data.describe(corpus.source),
+                               setting="--contexts") for c in args.contexts}
+    rows = bq.quality_rows(model, router, calibrated, windows, args.densities, args.batch_size)
+    niah = {}
+    if args.niah_lengths:
+        filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
+        niah = bq.niah_rows(model, router, calibrated, tokenizer, filler, lengths=args.niah_lengths,
+                            depths=args.niah_depths, trials=args.niah_trials, densities=args.niah_densities,
+                            model_context=model.config.max_position_embeddings)
+    remove_routers(model)
+    dense = bq.dense_rows(model, windows, args.batch_size)
+    if args.niah_lengths:
+        niah = {"dense": run_niah(Decoder(model), tokenizer, filler, lengths=args.niah_lengths, depths=args.niah_depths,
+                                  trials=args.niah_trials, model_context=model.config.max_position_embeddings)} | niah
+    result = {"run": str(args.run), "step": step, "model": str(model_dir), "router": dataclasses.asdict(router),
+              "calibration": {k: v for k, v in (calibrated or {}).items() if k != "densities"},
+              "protocol": {**corpus.source, "stride": "context", "bos": False,
+                           "scored": "every token of a window after its first"},
+              "dense": {str(c): d for c, d in dense.items()}, "rows": rows, "niah": niah,
+              "seconds": time.perf_counter() - started, "device": jax.devices()[0].device_kind}
+    write_json_atomic(out / "block_quality.json", result)
+    text = bq.markdown(rows, dense)
+    if niah:
+        from llama_surgery_jax.evaluation.niah import table
+
+        text += "\n### Needle in a haystack (exact match; re-prefill for the sparse rows)\n\n" + table(niah) + "\n"
+    (out / "block_quality.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'block_quality.md'} ({math.ceil(result['seconds'])} s)")
+    return 0
+
+
+def context_counts(text: str) -> list[tuple[int, int | None]]:
+    """'8192:36,1024:8' → [(8192, 36), (1024, 8)]; 'all' for every window of the text."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        context, _, count = item.partition(":")
+        pairs.append((int(context), None if count == "all" else int(count)))
+    return pairs
 
 
 def same_text(protocol_fields: dict, source: dict) -> bool:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from llama_surgery_jax.inference.cache import Decoder
 from llama_surgery_jax.inference.generate import generate
@@ -39,6 +42,36 @@ class NeedleCase:
     answer: str
     length: int
     depth: float
+
+
+class Reprefill:
+    """`Decoder`'s interface without a KV cache: every step runs the whole (padded) sequence again and reads the
+    logits at each row's last token. Exact for any causal mask, the budgeted block routing's included: row i
+    depends on tokens ≤ i only, so the padding after it changes nothing. One compiled program per length."""
+
+    attention = "re-prefill"  # what `generate` reports of the decoder
+    budget = None
+
+    def __init__(self, model, **attention_kwargs):
+        graphdef, self.state = nnx.split(model)
+
+        @jax.jit
+        def last_logits(state, tokens, lengths):
+            model = nnx.merge(graphdef, state)
+            hidden, _, _ = model.hidden_states(tokens, **attention_kwargs)
+            return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None])[:, 0]
+
+        self.last_logits = last_logits
+
+    def prefill(self, tokens, lengths, slots: int):
+        buffer = jnp.zeros((tokens.shape[0], slots), jnp.int32).at[:, :tokens.shape[1]].set(tokens)
+        return self.last_logits(self.state, buffer, lengths), (buffer, lengths)  # [b, vocab]: the last position
+
+    def step(self, cache, next_tokens):
+        buffer, lengths = cache
+        buffer = buffer.at[jnp.arange(buffer.shape[0]), lengths].set(next_tokens)
+        lengths = lengths + 1
+        return self.last_logits(self.state, buffer, lengths), (buffer, lengths)
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -61,6 +61,12 @@ def _timed(fn, *args):
     return result, time.perf_counter() - start
 
 
+def last_logits(logits: jax.Array, lengths: jax.Array) -> jax.Array:
+    """A prefill's logits at each prompt's last token: [b, t, vocab] indexed, or [b, vocab] as given (a decoder
+    that computes the last position only)."""
+    return logits if logits.ndim == 2 else logits[jnp.arange(logits.shape[0]), lengths - 1]
+
+
 def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int, model_context: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
              eos_ids: tuple[int, ...] = (), warmup: bool = True) -> Generation:
@@ -78,18 +84,17 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
         tokens[row, :len(prompt)] = prompt
     tokens, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
     key = jax.random.key(seed)
-    batch = jnp.arange(len(prompts))
 
     compile_s = 0.0
     if warmup:
         start = time.perf_counter()
         logits, cache = jax.block_until_ready(decoder.prefill(tokens, lengths_j, slots))
         if max_new_tokens > 1:
-            jax.block_until_ready(decoder.step(cache, sample(logits[batch, lengths_j - 1], key,
+            jax.block_until_ready(decoder.step(cache, sample(last_logits(logits, lengths_j), key,
                                                              temperature=temperature, top_k=top_k)))
         compile_s = time.perf_counter() - start
     (logits, cache), prefill_s = _timed(decoder.prefill, tokens, lengths_j, slots)
-    logits = logits[batch, lengths_j - 1]
+    logits = last_logits(logits, lengths_j)
 
     new = np.zeros((len(prompts), max_new_tokens), np.int32)
     done = np.zeros(len(prompts), bool)

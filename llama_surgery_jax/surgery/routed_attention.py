@@ -130,11 +130,13 @@ class RoutedAttention(nnx.Module):
         return out, aux, cache
 
     def block_attention(self, q, k, v, *, x, train: bool, tau, rng, block_density=None, selection: str = "router",
-                        measure_recall: bool = False, return_codes: bool = False, remat=None, **_):
+                        measure_recall: bool = False, return_codes: bool = False, return_mass: bool = False,
+                        remat=None, **_):
         """Budgeted block routing (METHOD.md §11, `block_routing`) → (out, aux).
 
         train=True (self-distillation): the layer computes the frozen model's dense attention, and aux holds
-        `distill_loss`, the KL between the router's soft tile scores and the dense attention's tile mass.
+        `distill_loss`, the KL between the router's soft tile scores and the dense attention's tile mass (and
+        that mass, `tile_mass` [b, h, n, n], with return_mass).
         train=False: the tile mask of `selection` under the budget: block_density None (the config's ρ, uniform
         over heads), a float ρ, or per-(layer, head) densities [layers, heads]; attention runs on those tiles
         (the kernel on a GPU, `tile_masked_attention` otherwise). aux: block_density (executed) and
@@ -156,8 +158,11 @@ class RoutedAttention(nnx.Module):
             scores = br.soft_shared_depth(routing.q_routes, routing.k_routes)
             dense_path = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
             out = dense_attention(q, k, v, attention=dense_path)[0]  # cuDNN on a GPU
-            return out, {"distill_loss": br.distillation_loss(scores, mass, candidate),
-                         "load_balance_loss": routing.load_balance_loss}
+            aux = {"distill_loss": br.distillation_loss(scores, mass, candidate),
+                   "load_balance_loss": routing.load_balance_loss}
+            if return_mass:
+                aux["tile_mass"] = mass
+            return out, aux
         forced = mask.band_tiles(n, tile=tile, window=config.window, sink=config.sink)
         densities = self.layer_densities(block_density)
         budgets = br.row_budgets(densities, jnp.sum(forced, axis=-1, dtype=jnp.int32))

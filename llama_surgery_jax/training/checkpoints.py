@@ -6,7 +6,6 @@ The frozen base is referenced (its folder and a fingerprint of its config and so
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import sys
@@ -167,19 +166,55 @@ def load_trained_routers(model, run_or_checkpoints: str | Path, *, model_dir: st
     return nnx.merge(graphdef, restored.routers, rest), router_config, steps[-1]
 
 
-def prepare_for_evaluation(model, surgery: str, context: int | None = None, model_dir: str | Path | None = None):
+def prepare_for_evaluation(model, surgery: str, context: int | None = None, model_dir: str | Path | None = None, *,
+                           block_density: float | None = None, budget: str | None = None,
+                           selection: str | None = None):
     """`--surgery init` (homotopy routers) or a run folder → (model, attention kwargs for evaluation).
 
     At init the routed attention takes the whole window as one query chunk (`context`), so it runs the
     dense model's arithmetic and the perplexity is the dense one bit for bit.
+
+    A block-mode run (budgeted block routing) is evaluated at block_density ρ (default: the run's), with the
+    run's calibrated per-head densities (budget "adaptive", the default when the run has them) or ρ for every
+    head ("uniform"); selection replaces the router by a baseline under the same budget
+    (`block_routing.SELECTIONS`). Any of them on a token-mode run is an error.
     """
     from llama_surgery_jax.surgery.routed_attention import inject_routers
 
+    kwargs = {"train": False, "rng": None}
     if surgery == "init":
         execution = RouterExecution() if context is None else RouterExecution(query_chunk=context)
         inject_routers(model, RouterConfig(), nnx.Rngs(0), execution=execution)
+        router_config = RouterConfig()
     else:
-        model, _, step = load_trained_routers(model, surgery, model_dir=model_dir)
+        model, router_config, step = load_trained_routers(model, surgery, model_dir=model_dir)
         print(f"routers from {surgery} (step {step})")
-    return model, {"train": False, "rng": None}
+    asked = {"--block-density": block_density, "--budget": budget, "--selection": selection}
+    if router_config.mode != "block":
+        given = [flag for flag, value in asked.items() if value is not None]
+        if given:
+            raise CheckpointError(f"{', '.join(given)} need a block-mode run (router.mode=block); {surgery} routes "
+                                  f"in {router_config.mode} mode, whose density comes from its codes")
+        return model, kwargs
+    from llama_surgery_jax.surgery.block_routing import SELECTIONS, check_density
+    from llama_surgery_jax.training import calibration
+
+    rho = router_config.block_density if block_density is None else block_density
+    try:
+        check_density(rho)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if selection is not None and selection not in SELECTIONS:
+        raise CheckpointError(f"--selection {selection!r}: choose one of {list(SELECTIONS)}")
+    calibrated = None if surgery == "init" else calibration.read(Path(surgery))
+    budget = budget or (router_config.budget if calibrated is not None else "uniform")
+    if budget == "adaptive":
+        if calibrated is None:
+            raise CheckpointError(f"{surgery} has no {calibration.FILE} (the adaptive budget's calibration): "
+                                  "pass --budget uniform, or retrain")
+        kwargs["block_density"] = calibration.densities_at(calibrated, rho)
+    else:
+        kwargs["block_density"] = rho
+    kwargs.update(selection=selection or "router", measure_recall=True)
+    return model, kwargs
 

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_context: int = 1024
     eval_windows: int = 40
     eval_batch: int = 4
+    calibration_sequences: int = 8  # block mode: training sequences that calibrate the adaptive budget
     mesh_data: int = -1  # -1: every device not used by fsdp × tensor
     mesh_fsdp: int = 1
     mesh_tensor: int = 1

@@ -298,6 +298,8 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     bar.close()
     checkpoints.wait()
     logger.close()
+    if config.router.mode == "block" and jax.process_index() == 0:
+        calibrate_budgets(run, out, batches)
     if not config.report:
         return {"steps": config.steps}
     # Compilation is timed on its own; the first step can still hold one-off costs: leave it out of the rate.
@@ -306,6 +308,24 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
               "peak_device_memory_gib": peak_device_memory_gib(), "device": jax.devices()[0].device_kind,
               "devices": jax.device_count()}
     return report.final_report(run, out, config, timing, evaluation=evaluation, train_source=train_source)
+
+
+def calibrate_budgets(run: Run, out: Path, batches: PackedSequences) -> None:
+    """Block mode: the adaptive budget's per-(layer, head) densities from the dense model's tile masses on
+    training sequences (`calibration`), written to RUN/calibration.json."""
+    from llama_surgery_jax.training import calibration
+
+    config = run.config
+    sequences = batches.sequences[batches.order(0)[:config.calibration_sequences]]
+    model = nnx.merge(run.graphdef, run.routers, run.frozen)
+    print(f"calibrating the adaptive budget on {len(sequences)} training sequences ...", end=" ", flush=True)
+    started = time.perf_counter()
+    masses = calibration.dense_tile_masses(model, sequences, config.batch_size)
+    densities = calibration.calibrate(masses, tile=config.router.block_size, window=config.router.window,
+                                      sink=config.router.sink)
+    calibration.write(out, densities, context=config.seq_len, sequences=len(sequences),
+                      tile=config.router.block_size)
+    print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def compile_step(run: Run, seed: jax.Array, *, primary: bool = True):

@@ -1,0 +1,135 @@
+"""Quality against executed block density for a block-mode run: the router beside every baseline and bound.
+
+For each context and each ρ, one row per way of filling the same budget (`block_routing.SELECTIONS`):
+
+    surgery (adaptive)   the trained routers, per-head densities calibrated on training data (`calibration`)
+    surgery (uniform)    the trained routers, ρ for every head
+    uniform oracle       the heaviest tiles by the layer's true dense attention mass, per row, ρ for every head
+    global oracle        the same number of tiles per layer, the heaviest of any head and row (not causal: a bound)
+    moba                 MoBA-style gate: the block's causal pooled query · each key block's mean key
+    streaming            StreamingLLM: the sink and the most recent blocks
+
+and the dense model. Every density is counted from the tiles the attention computed, per window; attention
+recall is the dense attention mass inside them. One compiled program per (context, selection): ρ and the
+per-head densities are arguments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from llama_surgery_jax.evaluation.perplexity import perplexity, summarize, window_nll_and_stats
+from llama_surgery_jax.surgery.block_routing import floor_density
+
+ROWS = (  # (name, selection, budget)
+    ("surgery (adaptive)", "router", "adaptive"),
+    ("surgery (uniform)", "router", "uniform"),
+    ("uniform oracle", "oracle", "uniform"),
+    ("global oracle", "global_oracle", "uniform"),
+    ("moba", "moba", "uniform"),
+    ("streaming", "recent", "uniform"),
+)
+
+
+class BudgetScorer:
+    """Perplexity and per-window stats of one model under any per-(layer, head) densities, compiled once per
+    (selection, window shape)."""
+
+    def __init__(self, model):
+        self.graphdef, self.state = nnx.split(model)
+        self.compiled = {}
+
+    def __call__(self, windows: np.ndarray, densities: np.ndarray, selection: str, batch_size: int) -> dict:
+        key = selection
+        if key not in self.compiled:
+            graphdef = self.graphdef
+
+            def score(state, tokens, densities):
+                return window_nll_and_stats(nnx.merge(graphdef, state), tokens, train=False, rng=None,
+                                            block_density=densities, selection=selection, measure_recall=True)
+
+            self.compiled[key] = jax.jit(score)
+        score = self.compiled[key]
+        total, per_window = 0.0, {}
+        for start in range(0, len(windows), batch_size):
+            nll, stats = score(self.state, jnp.asarray(windows[start:start + batch_size]), jnp.asarray(densities))
+            total += float(np.sum(np.asarray(nll, np.float64)))
+            for name, value in stats.items():
+                per_window.setdefault(name, []).extend(np.asarray(value, np.float64).T.tolist())
+        tokens = windows.shape[0] * (windows.shape[1] - 1)
+        return {"ppl": math.exp(total / tokens), "tokens": tokens} | {k: summarize(v) for k, v in per_window.items()}
+
+
+def quality_rows(model, router, calibrated: dict | None, windows_by_context: dict[int, np.ndarray],
+                 densities: list[float], batch_size: int, rows=ROWS) -> list[dict]:
+    """Every (context, ρ, row) of the table; the dense rows are the caller's (they need the routers removed)."""
+    from llama_surgery_jax.training.calibration import densities_at
+
+    layers = model.config.num_hidden_layers
+    heads = model.config.num_key_value_heads if router.routing_heads == "kv" else model.config.num_attention_heads
+    scorer = BudgetScorer(model)
+    out = []
+    plan = [(c, rho, row) for c in windows_by_context for rho in densities for row in rows
+            if row[2] == "uniform" or calibrated is not None]
+    for context, rho, (name, selection, budget) in tqdm(plan, desc="rows"):
+        n = -(-context // router.block_size)
+        floor = floor_density(n, tile=router.block_size, window=router.window, sink=router.sink)
+        table = densities_at(calibrated, rho) if budget == "adaptive" else np.full((layers, heads), rho, np.float32)
+        scored = scorer(windows_by_context[context], table, selection, batch_size)
+        out.append({"context": context, "target_density": rho, "row": name, "selection": selection,
+                    "budget": budget, "below_floor": rho < floor, "floor": floor,
+                    "windows": len(windows_by_context[context]), **scored})
+    return out
+
+
+def dense_rows(model, windows_by_context: dict[int, np.ndarray], batch_size: int) -> dict[int, dict]:
+    return {c: perplexity(model, w, batch_size=batch_size, progress=False) for c, w in windows_by_context.items()}
+
+
+def markdown(rows: list[dict], dense: dict[int, dict]) -> str:
+    """One table per context: rows × ρ, perplexity (gap to dense), executed density [min–max], recall."""
+    lines = []
+    for context, base in dense.items():
+        here = [r for r in rows if r["context"] == context]
+        windows = here[0]["windows"] if here else "?"
+        lines += [f"### {context} tokens ({windows} windows): dense perplexity {base['ppl']:.4f}", "",
+                  "| row | ρ | perplexity | gap | executed block density (min–max) | attention recall |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in here:
+            d = r["block_density"]
+            floor = " (floor)" if r["below_floor"] else ""
+            lines.append(f"| {r['row']} | {r['target_density']}{floor} | {r['ppl']:.4f} | "
+                         f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f} % | "
+                         f"{d['mean']:.4f} ({d['min']:.4f}–{d['max']:.4f}) | {r['attention_recall']['mean']:.4f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+NIAH_ROWS = (("surgery (adaptive)", "router", "adaptive"), ("uniform oracle", "oracle", "uniform"),
+             ("global oracle", "global_oracle", "uniform"))
+
+
+def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndarray, *, lengths, depths, trials: int,
+              densities: list[float], model_context: int) -> dict[str, list[dict]]:
+    """Needle-in-a-haystack rows of the routed model under each (row, ρ), by re-prefill (`niah.Reprefill`)."""
+    from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
+    from llama_surgery_jax.training.calibration import densities_at
+
+    layers = model.config.num_hidden_layers
+    heads = model.config.num_key_value_heads if router.routing_heads == "kv" else model.config.num_attention_heads
+    rows = {}
+    for rho in densities:
+        for name, selection, budget in NIAH_ROWS:
+            if budget == "adaptive" and calibrated is None:
+                continue
+            table = densities_at(calibrated, rho) if budget == "adaptive" else np.full((layers, heads), rho, np.float32)
+            decoder = Reprefill(model, train=False, rng=None, block_density=jnp.asarray(table), selection=selection)
+            rows[f"{name} ρ={rho}"] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths,
+                                               trials=trials, model_context=model_context)
+    return rows
