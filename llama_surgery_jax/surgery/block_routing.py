@@ -134,6 +134,18 @@ def soft_shared_depth(routes_q: jax.Array, routes_k: jax.Array) -> jax.Array:
     return total
 
 
+def recency_prior(n: int) -> jax.Array:
+    """float32 [n, n]: −log(1 + qb − kb), added to the router's soft scores in the distillation loss.
+
+    The hard rule breaks ties towards recent blocks, and most attention mass is recent; with this prior the
+    soft model predicts recency for free, and the codes learn what recency does not explain. Measured on
+    cached SmolLM2 targets (2048 tokens, tile 32, ρ 0.2, 300 steps): held-out attention recall 0.760 with the
+    prior against 0.748 without (recency alone 0.742, the oracle 0.789).
+    """
+    distance = jnp.arange(n)[:, None] - jnp.arange(n)[None, :]
+    return -jnp.log1p(jnp.maximum(distance, 0).astype(jnp.float32))
+
+
 def recent_score(n: int) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[None, :], (n, n))
 

@@ -58,7 +58,14 @@ from llama_surgery_jax.surgery.reference_attention import (
     masked_attention,
     tile_masked_attention,
 )
-from llama_surgery_jax.surgery.router import HardTopology, RouterParam, TopologyRouter, route, route_blocks
+from llama_surgery_jax.surgery.router import (
+    HardTopology,
+    RouterParam,
+    TopologyRouter,
+    block_features,
+    route,
+    route_blocks,
+)
 
 __all__ = ["RoutedAttention", "RouterParam", "inject_routers", "remove_routers", "routed_layers",
            "hard_topology"]
@@ -155,13 +162,14 @@ class RoutedAttention(nnx.Module):
         if train:
             mass = br.tile_attention_mass(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), tile=tile,
                                           routing_heads=heads)
-            scores = br.soft_shared_depth(routing.q_routes, routing.k_routes)
+            scores = br.soft_shared_depth(routing.q_routes, routing.k_routes) + br.recency_prior(n)
             dense_path = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
             out = dense_attention(q, k, v, attention=dense_path)[0]  # cuDNN on a GPU
             aux = {"distill_loss": br.distillation_loss(scores, mass, candidate),
                    "load_balance_loss": routing.load_balance_loss}
             if return_mass:
                 aux["tile_mass"] = mass
+                aux["block_features"] = block_features(x, tile)
             return out, aux
         forced = mask.band_tiles(n, tile=tile, window=config.window, sink=config.sink)
         densities = self.layer_densities(block_density)

@@ -196,6 +196,19 @@ def route_blocks(params: dict[str, jax.Array], x: jax.Array, *, config: RouterCo
                  tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = False) -> BlockRouting:
     """x: [b, t, hidden] → BlockRouting: every block placed on the tree twice, as a query (from the causal
     `pooled_block_features`, tokens up to its first) and as a key (from `key_block_features`)."""
+    return route_block_features(params, *block_features(x, config.block_size), config=config,
+                                routing_heads=routing_heads, tau=tau, rng=rng, hard=hard)
+
+
+def block_features(x: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """x: [b, t, hidden] → (query features, key features), each [b, n, hidden] float32 (see `route_blocks`)."""
+    return pooled_block_features(x, block_size), key_block_features(x, block_size)
+
+
+def route_block_features(params: dict[str, jax.Array], query_features: jax.Array, key_features: jax.Array, *,
+                         config: RouterConfig, routing_heads: int, tau: float | jax.Array = 1.0,
+                         rng: jax.Array | None = None, hard: bool = False) -> BlockRouting:
+    """`route_blocks` from its pooled features [b, n, hidden] (which a router-training cache may hold)."""
     h = routing_heads
     both = 2 * h
 
@@ -205,8 +218,8 @@ def route_blocks(params: dict[str, jax.Array], x: jax.Array, *, config: RouterCo
         return routes, prefix_codes(choices, p=config.p, prefix_levels=config.levels), logits, choices
 
     q_key, k_key = (None, None) if rng is None else jax.random.split(rng)
-    q_routes, q_codes, q_logits, q_choices = role(pooled_block_features(x, config.block_size), slice(0, h), q_key)
-    k_routes, k_codes, k_logits, k_choices = role(key_block_features(x, config.block_size), slice(h, both), k_key)
+    q_routes, q_codes, q_logits, q_choices = role(query_features, slice(0, h), q_key)
+    k_routes, k_codes, k_logits, k_choices = role(key_features, slice(h, both), k_key)
     balance = 0.5 * (load_balance_loss(q_logits, q_choices) + load_balance_loss(k_logits, k_choices))
     return BlockRouting(q_codes, k_codes, q_routes, k_routes, balance)
 
