@@ -105,7 +105,8 @@ class RoutedAttention(nnx.Module):
                     "by perplexity, and needles by re-prefill (evaluation.niah)")
             if rng is not None:
                 rng = jax.random.fold_in(rng, self.layer_index)
-            out, aux = self.block_attention(q, k, v, x=x, train=train, tau=tau, rng=rng, **block_kwargs)
+            out, aux = self.block_attention(q, k, v, x=x, train=train, tau=tau, rng=rng, return_codes=return_codes,
+                                            **block_kwargs)
             return out, aux, cache
         if mode == "prefill":
             return self.prefill(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention)
