@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="block-mode runs: the executed block densities of the table")
     parser.add_argument("--windows-at", type=context_counts, default=[],
                         help="block-mode runs: windows per context, e.g. 8192:all,1024:8 (else --windows)")
+    parser.add_argument("--router-cost", type=float, default=0.0,
+                        help="block-mode runs: time the router's share of a forward at this ρ (0: skip)")
     parser.add_argument("--niah-densities", type=float_list, default=[0.2, 0.3],
                         help="block-mode runs: the densities of the needle rows")
     args = parser.parse_args(argv)
@@ -189,8 +191,15 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     if args.niah_lengths:
         filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
         niah = bq.niah_rows(model, router, calibrated, tokenizer, filler, lengths=args.niah_lengths,
-                            depths=args.niah_depths, trials=args.niah_trials, densities=args.niah_densities,
+                            depths=args.niah_depths, trials=args.niah_trials,
+                            settings=bq.niah_settings(args.niah_densities),
                             model_context=model.config.max_position_embeddings)
+    cost = None
+    if args.router_cost:
+        longest = max(args.contexts)
+        cost = bq.router_cost(model, router, windows[longest][:1], args.router_cost)
+        remove_routers(model)
+        cost["dense_forward_s"] = bq.forward_seconds(model, windows[longest][:1])
     remove_routers(model)
     dense = bq.dense_rows(model, windows, args.batch_size)
     if args.niah_lengths:
@@ -200,7 +209,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
               "calibration": {k: v for k, v in (calibrated or {}).items() if k != "densities"},
               "protocol": {**corpus.source, "stride": "context", "bos": False,
                            "scored": "every token of a window after its first"},
-              "dense": {str(c): d for c, d in dense.items()}, "rows": rows, "niah": niah,
+              "dense": {str(c): d for c, d in dense.items()}, "rows": rows, "niah": niah, "router_cost": cost,
               "seconds": time.perf_counter() - started, "device": jax.devices()[0].device_kind}
     write_json_atomic(out / "block_quality.json", result)
     text = bq.markdown(rows, dense)
@@ -208,6 +217,12 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
         from llama_surgery_jax.evaluation.niah import table
 
         text += "\n### Needle in a haystack (exact match; re-prefill for the sparse rows)\n\n" + table(niah) + "\n"
+    if cost:
+        ms = {k: 1e3 * cost[f"{k}_forward_s"] for k in ("router", "streaming", "dense")}
+        text += (f"\nRouter cost at {cost['context']} tokens, batch {cost['batch']}, ρ = {cost['rho']} (hidden states, "
+                 f"reference attention): router forward {ms['router']:.1f} ms, streaming selection "
+                 f"{ms['streaming']:.1f} ms, dense {ms['dense']:.1f} ms: the router is "
+                 f"{100 * cost['router_share']:.1f} % of the routed forward.\n")
     (out / "block_quality.md").write_text(text)
     print(text)
     print(f"wrote {out / 'block_quality.md'} ({math.ceil(result['seconds'])} s)")

@@ -111,25 +111,61 @@ def markdown(rows: list[dict], dense: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-NIAH_ROWS = (("surgery (adaptive)", "router", "adaptive"), ("uniform oracle", "oracle", "uniform"),
-             ("global oracle", "global_oracle", "uniform"))
+def niah_settings(densities: list[float], oracle_density: float = 0.2) -> list[tuple[str, str, str, float]]:
+    """(name, selection, budget, ρ) of the needle rows: the surgery at each ρ, the uniform oracle at one."""
+    return ([(f"surgery (adaptive) ρ={rho}", "router", "adaptive", rho) for rho in densities]
+            + [(f"uniform oracle ρ={oracle_density}", "oracle", "uniform", oracle_density)])
 
 
 def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndarray, *, lengths, depths, trials: int,
-              densities: list[float], model_context: int) -> dict[str, list[dict]]:
-    """Needle-in-a-haystack rows of the routed model under each (row, ρ), by re-prefill (`niah.Reprefill`)."""
+              settings, model_context: int) -> dict[str, list[dict]]:
+    """Needle-in-a-haystack rows of the routed model under each setting, by re-prefill (`niah.Reprefill`)."""
     from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
+
+    rows = {}
+    for name, selection, budget, rho in settings:
+        if budget == "adaptive" and calibrated is None:
+            budget = "uniform"
+        decoder = Reprefill(model, train=False, rng=None, selection=selection,
+                            block_density=jnp.asarray(density_table(model, router, calibrated, rho, budget)))
+        rows[name] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths, trials=trials,
+                              model_context=model_context)
+    return rows
+
+
+def density_table(model, router, calibrated: dict | None, rho: float, budget: str) -> np.ndarray:
+    """Per-(layer, head) densities [layers, heads]: calibrated (adaptive) or ρ everywhere (uniform)."""
     from llama_surgery_jax.training.calibration import densities_at
 
-    layers = model.config.num_hidden_layers
+    if budget == "adaptive":
+        return densities_at(calibrated, rho)
     heads = model.config.num_key_value_heads if router.routing_heads == "kv" else model.config.num_attention_heads
-    rows = {}
-    for rho in densities:
-        for name, selection, budget in NIAH_ROWS:
-            if budget == "adaptive" and calibrated is None:
-                continue
-            table = densities_at(calibrated, rho) if budget == "adaptive" else np.full((layers, heads), rho, np.float32)
-            decoder = Reprefill(model, train=False, rng=None, block_density=jnp.asarray(table), selection=selection)
-            rows[f"{name} ρ={rho}"] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths,
-                                               trials=trials, model_context=model_context)
-    return rows
+    return np.full((model.config.num_hidden_layers, heads), rho, np.float32)
+
+
+def forward_seconds(model, tokens: np.ndarray, repeats: int = 5, **kwargs) -> float:
+    """Median wall time of the model's hidden states (no LM head) on tokens [b, t], compilation excluded."""
+    import time
+
+    graphdef, state = nnx.split(model)
+    run = jax.jit(lambda state, x: nnx.merge(graphdef, state).hidden_states(x, **kwargs)[0])
+    x = jnp.asarray(tokens)
+    jax.block_until_ready(run(state, x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run(state, x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def router_cost(model, router, tokens: np.ndarray, rho: float) -> dict:
+    """The router's share of a forward at ρ: the same tiles' attention with the selection from the router
+    (block features, codes, ranking) against the streaming selection (no router), and the dense forward
+    (the caller removes the routers afterwards). The reference attention path, as the table's."""
+    table = jnp.asarray(density_table(model, router, None, rho, "uniform"))
+    common = dict(train=False, rng=None, block_density=table)
+    routed = forward_seconds(model, tokens, selection="router", **common)
+    streaming = forward_seconds(model, tokens, selection="recent", **common)
+    return {"context": int(tokens.shape[1]), "batch": int(tokens.shape[0]), "rho": rho, "router_forward_s": routed,
+            "streaming_forward_s": streaming, "router_share": (routed - streaming) / routed}
