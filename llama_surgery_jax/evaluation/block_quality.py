@@ -17,6 +17,7 @@ per-head densities are arguments.
 from __future__ import annotations
 
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +68,9 @@ class BudgetScorer:
 
 
 def quality_rows(model, router, calibrated: dict | None, windows_by_context: dict[int, np.ndarray],
-                 densities: list[float], batch_size: int, rows=ROWS) -> list[dict]:
-    """Every (context, ρ, row) of the table; the dense rows are the caller's (they need the routers removed)."""
+                 densities: list[float], batch_size: int, rows=ROWS, on_row=None) -> list[dict]:
+    """Every (context, ρ, row) of the table; the dense rows are the caller's (they need the routers removed).
+    on_row(rows so far) after each row (a long measurement keeps what it has)."""
     from llama_surgery_jax.training.calibration import densities_at
 
     layers = model.config.num_hidden_layers
@@ -81,10 +83,14 @@ def quality_rows(model, router, calibrated: dict | None, windows_by_context: dic
         n = -(-context // router.block_size)
         floor = floor_density(n, tile=router.block_size, window=router.window, sink=router.sink)
         table = densities_at(calibrated, rho) if budget == "adaptive" else np.full((layers, heads), rho, np.float32)
+        started = time.perf_counter()
         scored = scorer(windows_by_context[context], table, selection, batch_size)
+        scored["seconds"] = time.perf_counter() - started  # compilation of a new selection included
         out.append({"context": context, "target_density": rho, "row": name, "selection": selection,
                     "budget": budget, "below_floor": rho < floor, "floor": floor,
                     "windows": len(windows_by_context[context]), **scored})
+        if on_row is not None:
+            on_row(out)
     return out
 
 
@@ -145,8 +151,6 @@ def density_table(model, router, calibrated: dict | None, rho: float, budget: st
 
 def forward_seconds(model, tokens: np.ndarray, repeats: int = 5, **kwargs) -> float:
     """Median wall time of the model's hidden states (no LM head) on tokens [b, t], compilation excluded."""
-    import time
-
     graphdef, state = nnx.split(model)
     run = jax.jit(lambda state, x: nnx.merge(graphdef, state).hidden_states(x, **kwargs)[0])
     x = jnp.asarray(tokens)
