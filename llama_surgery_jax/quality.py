@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="block-mode runs: windows per context, e.g. 8192:all,1024:8 (else --windows)")
     parser.add_argument("--router-cost", type=float, default=0.0,
                         help="block-mode runs: time the router's share of a forward at this ρ (0: skip)")
+    parser.add_argument("--niah-oracle-density", type=float, default=0.2,
+                        help="block-mode runs: the uniform oracle's needle row at this ρ (0: none)")
     parser.add_argument("--niah-densities", type=float_list, default=[0.2, 0.3],
                         help="block-mode runs: the densities of the needle rows")
     args = parser.parse_args(argv)
@@ -193,7 +195,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
         filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
         niah = bq.niah_rows(model, router, calibrated, tokenizer, filler, lengths=args.niah_lengths,
                             depths=args.niah_depths, trials=args.niah_trials,
-                            settings=bq.niah_settings(args.niah_densities),
+                            settings=bq.niah_settings(args.niah_densities, args.niah_oracle_density),
                             model_context=model.config.max_position_embeddings)
     cost = None
     if args.router_cost:

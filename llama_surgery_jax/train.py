@@ -1,9 +1,9 @@
 """Router training: the surgery on a converted Llama, only the routers learn (METHOD.md §6).
 
-    python -m llama_surgery_jax.train [--preset cpu|default|smoke|paper] [--out DIR] [key=value ...]
+    python -m llama_surgery_jax.train [--preset cpu|default|token|smoke|paper] [--out DIR] [key=value ...]
 
 No arguments: the embedded default (SmolLM2-135M-Instruct on WikiText-2 valid) with the preset that fits
-the machine: `default` on a GPU, the short `cpu` run (4–7 minutes on 2 cores) otherwise; the first
+the machine: `default` on a GPU, the short `cpu` run (a few minutes on 2 cores) otherwise; the first
 line printed says which and why. Running the same command on the same DIR resumes from its newest
 readable checkpoint. At the end, dense and surgery perplexity on `wiki.test.raw` through the same
 pipeline and the realised densities go to DIR/report.json, DIR/report.md and PNG plots; metrics stream
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                "e.g. steps=50 router.d_max=4 model=/path/to/converted-llama; router.* is what the routers learn, "
                "execution.* how attention runs (backend, query_chunk, router_gradient), schedule.* τ and λ",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help="cpu | default | smoke | paper (configs/train/); without it, 'default' "
-                        "on a GPU and 'cpu' (4–7 minutes on 2 cores) otherwise")
+    parser.add_argument("--preset", help="cpu | default | token | smoke | paper (configs/train/); without it, "
+                        "'default' on a GPU and 'cpu' (a few minutes on 2 cores) otherwise")
     parser.add_argument("--out", help="output folder (default runs/PRESET, the preset run); rerun on it to resume")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
     parser.add_argument("--num-processes", type=int)

@@ -120,7 +120,7 @@ def markdown(rows: list[dict], dense: dict[int, dict]) -> str:
 def niah_settings(densities: list[float], oracle_density: float = 0.2) -> list[tuple[str, str, str, float]]:
     """(name, selection, budget, ρ) of the needle rows: the surgery at each ρ, the uniform oracle at one."""
     return ([(f"surgery (adaptive) ρ={rho}", "router", "adaptive", rho) for rho in densities]
-            + [(f"uniform oracle ρ={oracle_density}", "oracle", "uniform", oracle_density)])
+            + ([(f"uniform oracle ρ={oracle_density}", "oracle", "uniform", oracle_density)] if oracle_density else []))
 
 
 def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndarray, *, lengths, depths, trials: int,

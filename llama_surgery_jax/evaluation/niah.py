@@ -112,6 +112,8 @@ def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, de
     max_new = ANSWER_DIGITS + 3  # a leading space and a token or two of slack
     rows = []
     for length in lengths:
+        # A case at the model's full context leaves no room for the answer: it is cut to context − answer.
+        length = min(length, model_context - max_new)
         cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
                  for d in depths for _ in range(trials)]
         completions = []

@@ -30,6 +30,7 @@ short)
     | tr '\r' '\n' | grep -v '^rows: ' | tee "$OUT/table-short.log" ;;
 niah)
   python3 -m llama_surgery_jax.quality --run /tmp/runs/default --contexts 1024 --windows 1 --densities "" \
-    --niah-lengths 2048,4096,8192 --niah-trials 4 --niah-densities 0.2,0.3 --out "$OUT/niah" 2>&1 \
+    --niah-lengths 2048,4096,8192 --niah-trials 4 --niah-densities "${NIAH_DENSITIES:-0.2,0.3}" \
+    --niah-oracle-density "${NIAH_ORACLE:-0.2}" --out "$OUT/niah" 2>&1 \
     | tr '\r' '\n' | grep -v '^rows: ' | tee "$OUT/niah.log" ;;
 esac
