@@ -6,13 +6,19 @@ retrieval.
                                          [--contexts 1024,4096,8192] [--dense-too]
                                          [--baseline streaming|moba --baseline-density D]
                                          [--niah 2048,4096,8192 [--niah-trials N]] [--text FILE|DIR]
+                                         [--block-density RHO [--budget adaptive|uniform]
+                                          [--selection router|recent|moba|oracle|global_oracle]]
 
 `--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
 context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
 `gap`); `--baseline` runs a static sink + local-window mask (streaming) or untrained MoBA-style block
 gating at block density D instead of the routers (`baselines.py`); `--niah` adds needle-in-a-haystack
 exact-match accuracy at those lengths (`niah.py`), for the model as configured and, with `--dense-too`,
-dense. The full comparison with plots is `python -m llama_surgery_jax.quality --run RUN`.
+dense. A block-mode run (budgeted block routing) is scored at `--block-density` ρ (default: the run's), with
+its calibrated per-head densities or ρ for every head (`--budget`), and `--selection` puts a baseline or an
+oracle in the router's place under the same budget; the JSON then holds the executed block density and the
+attention recall per window and layer, and needles run by re-prefill. The full comparison with plots is
+`python -m llama_surgery_jax.quality --run RUN`.
 
 Protocol (stated in every result): the whole `wiki.test.raw` (or the `--text` file, or a folder's `*.txt`
 files in name order joined by a blank line) is tokenized as one stream with no BOS, cut into non-overlapping
