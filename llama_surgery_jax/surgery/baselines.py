@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.block_routing import causal_block_mean
 from llama_surgery_jax.surgery.mask import causal_pairs
 from llama_surgery_jax.surgery.reference_attention import tile_masked_attention
 from llama_surgery_jax.surgery.routed_attention import remove_routers
@@ -57,16 +58,6 @@ def streaming_tiles(num_tiles: int, extra: int) -> jax.Array:
     qb = jnp.arange(num_tiles)[:, None]
     kb = jnp.arange(num_tiles)[None, :]
     return ((kb == 0) | (qb - kb <= extra)) & (kb <= qb)
-
-
-def causal_block_mean(x: jax.Array, tile: int) -> jax.Array:
-    """x: [b, t, h, d] → [b, n, h, d] float32: mean over the `tile` tokens ending at each block's first token."""
-    t = x.shape[1]
-    n = -(-t // tile)
-    csum = jnp.concatenate([jnp.zeros_like(x[:, :1], jnp.float32), jnp.cumsum(x.astype(jnp.float32), axis=1)], 1)
-    end = jnp.arange(n) * tile + 1  # exclusive end: the first token included
-    start = jnp.maximum(end - tile, 0)
-    return (csum[:, end] - csum[:, start]) / (end - start)[None, :, None, None].astype(jnp.float32)
 
 
 def moba_tiles(q: jax.Array, k: jax.Array, *, tile: int, extra: int) -> jax.Array:

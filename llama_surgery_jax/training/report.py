@@ -155,17 +155,8 @@ def plot(out: Path, densities: dict, block_size: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key, label in zip(axes, ("ce", "load_balance", "token_density"),
-                              ("cross-entropy", "load-balancing loss", "token density (train)"), strict=True):
-        ax.plot(steps, [r[key] for r in rows])
-        ax.set_xlabel("step")
-        ax.set_title(label)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    plot_metrics(out, {"ce": "cross-entropy", "load_balance": "load-balancing loss",
+                       "token_density": "token density (train)"})
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     block = f"block_{block_size}"
@@ -252,17 +243,7 @@ def plot_block(out: Path, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in zip(axes, ("distill", "load_balance"), ("distillation KL", "load-balancing loss"),
-                              strict=True):
-        ax.plot(steps, [r[key] for r in rows])
-        ax.set_xlabel("step")
-        ax.set_title(label)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    plot_metrics(out, {"distill": "distillation KL", "load_balance": "load-balancing loss"})
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, row in result["by_budget"].items():
         ax.plot(row["attention_recall"]["per_layer"], marker="o", label=f"recall, {name}")
@@ -272,4 +253,23 @@ def plot_block(out: Path, result: dict) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "recall.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics(out: Path, panels: dict[str, str]) -> None:
+    """OUT/loss.png: one panel per metrics.jsonl key (title its value) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.5))
+    for ax, (key, label) in zip(axes, panels.items(), strict=True):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_xlabel("step")
+        ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
