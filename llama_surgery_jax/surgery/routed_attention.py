@@ -157,8 +157,10 @@ class RoutedAttention(nnx.Module):
         heads = self.router.routing_heads
         t = q.shape[1]
         n = -(-t // tile)
-        routing = route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau, rng=rng,
-                               hard=False)
+        routing = None  # the baselines and oracles select without the router
+        if train or selection == "router" or return_codes:
+            routing = route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau, rng=rng,
+                                   hard=False)
         candidate = br.candidate_tiles(n, tile=tile, window=config.window, sink=config.sink)
         if train:
             mass = br.tile_attention_mass(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), tile=tile,
@@ -178,7 +180,7 @@ class RoutedAttention(nnx.Module):
         mass = None
         if measure_recall or selection in ("oracle", "global_oracle"):
             mass = br.tile_attention_mass(q, k, tile=tile, routing_heads=heads)
-        tiles = self.select(selection, routing, q, k, mass, budgets)
+        tiles = self.select(selection, routing, q, k, mass, budgets, n)
         if resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile) == "kernel":
             from pallas_kernels import block_sparse_attention
 
@@ -205,19 +207,18 @@ class RoutedAttention(nnx.Module):
             return jnp.full((heads,), table)
         return table[self.layer_index]
 
-    def select(self, selection: str, routing, q, k, mass, budgets) -> jax.Array:
+    def select(self, selection: str, routing, q, k, mass, budgets, n: int) -> jax.Array:
         """The tile mask [b, h, n, n] of one selection rule (`block_routing.SELECTIONS`) under `budgets`."""
         from llama_surgery_jax.surgery import block_routing as br
 
         config = self.config
-        n = routing.q_codes.shape[-1]
         rule = dict(tile=config.block_size, window=config.window, sink=config.sink)
         if selection == "global_oracle":
             return br.global_oracle_tiles(mass, budgets, **rule)
         if selection == "router":
             score = br.router_score(routing.q_codes, routing.k_codes, p=config.p, levels=config.levels)
         elif selection == "recent":
-            score = jnp.broadcast_to(br.recent_score(n), routing.q_codes.shape + (n,))
+            score = jnp.broadcast_to(br.recent_score(n), (q.shape[0], budgets.shape[0], n, n))
         elif selection == "moba":
             score = br.moba_score(q, k, tile=config.block_size, routing_heads=self.router.routing_heads)
         elif selection == "oracle":

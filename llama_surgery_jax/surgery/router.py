@@ -185,11 +185,9 @@ class BlockRouting(NamedTuple):
 def key_block_features(x: jax.Array, block_size: int) -> jax.Array:
     """x: [b, t, hidden] → [b, ceil(t / block_size), hidden] float32: the mean of each block's own tokens (a
     key block competes only for later query blocks, which see all of it)."""
-    b, t, d = x.shape
-    n = -(-t // block_size)
-    padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block_size - t), (0, 0))).reshape(b, n, block_size, d)
-    counts = jnp.clip(t - jnp.arange(n) * block_size, 1, block_size).astype(jnp.float32)
-    return jnp.sum(padded, axis=2) / counts[None, :, None]
+    from llama_surgery_jax.surgery.block_routing import block_mean
+
+    return block_mean(x[:, :, None, :], block_size)[:, :, 0]
 
 
 def route_blocks(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int,
