@@ -95,7 +95,9 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
         impl = layer.self_attn.attention_impl
         k = jnp.zeros((batch, slots, config.num_key_value_heads, config.head_dim), dtype)
         codes = ring = None
-        if isinstance(impl, RoutedAttention):
+        if isinstance(impl, RoutedAttention) and impl.config.mode == "block":  # per block: query and key codes
+            codes = jnp.full((batch, impl.router.routing_heads, 2, -(-slots // impl.config.block_size)), -1, jnp.int32)
+        elif isinstance(impl, RoutedAttention):
             codes = jnp.full((batch, impl.router.routing_heads, slots), -1, jnp.int32)
             if impl.config.mode == "block_prefix":
                 ring = jnp.zeros((batch, impl.config.block_size, config.hidden_size), dtype)
@@ -104,15 +106,20 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
 
 
 def prefill(model: LlamaForCausalLM, tokens: jax.Array, lengths: jax.Array, *, max_len: int,
-            attention: str = "reference") -> tuple[jax.Array, KVCache]:
+            attention: str = "reference", last_only: bool = False, **attention_kwargs) -> tuple[jax.Array, KVCache]:
     """tokens: [b, t] int (right-padded), lengths: [b] int → logits [b, t, vocab] float32, KVCache of S = max_len.
 
-    attention: "reference" or "kernel" (resolved, see the module docstring).
+    attention: "reference" or "kernel" (resolved, see the module docstring). last_only: logits [b, vocab] of
+    each prompt's last token only (what generation needs: at 128k tokens the whole prompt's logits of an
+    8B model would be 67 GB). attention_kwargs reach every layer (block mode: block_density, selection).
     """
     lengths = jnp.asarray(lengths, jnp.int32)
     empty = init_cache(model, tokens.shape[0], max_len)
-    logits, _, layers = model(tokens, mode="prefill", cache=empty, lengths=lengths, attention=attention)
-    return logits, KVCache(layers, lengths)
+    hidden, _, layers = model.hidden_states(tokens, mode="prefill", cache=empty, lengths=lengths, attention=attention,
+                                            **attention_kwargs)
+    if last_only:
+        return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None])[:, 0], KVCache(layers, lengths)
+    return model.logits(hidden), KVCache(layers, lengths)
 
 
 def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,

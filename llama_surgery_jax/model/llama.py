@@ -35,8 +35,9 @@ MODES = ("train", "prefill", "decode")
 
 class LayerCache(NamedTuple):
     """One layer's KV cache. k, v: [b, S, kv_heads, d] in the compute dtype; codes: [b, r, S] int32 routing
-    codes per routing head (routed layers; -1 where unwritten), router_inputs: [b, T, hidden] the router
-    inputs of the last T positions (block-mode routers), None where unused."""
+    codes per routing head (routed layers; -1 where unwritten; budgeted block mode: [b, r, 2, ceil(S / T)],
+    each block's query code then key code), router_inputs: [b, T, hidden] the router inputs of the last T
+    positions (block_prefix routers), None where unused."""
 
     k: jax.Array
     v: jax.Array

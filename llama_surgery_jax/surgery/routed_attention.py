@@ -99,10 +99,12 @@ class RoutedAttention(nnx.Module):
                  budget: int | None = None, **block_kwargs) -> tuple[jax.Array, dict, LayerCache | None]:
         """The `attention_impl` contract of `model.llama`: (out [b, t, heads, d], aux, cache)."""
         if self.config.mode == "block":
-            if mode != "train":
+            if mode == "decode":
                 raise NotImplementedError(
-                    "budgeted block routing has no KV-cache prefill/decode yet (the sparse-decode issue): score it "
-                    "by perplexity, and needles by re-prefill (evaluation.niah)")
+                    "budgeted block routing has no KV-cache decode yet (the sparse-decode issue): generate by "
+                    "re-prefill (evaluation.niah.Reprefill)")
+            if mode == "prefill":
+                return self.block_prefill(q, k, v, x=x, cache=cache, attention=attention, **block_kwargs)
             if rng is not None:
                 rng = jax.random.fold_in(rng, self.layer_index)
             out, aux = self.block_attention(q, k, v, x=x, train=train, tau=tau, rng=rng, return_codes=return_codes,
@@ -139,16 +141,17 @@ class RoutedAttention(nnx.Module):
 
     def block_attention(self, q, k, v, *, x, train: bool, tau, rng, block_density=None, selection: str = "router",
                         measure_recall: bool = False, return_codes: bool = False, return_mass: bool = False,
-                        remat=None, **_):
+                        attention: str | None = None, remat=None, **_):
         """Budgeted block routing (METHOD.md §11, `block_routing`) → (out, aux).
 
         train=True (self-distillation): the layer computes the frozen model's dense attention, and aux holds
         `distill_loss`, the KL between the router's soft tile scores and the dense attention's tile mass (and
         that mass, `tile_mass` [b, h, n, n], with return_mass).
         train=False: the tile mask of `selection` under the budget: block_density None (the config's ρ, uniform
-        over heads), a float ρ, or per-(layer, head) densities [layers, heads]; attention runs on those tiles
-        (the kernel on a GPU, `tile_masked_attention` otherwise). aux: block_density (executed) and
-        token_density per sequence [b], attention_recall [b] when measure_recall.
+        over heads), a float ρ, or per-(layer, head) densities [layers, heads]; attention runs on those tiles:
+        `attention` "kernel" (`block_sparse_attention`) or "reference" (`tile_masked_attention`); None: the
+        execution's backend (the kernel on a GPU). aux: block_density (executed) and token_density per
+        sequence [b], attention_recall [b] when measure_recall.
         """
         from llama_surgery_jax.surgery import block_routing as br
 
@@ -181,7 +184,9 @@ class RoutedAttention(nnx.Module):
         if measure_recall or selection in ("oracle", "global_oracle"):
             mass = br.tile_attention_mass(q, k, tile=tile, routing_heads=heads)
         tiles = self.select(selection, routing, q, k, mass, budgets, n)
-        if resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile) == "kernel":
+        if attention is None:
+            attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
+        if attention == "kernel":
             from pallas_kernels import block_sparse_attention
 
             out = block_sparse_attention(q, k, v, tiles, tile=tile)
@@ -215,9 +220,11 @@ class RoutedAttention(nnx.Module):
         rule = dict(tile=config.block_size, window=config.window, sink=config.sink)
         if selection == "global_oracle":
             return br.global_oracle_tiles(mass, budgets, **rule)
-        if selection == "router":
-            score = br.router_score(routing.q_codes, routing.k_codes, p=config.p, levels=config.levels)
-        elif selection == "recent":
+        if selection == "router":  # integer depths: the sort-free form of the same rule
+            depth = br.shared_prefix_depth(routing.q_codes[..., :, None], routing.k_codes[..., None, :], p=config.p,
+                                           levels=config.levels)
+            return br.select_by_depth(depth, budgets, levels=config.levels, **rule)
+        if selection == "recent":
             score = jnp.broadcast_to(br.recent_score(n), (q.shape[0], budgets.shape[0], n, n))
         elif selection == "moba":
             score = br.moba_score(q, k, tile=config.block_size, routing_heads=self.router.routing_heads)
@@ -226,6 +233,23 @@ class RoutedAttention(nnx.Module):
         else:
             raise ValueError(f"unknown selection {selection!r}; choose one of {br.SELECTIONS}")
         return br.select_tiles(score, budgets, **rule)
+
+    def block_prefill(self, q, k, v, *, x, cache: LayerCache, attention: str, return_tiles: bool = False,
+                      **block_kwargs):
+        """Block mode's prefill: the evaluation forward (`block_attention`, train=False: argmax codes, the
+        budget rule, attention on exactly those tiles), one pass, with each block's query and key codes written
+        to the cache (codes [b, r, 2, blocks]: row 0 the query codes, row 1 the key codes). Prompts are right-
+        padded: a real query row never sees a padding key (causality), so its tiles are those of its own
+        prompt; a block that holds padding keeps a key code that decode must recompute once it is full."""
+        out, aux = self.block_attention(q, k, v, x=x, train=False, tau=1.0, rng=None, attention=attention,
+                                        return_codes=True, **block_kwargs)
+        q_codes, k_codes = aux.pop("codes")
+        tiles = aux.pop("tiles")
+        if return_tiles:
+            aux["tiles"] = tiles
+        n = q_codes.shape[-1]
+        cache = cache._replace(codes=cache.codes.at[:, :, 0, :n].set(q_codes).at[:, :, 1, :n].set(k_codes))
+        return out, aux, cache
 
     def prefill(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str):
         """The prompt with evaluation routes (argmax, no noise); its codes (and, in block mode, the router

@@ -1,0 +1,104 @@
+"""Block mode's prefill (the fast path of the sparse-prefill issue): the sort-free selection is the selection rule,
+prefill computes the evaluation forward's function on ragged batches, and the kernel path agrees with the
+reference at the model level (interpret mode)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import BF16_U, TINY_LOGITS_BOUND, fresh_seed
+from flax import nnx
+from test_block_routing import brute_force_tiles
+
+from llama_surgery_jax.inference.cache import prefill
+from llama_surgery_jax.model.config import ModelConfig, Precision
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery import block_routing as br
+from llama_surgery_jax.surgery.config import RouterConfig
+from llama_surgery_jax.surgery.mask import band_tiles
+from llama_surgery_jax.surgery.routed_attention import inject_routers
+
+TINY = ModelConfig.named("tiny")
+BLOCK = RouterConfig(mode="block", d_max=0, levels=4, window=8, block_size=8, routing_heads="kv", block_density=0.4)
+
+
+@pytest.mark.parametrize("p,levels,tile,window", [(2, 4, 8, 8), (3, 2, 4, 0), (2, 1, 16, None), (5, 3, 8, 20)])
+def test_sort_free_selection_is_the_rule(p, levels, tile, window):
+    """select_by_depth ≡ the brute-force rule (deepest first, ties to the most recent block), budgets exact."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    t = int(rng.integers(40, 300))
+    n = -(-t // tile)
+    q_codes, k_codes = (jnp.asarray(rng.integers(0, p**levels, (2, 3, n))) for _ in range(2))
+    forced = band_tiles(n, tile=tile, window=window, sink=True)
+    budgets = br.row_budgets(jnp.asarray(rng.uniform(0.02, 1.0, 3), jnp.float32), jnp.sum(forced, -1, dtype=jnp.int32))
+    depth = br.shared_prefix_depth(q_codes[..., :, None], k_codes[..., None, :], p=p, levels=levels)
+    tiles = np.asarray(br.select_by_depth(depth, budgets, levels=levels, tile=tile, window=window, sink=True))
+    expected = brute_force_tiles(np.asarray(depth, np.float64), np.asarray(budgets), np.asarray(forced))
+    np.testing.assert_array_equal(tiles, expected, err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(tiles.sum(-1), np.broadcast_to(budgets, tiles.shape[:-1]), err_msg=f"seed {seed}")
+
+
+def block_model(seed: int, config: ModelConfig = TINY, precision: Precision = Precision(),
+                router: RouterConfig = BLOCK) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(config, precision=precision, rngs=nnx.Rngs(seed))
+    return inject_routers(model, router, nnx.Rngs(seed + 1))
+
+
+def test_block_prefill_is_the_evaluation_forward_on_ragged_prompts():
+    """Each prompt of a right-padded batch gets, at its real positions, the codes and tiles of the evaluation
+    forward of that prompt alone, and its logits up to float32 reordering (other batch and chunk shapes); the
+    codes land in the cache."""
+    seed = fresh_seed()
+    model = block_model(seed)
+    lengths = [150, 97, 64]
+    tokens = jax.random.randint(jax.random.key(seed), (3, 150), 0, TINY.vocab_size)
+    run = nnx.jit(lambda m, x, n: prefill(m, x, n, max_len=160, block_density=0.3))
+    logits, cache = run(model, tokens, jnp.asarray(lengths))
+    last, _ = nnx.jit(lambda m, x, n: prefill(m, x, n, max_len=160, block_density=0.3, last_only=True))(
+        model, tokens, jnp.asarray(lengths))
+    forward = nnx.jit(lambda m, x: m(x, train=False, block_density=0.3, return_codes=True))
+    for row, length in enumerate(lengths):
+        alone, aux = forward(model, tokens[row:row + 1, :length])
+        atol = TINY_LOGITS_BOUND * float(jnp.max(jnp.abs(alone)))
+        np.testing.assert_allclose(logits[row, :length], alone[0], rtol=0, atol=atol, err_msg=f"seed {seed}")
+        np.testing.assert_allclose(last[row], alone[0, -1], rtol=0, atol=atol, err_msg=f"seed {seed}")
+        blocks = -(-length // BLOCK.block_size)
+        q_codes, k_codes = aux[1]["codes"]
+        np.testing.assert_array_equal(cache.layers[1].codes[row, :, 0, :blocks], q_codes[0], err_msg=f"seed {seed}")
+        full = length // BLOCK.block_size  # a block that holds padding keeps the padded batch's key code
+        np.testing.assert_array_equal(cache.layers[1].codes[row, :, 1, :full], k_codes[0, :, :full],
+                                      err_msg=f"seed {seed}")
+    assert np.all(np.asarray(cache.layers[0].codes[:, :, :, -1]) == -1), "slots past the prompt stay unwritten"
+
+
+def test_block_prefill_on_the_kernel_matches_the_reference():
+    """The kernel path (interpret mode on CPU, bf16) of a whole routed model against its reference path with the
+    tiles the reference chose: the prefill's tiles, replayed, are the reference's, and the logits agree within
+    bf16 rounding (each layer's attention rounds its output once more than the reference's float32 path)."""
+    seed = fresh_seed()
+    config = dataclasses.replace(TINY, head_dim=64)
+    router = dataclasses.replace(BLOCK, block_size=16, window=16)  # the kernels' smallest tile
+    model = block_model(seed, config, Precision("bfloat16", "bfloat16"), router)
+    tokens = jax.random.randint(jax.random.key(seed), (2, 160), 0, TINY.vocab_size)
+    lengths = jnp.asarray([160, 160])
+
+    def run(attention):
+        return nnx.jit(lambda m, x, n: prefill(m, x, n, max_len=160, attention=attention, block_density=0.4))(
+            model, tokens, lengths)
+
+    kernel_logits, kernel_cache = run("kernel")
+    reference_logits, reference_cache = run("reference")
+    same_codes = np.mean(np.asarray(kernel_cache.layers[-1].codes) == np.asarray(reference_cache.layers[-1].codes))
+    # Routing reads the layer input, which differs by rounding in the last layer: codes may flip only at near-ties.
+    np.testing.assert_array_equal(kernel_cache.layers[0].codes, reference_cache.layers[0].codes)
+    assert same_codes > 0.9, f"seed {seed}: {same_codes:.2f} of the last layer's codes agree"
+    error = float(jnp.linalg.norm(kernel_logits - reference_logits) / jnp.linalg.norm(reference_logits))
+    # Two layers, each adding at most a few bf16 roundings to the residual stream; margin 4.
+    bound = 4 * 2 * math.sqrt(config.num_hidden_layers) * BF16_U
+    assert error < bound, f"seed {seed}: relative logits error {error:.2e} ≥ {bound:.2e}"
