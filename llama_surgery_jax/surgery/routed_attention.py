@@ -95,7 +95,7 @@ class RoutedAttention(nnx.Module):
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, x: jax.Array, mode: str = "train",
                  cache: LayerCache | None = None, lengths: jax.Array | None = None, train: bool = False,
                  tau: float | jax.Array = 1.0, rng: jax.Array | None = None, hard: bool = True,
-                 return_codes: bool = False, return_choices: bool = False, attention: str = "reference",
+                 return_codes: bool = False, return_choices: bool = False, attention: str | None = None,
                  budget: int | None = None, **block_kwargs) -> tuple[jax.Array, dict, LayerCache | None]:
         """The `attention_impl` contract of `model.llama`: (out [b, t, heads, d], aux, cache)."""
         if self.config.mode == "block":
@@ -108,10 +108,11 @@ class RoutedAttention(nnx.Module):
             if rng is not None:
                 rng = jax.random.fold_in(rng, self.layer_index)
             out, aux = self.block_attention(q, k, v, x=x, train=train, tau=tau, rng=rng, return_codes=return_codes,
+                                            attention=attention,
                                             **block_kwargs)
             return out, aux, cache
         if mode == "prefill":
-            return self.prefill(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention)
+            return self.prefill(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention or "reference")
         if mode == "decode":
             return self.decode(q, k, v, x=x, cache=cache, lengths=lengths, budget=budget)
         if rng is not None:
@@ -141,7 +142,7 @@ class RoutedAttention(nnx.Module):
 
     def block_attention(self, q, k, v, *, x, train: bool, tau, rng, block_density=None, selection: str = "router",
                         measure_recall: bool = False, return_codes: bool = False, return_mass: bool = False,
-                        attention: str | None = None, remat=None, **_):
+                        attention: str | None = None, given_tiles=None, remat=None, **_):
         """Budgeted block routing (METHOD.md §11, `block_routing`) → (out, aux).
 
         train=True (self-distillation): the layer computes the frozen model's dense attention, and aux holds
@@ -150,8 +151,10 @@ class RoutedAttention(nnx.Module):
         train=False: the tile mask of `selection` under the budget: block_density None (the config's ρ, uniform
         over heads), a float ρ, or per-(layer, head) densities [layers, heads]; attention runs on those tiles:
         `attention` "kernel" (`block_sparse_attention`) or "reference" (`tile_masked_attention`); None: the
-        execution's backend (the kernel on a GPU). aux: block_density (executed) and token_density per
-        sequence [b], attention_recall [b] when measure_recall.
+        execution's backend (the kernel on a GPU). selection "given": the tiles given_tiles[layer] (one
+        [b, h, n, n] per layer, e.g. another run's aux["tiles"]: a replay, to compare two attention paths on one
+        mask). aux: block_density (executed) and token_density per sequence [b], attention_recall [b] when
+        measure_recall.
         """
         from llama_surgery_jax.surgery import block_routing as br
 
@@ -177,13 +180,14 @@ class RoutedAttention(nnx.Module):
                 aux["tile_mass"] = mass
                 aux["block_features"] = block_features(x, tile)
             return out, aux
-        forced = mask.band_tiles(n, tile=tile, window=config.window, sink=config.sink)
-        densities = self.layer_densities(block_density)
-        budgets = br.row_budgets(densities, jnp.sum(forced, axis=-1, dtype=jnp.int32))
+        budgets = self.row_budgets(n, block_density)
         mass = None
         if measure_recall or selection in ("oracle", "global_oracle"):
             mass = br.tile_attention_mass(q, k, tile=tile, routing_heads=heads)
-        tiles = self.select(selection, routing, q, k, mass, budgets, n)
+        if selection == "given":
+            tiles = given_tiles[self.layer_index]
+        else:
+            tiles = self.select(selection, routing, q, k, mass, budgets, n)
         if attention is None:
             attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
         if attention == "kernel":
@@ -201,6 +205,14 @@ class RoutedAttention(nnx.Module):
             aux["codes"] = (routing.q_codes, routing.k_codes)
             aux["tiles"] = tiles
         return out, aux
+
+    def row_budgets(self, n: int, block_density=None) -> jax.Array:
+        """Tiles per (head, row) [h, n] at n blocks (`block_routing.row_budgets`, densities as `layer_densities`)."""
+        from llama_surgery_jax.surgery import block_routing as br
+
+        config = self.config
+        forced = mask.band_tiles(n, tile=config.block_size, window=config.window, sink=config.sink)
+        return br.row_budgets(self.layer_densities(block_density), jnp.sum(forced, axis=-1, dtype=jnp.int32))
 
     def layer_densities(self, block_density) -> jax.Array:
         """This layer's per-head densities [heads] from a float ρ or a [layers, heads] table (None: config's ρ)."""

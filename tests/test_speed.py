@@ -1,0 +1,44 @@
+"""The prefill speed table's machinery on CPU (interpret mode; the numbers themselves come from a GPU): every row
+kind is produced, the executed density is the budget's, and the kernel prefill passes its check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import fresh_seed
+from flax import nnx
+
+from llama_surgery_jax import speed
+from llama_surgery_jax.model.config import ModelConfig
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.routed_attention import inject_routers, routed_layers
+
+CONFIG = dataclasses.replace(ModelConfig.named("tiny"), head_dim=64)
+
+
+def routed_model(seed: int) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(CONFIG, precision=speed.BF16, rngs=nnx.Rngs(seed))
+    router = dataclasses.replace(speed.ROUTER_8B, block_size=16, window=16, levels=3)
+    return inject_routers(model, router, nnx.Rngs(seed + 1))
+
+
+def test_speed_rows_on_a_tiny_model(tmp_path):
+    seed = fresh_seed()
+    model = routed_model(seed)
+    rows = list(speed.prefill_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
+    assert [r["attention"] for r in rows] == ["dense (cuDNN)", "surgery (block-sparse)"]
+    # 16 blocks: ⌈0.5 · 136⌉ = 68 of the 136 causal tiles per head, counted from the tiles executed.
+    assert rows[1]["density"] == pytest.approx(68 / 136, abs=1e-6), f"seed {seed}"
+    assert len(routed_layers(model)) == CONFIG.num_hidden_layers, "the routers stay in the model"
+    layer = next(speed.layer_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
+    assert layer["router_ms"] > 0 and layer["sparse_attention_ms"] > 0
+    check = speed.check_row(model, "tiny", 256, 0.5, seed=seed)
+    assert check["passed"], f"seed {seed}: {check}"
+    text = speed.markdown(rows + [layer, check], "cpu")
+    assert "surgery (block-sparse)" in text and "| tiny | 256 | 0.5 |" in text
+
+
+def test_per_model_lists():
+    assert speed.per_model("smollm2:8192,llama-3.1-8b:32768+131072", int) == {
+        "smollm2": [8192], "llama-3.1-8b": [32768, 131072]}
