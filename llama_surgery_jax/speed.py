@@ -85,7 +85,7 @@ def dense_and_routed(model: LlamaForCausalLM):
     impls = [layer.self_attn.attention_impl for layer in model.model.layers]
     routed = nnx.split(model)
     dense = nnx.split(remove_routers(model))
-    for layer, impl in zip(model.model.layers, impls):  # the model keeps its routers
+    for layer, impl in zip(model.model.layers, impls, strict=True):  # the model keeps its routers
         layer.self_attn.attention_impl = nnx.data(impl)
     return dense, routed
 
@@ -172,7 +172,7 @@ def layer_rows(model: LlamaForCausalLM, described: str, lengths, densities, reps
         n = -(-length // router.block_size)
 
         @jax.jit
-        def route(params, x, density):
+        def route(params, x, density, n=n):
             routing = route_blocks(params, x, config=router, routing_heads=heads)
             return layer.select("router", routing, None, None, None, layer.row_budgets(n, density), n)
 
@@ -265,7 +265,8 @@ def per_model(text: str, cast) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--models", default="smollm2,llama-3.1-8b")
     parser.add_argument("--lengths", type=lambda s: per_model(s, int),
                         default=per_model("smollm2:8192,llama-3.1-8b:32768+131072", int))
