@@ -88,14 +88,18 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, mode: s
                     **_) -> tuple[jax.Array, dict, LayerCache | None]:
     """Causal grouped-query softmax attention; scores and softmax in float32 (the contract above).
 
-    attention="kernel" (prefill on a GPU): the best dense kernel jax offers, cuDNN flash attention, in bf16.
+    attention="kernel" (prefill on a GPU): the best dense kernel jax offers, cuDNN flash attention, in bf16. It is
+    named: `jax.nn.dot_product_attention` without `implementation` runs XLA's unfused softmax attention (jax
+    0.10–0.11), 30× slower at 8k tokens, which the dense baselines measured before 2026-12-02 were.
     """
     if mode == "decode":  # query i = lengths[b] sees the cache slots j <= i
         visible = jnp.arange(k.shape[1])[None, :] <= lengths[:, None]
         return grouped_attention(q, k, v, visible[:, None, :]), {}, cache
     if attention == "kernel":
         low = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
-        out = jax.nn.dot_product_attention(q.astype(low), k.astype(low), v.astype(low), is_causal=True)
+        implementation = "cudnn" if jax.default_backend() == "gpu" else None  # None: XLA (CPU tests)
+        out = jax.nn.dot_product_attention(q.astype(low), k.astype(low), v.astype(low), is_causal=True,
+                                           implementation=implementation)
         return out.astype(q.dtype), {}, cache
     t, s = q.shape[1], k.shape[1]
     return grouped_attention(q, k, v, jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)), {}, cache
