@@ -102,3 +102,17 @@ def test_block_prefill_on_the_kernel_matches_the_reference():
     # Two layers, each adding at most a few bf16 roundings to the residual stream; margin 4.
     bound = 4 * 2 * math.sqrt(config.num_hidden_layers) * BF16_U
     assert error < bound, f"seed {seed}: relative logits error {error:.2e} ≥ {bound:.2e}"
+
+
+@pytest.mark.parametrize("t,tile", [(100, 8), (37, 4), (5, 8), (257, 64)])
+def test_block_features_from_block_sums_are_the_two_definitions(t, tile):
+    """One pass over x gives the causal query features (`pooled_block_features`) and the key features
+    (`key_block_features`) up to float32 reordering: sums of ≤ 2·tile terms, margin 10."""
+    from llama_surgery_jax.surgery.router import block_features, key_block_features, pooled_block_features
+
+    seed = fresh_seed()
+    x = jax.random.normal(jax.random.key(seed), (2, t, 24), jnp.float32)
+    query, key = block_features(x, tile)
+    bound = 10 * 2 * tile * 2.0**-24 * float(jnp.max(jnp.abs(x)))
+    np.testing.assert_allclose(query, pooled_block_features(x, tile), rtol=0, atol=bound, err_msg=f"seed {seed}")
+    np.testing.assert_allclose(key, key_block_features(x, tile), rtol=0, atol=bound, err_msg=f"seed {seed}")
