@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.inference.cache import KVCache, init_cache
+from llama_surgery_jax.inference.cache import init_cache, prefill
 from llama_surgery_jax.model.config import ModelConfig, Precision
 from llama_surgery_jax.model.llama import LlamaForCausalLM, dense_attention
 from llama_surgery_jax.surgery.config import RouterConfig
@@ -95,12 +95,10 @@ def prefill_program(graphdef, state, batch: int, length: int, attention: str):
     lengths = jnp.full((batch,), length, jnp.int32)
 
     def run(state, tokens, density):
-        model = nnx.merge(graphdef, state)
-        hidden, aux, layers = model.hidden_states(tokens, mode="prefill", cache=init_cache(model, batch, length),
-                                                  lengths=lengths, attention=attention, block_density=density)
-        logits = model.logits(hidden[:, -1:])[:, 0]
+        logits, cache, aux = prefill(nnx.merge(graphdef, state), tokens, lengths, max_len=length, attention=attention,
+                                     last_only=True, return_aux=True, block_density=density)
         executed = [jnp.mean(a["block_density"]) for a in aux if "block_density" in a]
-        return logits, KVCache(layers, lengths), jnp.mean(jnp.stack(executed)) if executed else jnp.float32(1.0)
+        return logits, cache, jnp.mean(jnp.stack(executed)) if executed else jnp.float32(1.0)
 
     tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     density = jax.ShapeDtypeStruct((), jnp.float32)
@@ -209,6 +207,7 @@ def check_row(model: LlamaForCausalLM, described: str, length: int, density: flo
         return model.hidden_states(tokens, train=False, attention="reference", selection="given", given_tiles=tiles,
                                    block_density=density)[0]
 
+    # Final hidden states, not logits, of every position: the 8B's logits at 8k would be 4 GB per path.
     hidden, tiles = kernel_prefill(model, tokens)
     reference = reference_forward(model, tokens, tiles)
     logits = model.logits(hidden[:, -1:])[:, 0]
@@ -229,30 +228,41 @@ def check_row(model: LlamaForCausalLM, described: str, length: int, density: flo
             "passed": max(errors.values()) < bound}
 
 
+def prefill_cells(r: dict) -> list[str]:
+    return [r["model"], str(r["length"]), r["attention"], f"{r['density']:.3f}", f"{r['seconds']:.4f}",
+            f"{r['tokens_per_s']:.0f}", f"{r['speedup']:.2f}×", f"{r['memory_gib']:.1f}"]
+
+
+def layer_cells(r: dict) -> list[str]:
+    return [r["model"], str(r["length"]), str(r["density"]), f"{r['router_ms']:.2f}", f"{r['schedule_ms']:.2f}",
+            f"{r['sparse_attention_ms']:.2f}", f"{r['dense_attention_ms']:.2f}", f"{r['attention_speedup']:.2f}×",
+            f"{r['router_and_schedule_fraction']:.1%}"]
+
+
+def check_cells(r: dict) -> list[str]:
+    return [r["model"], str(r["length"]), str(r["density"]), f"{r['hidden_error']:.2e}", f"{r['logits_error']:.2e}",
+            f"{r['bound']:.2e}", str(r["same_next_token"]), str(r["passed"])]
+
+
+TABLES = (  # row kind, title, header, cells
+    ("prefill", "# Prefill speed, dense against surgery ({device}, bf16, batch 1)",
+     ["model", "tokens", "attention", "executed density", "prefill s", "tokens/s", "speedup", "memory GiB"],
+     prefill_cells),
+    ("layer", "One decoder layer's pieces on random inputs, × layers (ms):",
+     ["model", "tokens", "ρ", "router", "schedule", "sparse attention", "dense attention", "attention speedup",
+      "(router + schedule) / sparse attention"], layer_cells),
+    ("check", "Kernel prefill against the reference evaluation forward on the same tiles:",
+     ["model", "tokens", "ρ", "hidden rel. error", "last logits rel. error", "bound", "same next token", "passed"],
+     check_cells),
+)
+
+
 def markdown(rows: list[dict], device: str) -> str:
-    lines = [f"# Prefill speed, dense against surgery ({device}, bf16, batch 1)", "",
-             "| model | tokens | attention | executed density | prefill s | tokens/s | speedup | memory GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["kind"] == "prefill":
-            lines.append(f"| {r['model']} | {r['length']} | {r['attention']} | {r['density']:.3f} | {r['seconds']:.4f} "
-                         f"| {r['tokens_per_s']:.0f} | {r['speedup']:.2f}× | {r['memory_gib']:.1f} |")
-    lines += ["", "One decoder layer's pieces on random inputs, × layers (ms):", "",
-              "| model | tokens | ρ | router | schedule | sparse attention | dense attention | attention speedup "
-              "| (router + schedule) / sparse attention |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["kind"] == "layer":
-            lines.append(f"| {r['model']} | {r['length']} | {r['density']} | {r['router_ms']:.2f} | "
-                         f"{r['schedule_ms']:.2f} | {r['sparse_attention_ms']:.2f} | {r['dense_attention_ms']:.2f} | "
-                         f"{r['attention_speedup']:.2f}× | {r['router_and_schedule_fraction']:.1%} |")
-    lines += ["", "Kernel prefill against the reference evaluation forward on the same tiles:", "",
-              "| model | tokens | ρ | hidden rel. error | last logits rel. error | bound | same next token | passed |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r["kind"] == "check":
-            lines.append(f"| {r['model']} | {r['length']} | {r['density']} | {r['hidden_error']:.2e} | "
-                         f"{r['logits_error']:.2e} | {r['bound']:.2e} | {r['same_next_token']} | {r['passed']} |")
-    return "\n".join(lines) + "\n"
+    lines = []
+    for kind, title, header, cells in TABLES:
+        lines += [title.format(device=device), "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(cells(r)) + " |" for r in rows if r["kind"] == kind] + [""]
+    return "\n".join(lines)
 
 
 def per_model(text: str, cast) -> dict:

@@ -106,20 +106,24 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
 
 
 def prefill(model: LlamaForCausalLM, tokens: jax.Array, lengths: jax.Array, *, max_len: int,
-            attention: str = "reference", last_only: bool = False, **attention_kwargs) -> tuple[jax.Array, KVCache]:
+            attention: str = "reference", last_only: bool = False, return_aux: bool = False,
+            **attention_kwargs) -> tuple[jax.Array, KVCache]:
     """tokens: [b, t] int (right-padded), lengths: [b] int → logits [b, t, vocab] float32, KVCache of S = max_len.
 
     attention: "reference" or "kernel" (resolved, see the module docstring). last_only: logits [b, vocab] of
     each prompt's last token only (what generation needs: at 128k tokens the whole prompt's logits of an
-    8B model would be 67 GB). attention_kwargs reach every layer (block mode: block_density, selection).
+    8B model would be 67 GB). attention_kwargs reach every layer (block mode: block_density, selection,
+    return_tiles). return_aux: also the layers' aux dicts (executed densities), as a third value.
     """
     lengths = jnp.asarray(lengths, jnp.int32)
     empty = init_cache(model, tokens.shape[0], max_len)
-    hidden, _, layers = model.hidden_states(tokens, mode="prefill", cache=empty, lengths=lengths, attention=attention,
-                                            **attention_kwargs)
+    hidden, aux, layers = model.hidden_states(tokens, mode="prefill", cache=empty, lengths=lengths,
+                                              attention=attention, **attention_kwargs)
     if last_only:
-        return model.logits(hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None])[:, 0], KVCache(layers, lengths)
-    return model.logits(hidden), KVCache(layers, lengths)
+        hidden = hidden[jnp.arange(tokens.shape[0]), lengths - 1][:, None]
+    logits = model.logits(hidden)
+    logits = logits[:, 0] if last_only else logits
+    return (logits, KVCache(layers, lengths), aux) if return_aux else (logits, KVCache(layers, lengths))
 
 
 def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
