@@ -97,6 +97,7 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
         codes = ring = None
         if isinstance(impl, RoutedAttention) and impl.config.mode == "block":  # per block: query and key codes
             codes = jnp.full((batch, impl.router.routing_heads, 2, -(-slots // impl.config.block_size)), -1, jnp.int32)
+            ring = jnp.zeros((batch, impl.config.block_size, config.hidden_size), dtype)
         elif isinstance(impl, RoutedAttention):
             codes = jnp.full((batch, impl.router.routing_heads, slots), -1, jnp.int32)
             if impl.config.mode == "block_prefix":

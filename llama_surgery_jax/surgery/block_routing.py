@@ -97,8 +97,25 @@ def select_by_depth(depth: jax.Array, budgets: jax.Array, *, levels: int, tile: 
     n = depth.shape[-1]
     forced = band_tiles(n, tile=tile, window=window, sink=sink)
     candidate = causal_tiles(n, n) & ~forced
-    depth = jnp.where(candidate, depth.astype(jnp.int32), -1)
     extra = (budgets - jnp.sum(forced, axis=-1, dtype=jnp.int32)[None, :])[None, :, :, None]  # [1, h, n, 1]
+    return forced | (candidate & deepest(jnp.where(candidate, depth, -1), extra, levels))
+
+
+def select_row_by_depth(depth: jax.Array, budgets: jax.Array, row: jax.Array, *, levels: int, tile: int,
+                        window: int | None, sink: bool) -> jax.Array:
+    """One row of `select_by_depth` per sequence (decode): depth int [b, h, n] of query block row[b] against every
+    key block, budgets [h, n] → tiles bool [b, h, n], row row[b] of what prefill selects."""
+    n = depth.shape[-1]
+    forced = band_tiles(n, tile=tile, window=window, sink=sink)[row][:, None, :]  # [b, 1, n]
+    candidate = causal_tiles(n, n)[row][:, None, :] & ~forced
+    extra = budgets[:, row].T[..., None] - jnp.sum(forced, axis=-1, keepdims=True, dtype=jnp.int32)  # [b, h, 1]
+    return forced | (candidate & deepest(jnp.where(candidate, depth, -1), extra, levels))
+
+
+def deepest(depth: jax.Array, extra: jax.Array, levels: int) -> jax.Array:
+    """depth: int [..., n] in [0, levels] (−1: not a candidate), extra: int [..., 1] → bool [..., n]: the `extra`
+    candidates of greatest depth, ties to the most recent (highest index)."""
+    depth = depth.astype(jnp.int32)
     # at_least[..., D] = candidates of depth ≥ D, for D = 0 … levels + 1 (the last is 0).
     at_least = jnp.stack([jnp.sum(depth >= level, axis=-1, dtype=jnp.int32) for level in range(levels + 2)], -1)
     threshold = jnp.sum(at_least[..., 1:] >= extra, axis=-1, keepdims=True)  # the largest D with ≥ extra
@@ -106,8 +123,7 @@ def select_by_depth(depth: jax.Array, budgets: jax.Array, *, levels: int, tile: 
     above = jnp.take_along_axis(at_least, jnp.minimum(threshold + 1, levels + 1), axis=-1)
     tied = depth == threshold
     from_most_recent = jnp.cumsum(tied[..., ::-1], axis=-1, dtype=jnp.int32)[..., ::-1]  # tied at ≥ this block
-    take = (depth > threshold) | (tied & (from_most_recent <= extra - above))
-    return forced | (candidate & take & (extra > 0))
+    return ((depth > threshold) | (tied & (from_most_recent <= extra - above))) & (extra > 0)
 
 
 def global_oracle_tiles(mass: jax.Array, budgets: jax.Array, *, tile: int, window: int | None,

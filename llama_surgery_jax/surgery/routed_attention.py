@@ -100,11 +100,11 @@ class RoutedAttention(nnx.Module):
         """The `attention_impl` contract of `model.llama`: (out [b, t, heads, d], aux, cache)."""
         if self.config.mode == "block":
             if mode == "decode":
-                raise NotImplementedError(
-                    "budgeted block routing has no KV-cache decode yet (the sparse-decode issue): generate by "
-                    "re-prefill (evaluation.niah.Reprefill)")
+                return self.block_decode(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention,
+                                         **block_kwargs)
             if mode == "prefill":
-                return self.block_prefill(q, k, v, x=x, cache=cache, attention=attention, **block_kwargs)
+                return self.block_prefill(q, k, v, x=x, cache=cache, lengths=lengths, attention=attention,
+                                          **block_kwargs)
             if rng is not None:
                 rng = jax.random.fold_in(rng, self.layer_index)
             out, aux = self.block_attention(q, k, v, x=x, train=train, tau=tau, rng=rng, return_codes=return_codes,
@@ -246,13 +246,14 @@ class RoutedAttention(nnx.Module):
             raise ValueError(f"unknown selection {selection!r}; choose one of {br.SELECTIONS}")
         return br.select_tiles(score, budgets, **rule)
 
-    def block_prefill(self, q, k, v, *, x, cache: LayerCache, attention: str, return_tiles: bool = False,
-                      **block_kwargs):
+    def block_prefill(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str,
+                      return_tiles: bool = False, **block_kwargs):
         """Block mode's prefill: the evaluation forward (`block_attention`, train=False: argmax codes, the
         budget rule, attention on exactly those tiles), one pass, with each block's query and key codes written
-        to the cache (codes [b, r, 2, blocks]: row 0 the query codes, row 1 the key codes). Prompts are right-
-        padded: a real query row never sees a padding key (causality), so its tiles are those of its own
-        prompt; a block that holds padding keeps a key code that decode must recompute once it is full."""
+        to the cache (codes [b, r, 2, blocks]: row 0 the query codes, row 1 the key codes) and the router inputs
+        of each prompt's last T positions (the ring decode routes new blocks from). Prompts are right-padded: a
+        real query row never sees a padding key (causality), so its tiles are those of its own prompt; a block
+        that holds padding keeps a key code that decode recomputes once the block is full."""
         out, aux = self.block_attention(q, k, v, x=x, train=False, tau=1.0, rng=None, attention=attention,
                                         return_codes=True, **block_kwargs)
         q_codes, k_codes = aux.pop("codes")
@@ -260,8 +261,59 @@ class RoutedAttention(nnx.Module):
         if return_tiles:
             aux["tiles"] = tiles
         n = q_codes.shape[-1]
-        cache = cache._replace(codes=cache.codes.at[:, :, 0, :n].set(q_codes).at[:, :, 1, :n].set(k_codes))
+        cache = cache._replace(codes=cache.codes.at[:, :, 0, :n].set(q_codes).at[:, :, 1, :n].set(k_codes),
+                               router_inputs=last_positions_ring(x, lengths, self.config.block_size))
         return out, aux, cache
+
+    def block_decode(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str | None,
+                     block_density=None, **_):
+        """One new token per sequence (index i = lengths[b], its k, v already in the cache) in block mode: row
+        m = i // T of the prefill's rule, so decode executes the mask prefill and training execute.
+
+        The router input joins the ring of the last T inputs. When i opens block m (i % T = 0) the ring's mean
+        is block m's query feature (the T tokens ending at its first token, as `router.block_features`); when i
+        fills block m (i % T = T − 1) it is block m's key feature. A block's key code is read only by later
+        query blocks, after it is full, so the codes a step reads are the prefill's (up to float32 reordering of
+        the feature sums). The new token sees the tiles `block_routing.select_row_by_depth` gives row m, masked
+        to slots ≤ i: on the GPU `sparse_decode_attention` reads only those KV blocks (per KV head routing),
+        else a masked attention over the cache.
+        """
+        from llama_surgery_jax.surgery import block_routing as br
+        from llama_surgery_jax.surgery.router import route_block_features
+
+        config = self.config
+        size = config.block_size
+        batch = jnp.arange(q.shape[0])
+        ring = cache.router_inputs.at[batch, lengths % size].set(x[:, 0].astype(cache.router_inputs.dtype))
+        positions = lengths[:, None] - jnp.arange(size)[None, :]  # i, i − 1, …, i − T + 1
+        window = jnp.take_along_axis(ring, (positions % size)[..., None], axis=1).astype(jnp.float32)
+        valid = (positions >= 0)[..., None]
+        mean = (jnp.sum(jnp.where(valid, window, 0.0), axis=1) / jnp.sum(valid, axis=1).astype(jnp.float32))[:, None]
+        fresh = route_block_features(self.router.parameters(), mean, mean, config=config,
+                                     routing_heads=self.router.routing_heads)
+        block = lengths // size
+        codes = cache.codes  # [b, r, 2, blocks]
+        query_code = jnp.where((lengths % size == 0)[:, None], fresh.q_codes[..., 0], codes[batch, :, 0, block])
+        key_code = jnp.where((lengths % size == size - 1)[:, None], fresh.k_codes[..., 0], codes[batch, :, 1, block])
+        codes = codes.at[batch, :, 0, block].set(query_code).at[batch, :, 1, block].set(key_code)
+        cache = cache._replace(codes=codes, router_inputs=ring)
+
+        n = codes.shape[-1]
+        depth = br.shared_prefix_depth(query_code[..., None], codes[:, :, 1], p=config.p, levels=config.levels)
+        tiles = br.select_row_by_depth(depth, self.row_budgets(n, block_density), block, levels=config.levels,
+                                       tile=size, window=config.window, sink=config.sink)  # [b, r, n]
+        if attention is None:
+            attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], size)
+        if attention == "kernel" and tiles.shape[1] == k.shape[2]:  # the kernel takes one list per KV head
+            from pallas_kernels.block_sparse_attention import sparse_decode_attention
+            from pallas_kernels.block_sparse_attention.schedule import compact
+
+            listed = compact(tiles)
+            out = sparse_decode_attention(q[:, 0], k, v, listed.indices, listed.counts, lengths, tile=size)
+            return out[:, None], {}, cache
+        slots = jnp.arange(k.shape[1])
+        visible = jnp.repeat(tiles, size, axis=-1)[..., :k.shape[1]] & (slots[None, None, :] <= lengths[:, None, None])
+        return attend(q, k, v, visible[:, :, None, :]), {}, cache
 
     def prefill(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str):
         """The prompt with evaluation routes (argmax, no noise); its codes (and, in block mode, the router
