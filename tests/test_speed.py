@@ -35,10 +35,16 @@ def test_speed_rows_on_a_tiny_model(tmp_path):
     assert layer["router_ms"] > 0 and layer["sparse_attention_ms"] > 0
     check = speed.check_row(model, "tiny", 256, 0.5, seed=seed)
     assert check["passed"], f"seed {seed}: {check}"
-    text = speed.markdown(rows + [layer, check], "cpu")
+    decode = list(speed.decode_rows(model, "tiny", [(256, 2)], [0.5], steps=2, seed=seed))
+    assert [(r["attention"], r["batch"]) for r in decode] == [("dense", 2), ("surgery", 2)]
+    # Row 16 of 17 blocks (258 slots) at ρ 0.5: ⌈0.5 · 153⌉ − ⌈0.5 · 136⌉ = 9 blocks of 16 keys per head, against
+    # the 256 written keys of dense.
+    assert decode[1]["kv_gib_read_per_step"] / decode[0]["kv_gib_read_per_step"] == pytest.approx(9 * 16 / 256)
+    text = speed.markdown(rows + [layer, check, *decode], "cpu")
     assert "surgery (block-sparse)" in text and "| tiny | 256 | 0.5 |" in text
 
 
 def test_per_model_lists():
     assert speed.per_model("smollm2:8192,llama-3.1-8b:32768+131072", int) == {
         "smollm2": [8192], "llama-3.1-8b": [32768, 131072]}
+    assert speed.decode_settings("llama-3.1-8b:131072x1+32768x8") == {"llama-3.1-8b": [(131072, 1), (32768, 8)]}

@@ -128,15 +128,16 @@ def prefill(model: LlamaForCausalLM, tokens: jax.Array, lengths: jax.Array, *, m
 
 
 def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
-                budget: int | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
+                budget: int | None = None, **attention_kwargs) -> tuple[jax.Array, KVCache, jax.Array]:
     """tokens: [b] int, the next token of each sequence → (logits [b, vocab] float32, cache, overflow).
 
     budget None: masked attention over every cache slot. budget M: only the first M visible keys per
     (sequence, routing head) are read; overflow (bool scalar) says some head saw more, and the step must
-    be repeated with a larger budget. Dense layers read the causal prefix.
+    be repeated with a larger budget. Dense layers read the causal prefix. attention_kwargs reach every layer
+    (block mode: block_density, as in prefill).
     """
     logits, aux, layers = model(tokens[:, None], mode="decode", cache=cache.layers, lengths=cache.lengths,
-                                budget=budget)
+                                budget=budget, **attention_kwargs)
     overflow = jnp.zeros((), bool)
     for layer_aux in aux:
         if "keys_seen" in layer_aux:
