@@ -24,3 +24,6 @@ smollm2)
   python3 -m llama_surgery_jax.speed --models llama-3.1-8b --lengths "llama-3.1-8b:${LENGTHS:-32768}" \
     --check-length "${CHECK:-8192}" --skip "${SKIP:-}" --out "$OUT/8b" 2>&1 ;;
 esac
+# The sparse-decode issue's first GPU look (no GGUF: SmolLM2's config with random weights decodes at the same speed):
+#   python3 -m llama_surgery_jax.speed --models smollm2-135m,llama-3.1-8b --skip prefill,layer,check \
+#     --densities 0.1 --decode smollm2-135m:8192x1,llama-3.1-8b:131072x1+32768x8 --out "$OUT/decode"
