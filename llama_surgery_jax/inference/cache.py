@@ -87,9 +87,13 @@ def check_context(lengths, max_new_tokens: int, context: int) -> int:
 
 
 def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCache, ...]:
-    """An empty cache of `slots` positions per sequence, one `LayerCache` per layer (codes −1: unwritten)."""
+    """An empty cache of `slots` positions per sequence (block mode: rounded up to whole blocks), one `LayerCache`
+    per layer (codes −1: unwritten)."""
     config = model.config
     dtype = model.precision.compute
+    blocks = {impl.config.block_size for impl in routed_layers(model) if impl.config.mode == "block"}
+    if blocks:  # whole blocks, as the decode kernel reads them; slots past a sequence's length are never visible
+        slots = -(-slots // max(blocks)) * max(blocks)
     layers = []
     for layer in model.model.layers:
         impl = layer.self_attn.attention_impl
