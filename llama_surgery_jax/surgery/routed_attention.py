@@ -309,7 +309,11 @@ class RoutedAttention(nnx.Module):
             from pallas_kernels.block_sparse_attention.schedule import compact
 
             listed = compact(tiles)
-            out = sparse_decode_attention(q[:, 0], k, v, listed.indices, listed.counts, lengths, tile=size)
+            # Split-K: about 256 programs whatever the batch (an H200 has 132 multiprocessors); batch 1 with 8 KV
+            # heads would otherwise run 8 programs that each walk a long list of blocks one after another.
+            splits = max(1, min(32, 256 // (q.shape[0] * k.shape[2])))
+            out = sparse_decode_attention(q[:, 0], k, v, listed.indices, listed.counts, lengths, tile=size,
+                                          splits=splits)
             return out[:, None], {}, cache
         slots = jnp.arange(k.shape[1])
         visible = jnp.repeat(tiles, size, axis=-1)[..., :k.shape[1]] & (slots[None, None, :] <= lengths[:, None, None])

@@ -53,11 +53,15 @@ def _decode_kernel(
     lse_ref,
     *,
     tile: int,
-    blocks_per_split: int,
+    splits: int,
     scale: float,
 ):
-    first = pl.program_id(2) * blocks_per_split
-    last = jnp.minimum(counts_ref[0], first + blocks_per_split)
+    # The row's own count is shared evenly (not the list's capacity): a decode list is sized for the longest row,
+    # while a row at 10 % density fills a tenth of it, which capacity-sized shares would give to a few splits.
+    count = counts_ref[0]
+    per = (count + splits - 1) // splits
+    first = pl.program_id(2) * per
+    last = jnp.minimum(count, first + per)
     length = lengths_ref[0]
     q = q_ref[...]
 
@@ -165,8 +169,8 @@ def sparse_decode_attention(
     [batch, slots, kv_heads, head_dim], slots a multiple of tile; block_ids: [batch, kv_heads, max_blocks]
     int, any order; block_counts: [batch, kv_heads] int in [0, max_blocks]; lengths: [batch] int, the new
     token's slot (already written). Query head h reads KV head h // (q_heads / kv_heads).
-    splits: programs per (sequence, KV head); split s walks list entries [s · per, (s + 1) · per),
-    per = ceil(max_blocks / splits). num_warps / num_stages: Triton launch parameters.
+    splits: programs per (sequence, KV head); split s walks list entries [s · per, (s + 1) · per) of its row,
+    per = ceil(block_counts[b, k] / splits). num_warps / num_stages: Triton launch parameters.
     Returns o: [batch, q_heads, head_dim] in q's dtype, and with return_lse lse: [batch, q_heads] float32
     (natural log; o = 0 and lse = -inf on rows that see no key).
     """
@@ -177,7 +181,6 @@ def sparse_decode_attention(
     group = hq // hkv
     rows = max(MIN_DOT_ROWS, 1 << (group - 1).bit_length())  # a power of two for Triton
     max_blocks = block_ids.shape[2]
-    blocks_per_split = -(-max_blocks // splits)
     scale = d**-0.5 if sm_scale is None else sm_scale
 
     q_rows = jnp.pad(q.reshape(b, hkv, group, d), ((0, 0), (0, 0), (0, rows - group), (0, 0)))
@@ -205,7 +208,7 @@ def sparse_decode_attention(
         pl.BlockSpec((None, None, None, rows, d), lambda bi, k, s: (bi, k, s, 0, 0)),
         pl.BlockSpec((None, None, None, rows), lambda bi, k, s: (bi, k, s, 0)),
     ]
-    kernel = functools.partial(_decode_kernel, tile=tile, blocks_per_split=blocks_per_split, scale=scale)
+    kernel = functools.partial(_decode_kernel, tile=tile, splits=splits, scale=scale)
     o_parts, lse_parts = pl.pallas_call(
         kernel,
         grid=(b, hkv, splits),
