@@ -310,8 +310,9 @@ class RoutedAttention(nnx.Module):
 
             listed = compact(tiles)
             # Split-K: about 256 programs whatever the batch (an H200 has 132 multiprocessors); batch 1 with 8 KV
-            # heads would otherwise run 8 programs that each walk a long list of blocks one after another.
-            splits = max(1, min(32, 256 // (q.shape[0] * k.shape[2])))
+            # heads would otherwise run 8 programs that each walk a long list of blocks one after another. At most
+            # one split per 32 cached blocks: short caches (SmolLM2 at 8k) lost to 32 mostly empty splits.
+            splits = max(1, min(32, 256 // (q.shape[0] * k.shape[2]), -(-k.shape[1] // (32 * size))))
             out = sparse_decode_attention(q[:, 0], k, v, listed.indices, listed.counts, lengths, tile=size,
                                           splits=splits)
             return out[:, None], {}, cache
