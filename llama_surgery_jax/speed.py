@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.inference.cache import KVCache, decode_step, init_cache, prefill
+from llama_surgery_jax.decode_speed import decode_rows
+from llama_surgery_jax.inference.cache import init_cache, prefill
 from llama_surgery_jax.model.config import ModelConfig, Precision
 from llama_surgery_jax.model.llama import LlamaForCausalLM, dense_attention
 from llama_surgery_jax.surgery.config import RouterConfig
@@ -190,58 +191,6 @@ def layer_rows(model: LlamaForCausalLM, described: str, lengths, densities, reps
                    "router_and_schedule_fraction": (route_s + schedule_s) / sparse_s}
 
 
-def random_cache(model: LlamaForCausalLM, batch: int, context: int, steps: int, seed: int = 0) -> KVCache:
-    """A cache of `context` written tokens per sequence (and room for `steps` more) holding random K, V, block codes
-    and router inputs: what decode reads costs the same whatever the prompt was, and a 128k prefill per row
-    would cost more device time than the decode it precedes."""
-    layers = []
-    for index, layer in enumerate(init_cache(model, batch, context + steps)):
-        keys = jax.random.split(jax.random.key(seed + index), 4)
-        k, v = (jax.random.normal(key, layer.k.shape, layer.k.dtype) for key in keys[:2])
-        codes = ring = None
-        if layer.codes is not None:
-            config = routed_layers(model)[index].config
-            codes = jax.random.randint(keys[2], layer.codes.shape, 0, config.p**config.levels, jnp.int32)
-            ring = jax.random.normal(keys[3], layer.router_inputs.shape, layer.router_inputs.dtype)
-        layers.append(layer._replace(k=k, v=v, codes=codes, router_inputs=ring))
-    return KVCache(tuple(layers), jnp.full((batch,), context, jnp.int32))
-
-
-def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, steps: int, seed: int = 0):
-    """Decode tokens/s at (context, batch), dense against surgery, `steps` steps after a warm-up one (compiled
-    once per model), with the KV bytes each step reads: all written slots (dense) or the listed blocks of row
-    context // T of the budget (surgery)."""
-    (dense_def, dense_state), (routed_def, routed_state) = dense_and_routed(model)
-    config = model.config
-    layer = routed_layers(model)[0]
-    tile = layer.config.block_size
-    slot_bytes = config.num_key_value_heads * config.head_dim * 2 * jnp.dtype(BF16.compute).itemsize  # k and v
-    for context, batch in settings:
-        for name, graphdef, state in (("dense", dense_def, dense_state), ("surgery", routed_def, routed_state)):
-            step = jax.jit(lambda state, cache, tokens, density, graphdef=graphdef: decode_step(
-                nnx.merge(graphdef, state), cache, tokens, block_density=density)[:2], donate_argnums=(1,))
-            for density in ([1.0] if name == "dense" else densities):
-                cache = random_cache(model, batch, context, steps + 1, seed)
-                tokens = jax.random.randint(jax.random.key(seed), (batch,), 0, config.vocab_size)
-                compiled = step.lower(state, cache, tokens, jnp.float32(density)).compile()
-                logits, cache = jax.block_until_ready(compiled(state, cache, tokens, jnp.float32(density)))
-                start = time.perf_counter()
-                for _ in range(steps):
-                    logits, cache = compiled(state, cache, jnp.argmax(logits, -1).astype(jnp.int32),
-                                             jnp.float32(density))
-                jax.block_until_ready(logits)
-                seconds = (time.perf_counter() - start) / steps
-                if name == "dense":
-                    read = context * slot_bytes * batch * config.num_hidden_layers
-                else:
-                    blocks = int(jnp.sum(layer.row_budgets(-(-(context + steps) // tile), density)[:, context // tile]))
-                    read = blocks * tile * slot_bytes / config.num_key_value_heads * batch * config.num_hidden_layers
-                yield {"kind": "decode", "model": described, "context": context, "batch": batch, "attention": name,
-                       "density": density, "step_ms": 1e3 * seconds, "tokens_per_s": batch / seconds,
-                       "kv_gib_read_per_step": read / 2**30, "memory_gib": program_memory_gib(compiled)}
-                del cache, logits
-
-
 def check_row(model: LlamaForCausalLM, described: str, length: int, density: float, seed: int = 0) -> dict:
     """The kernel prefill against the evaluation forward on the reference attention, same tiles (replayed)."""
     tokens = jax.random.randint(jax.random.key(seed), (1, length), 0, model.config.vocab_size)
@@ -309,22 +258,17 @@ TABLES = (  # row kind, title, header, cells
 )
 
 
-def decode_cells(r: dict) -> list[str]:
-    return [r["model"], str(r["context"]), str(r["batch"]), r["attention"], str(r["density"]), f"{r['step_ms']:.2f}",
-            f"{r['tokens_per_s']:.1f}", f"{r['kv_gib_read_per_step']:.2f}", f"{r['memory_gib']:.1f}"]
-
-
-TABLES += (("decode", "Decode, random cache contents (tokens/s of the whole batch):",
-            ["model", "context", "batch", "attention", "ρ", "step ms", "tokens/s", "KV GiB read per step",
-             "memory GiB"], decode_cells),)
-
-
 def markdown(rows: list[dict], device: str) -> str:
+    from llama_surgery_jax.decode_speed import DECODE_HEADER, decode_cells, profile_lines
+
     lines = []
     for kind, title, header, cells in TABLES:
         lines += [title.format(device=device), "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(cells(r)) + " |" for r in rows if r["kind"] == kind] + [""]
-    return "\n".join(lines)
+    lines += ["Decode, random cache contents, bf16 (tokens/s of the whole batch; see `llama_surgery_jax.decode_speed`):",
+              "", "| " + " | ".join(DECODE_HEADER) + " |", "|" + " --- |" * len(DECODE_HEADER)]
+    lines += ["| " + " | ".join(decode_cells(r, rows)) + " |" for r in rows if r["kind"] == "decode"] + [""]
+    return "\n".join(lines + profile_lines(rows))
 
 
 def per_model(text: str, cast) -> dict:
@@ -356,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   "llama-3.1-8b:131072x1+32768x8"),
                         help="decode settings per model, context x batch")
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--decode-dense", default="kernel,cudnn,masked",
+                        help="dense decode attentions to time: kernel (flash-decoding), cudnn, masked (XLA)")
+    parser.add_argument("--decode-loop", action="store_true",
+                        help="also time the steps as one program (greedy_decode), without the host between steps")
+    parser.add_argument("--profile-steps", type=int, default=0, help="trace this many decode steps per row")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: prefill, layer, check, decode")
     parser.add_argument("--run", help="a trained block run: SmolLM2 with its routers instead of random ones")
     parser.add_argument("--out", default="speed")
@@ -387,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                 for row in layer_rows(model, described, lengths, args.densities, max(args.reps, 10)):
                     add(row)
             if "decode" not in skip:
-                for row in decode_rows(model, described, args.decode.get(name, []), args.densities, args.decode_steps):
+                for row in decode_rows(model, described, args.decode.get(name, []), args.densities, args.decode_steps,
+                                       dense=args.decode_dense.split(","), loop=args.decode_loop,
+                                       profile_steps=args.profile_steps):
                     add(row)
             del model
     (out / "speed.md").write_text(markdown(rows, device))

@@ -181,6 +181,53 @@ def test_block_decode_on_the_kernel_matches_the_reference():
     assert error < bound, f"seed {seed}: relative logits error {error:.2e} ≥ {bound:.2e}"
 
 
+def test_dense_decode_on_the_kernel_matches_the_masked_attention():
+    """A dense model's decode step with flash-decoding (`dense_decode_attention`, interpret mode, bf16) against the
+    masked attention over the cache, ragged batch: logits within bf16 rounding (two layers, margin 4)."""
+    from llama_surgery_jax.inference.cache import decode_step
+
+    seed = fresh_seed()
+    config = dataclasses.replace(TINY, head_dim=64)
+    model = LlamaForCausalLM(config, precision=Precision("bfloat16", "bfloat16"), rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(seed), (3, 150), 0, TINY.vocab_size)
+    _, cache = nnx.jit(lambda m, x, n: prefill(m, x, n, max_len=160, last_only=True))(model, tokens,
+                                                                                    jnp.asarray([150, 97, 64]))
+    assert cache.layers[0].k.shape[1] == 256, "caches hold whole blocks of 128 slots"
+    following = jax.random.randint(jax.random.key(seed + 1), (3,), 0, TINY.vocab_size)
+    step = nnx.jit(lambda m, c, t, attention: decode_step(m, c, t, attention=attention)[0], static_argnums=3)
+    kernel, masked = step(model, cache, following, "kernel"), step(model, cache, following, None)
+    error = float(jnp.linalg.norm(kernel - masked) / jnp.linalg.norm(masked))
+    bound = 4 * 2 * math.sqrt(TINY.num_hidden_layers) * BF16_U
+    assert error < bound, f"seed {seed}: relative logits error {error:.2e} ≥ {bound:.2e}"
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_greedy_decode_in_one_program_is_the_step_loop(routed):
+    """`greedy_decode` (the steps in one `lax.scan`) gives the tokens and cache of one `decode_step` call per
+    token, dense and block-routed, on a ragged batch for more steps than a block holds."""
+    from llama_surgery_jax.inference.cache import decode_step, greedy_decode
+
+    seed = fresh_seed()
+    model = block_model(seed) if routed else LlamaForCausalLM(TINY, precision=Precision(), rngs=nnx.Rngs(seed))
+    tokens = jax.random.randint(jax.random.key(seed), (3, 61), 0, TINY.vocab_size)
+    _, cache = nnx.jit(lambda m, x, n: prefill(m, x, n, max_len=100, last_only=True))(model, tokens,
+                                                                                    jnp.asarray([45, 30, 61]))
+    first = jax.random.randint(jax.random.key(seed + 1), (3,), 0, TINY.vocab_size)
+    looped, looped_cache = nnx.jit(lambda m, c, t: greedy_decode(m, c, t, 20))(model, cache, first)
+    step = nnx.jit(lambda m, c, t: decode_step(m, c, t)[:2])
+    stepped, token = [], first
+    for _ in range(20):
+        logits, cache = step(model, cache, token)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        stepped.append(token)
+    np.testing.assert_array_equal(looped, jnp.stack(stepped, axis=1), err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(looped_cache.lengths, cache.lengths)
+    for mine, theirs in zip(looped_cache.layers, cache.layers, strict=True):
+        np.testing.assert_allclose(mine.k, theirs.k, rtol=1e-6, atol=1e-6)
+        if routed:
+            np.testing.assert_array_equal(mine.codes, theirs.codes)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
     """The exactness check on real weights: SmolLM2 with random block routers (the default preset's tree, per KV

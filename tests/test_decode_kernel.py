@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from conftest import BF16_U, float32_bound, fresh_seed
 
-from pallas_kernels.block_sparse_attention import gather_decode_attention, sparse_decode_attention
+from pallas_kernels.block_sparse_attention import (
+    decode_splits,
+    dense_decode_attention,
+    gather_decode_attention,
+    sparse_decode_attention,
+)
 from pallas_kernels.block_sparse_attention.decode import reference_decode_attention
 
 SLOTS, TILE, LENGTHS, MAX_BLOCKS = 256, 32, (37, 200, 255), 5
@@ -186,6 +191,25 @@ def test_gather_baseline_bf16():
     o = np.asarray(gather_decode_attention(*inputs, tile=TILE), np.float64)
     ref_o, _ = numpy_oracle(*inputs, tile=TILE)
     assert np.linalg.norm(o - ref_o) / np.linalg.norm(ref_o) <= BF16_TOLERANCE
+
+
+@pytest.mark.parametrize("hq,hkv,d,splits", [(8, 2, 64, None), (8, 1, 128, 3)])
+def test_dense_decode_is_attention_over_every_written_slot(hq, hkv, d, splits):
+    """The dense baseline (flash-decoding through the same kernel): every slot ≤ the new token's, ragged lengths."""
+    q, k_cache, v_cache, _, _, lengths = decode_inputs(fresh_seed(), hq, hkv, d, jnp.float32)
+    o = dense_decode_attention(q, k_cache, v_cache, lengths, tile=TILE, splits=splits, interpret=True)
+    every = jnp.broadcast_to(jnp.arange(SLOTS // TILE), (len(LENGTHS), hkv, SLOTS // TILE))
+    ref_o, _ = numpy_oracle(q, k_cache, v_cache, every, jnp.full((len(LENGTHS), hkv), SLOTS // TILE), lengths,
+                            tile=TILE)
+    check_float32(o, np.zeros((len(LENGTHS), hq)), ref_o, np.zeros((len(LENGTHS), hq)),
+                  float32_decode_bound(d, SLOTS, SLOTS // TILE))
+
+
+def test_decode_splits():
+    assert decode_splits(1, 8, 1024) == 32  # batch 1 at 128k: 256 programs
+    assert decode_splits(8, 8, 256) == 4  # batch 8: 256 programs already at 4 splits
+    assert decode_splits(1, 3, 64) == 2  # a short cache: one split per 32 blocks
+    assert decode_splits(64, 8, 1024) == 1
 
 
 def test_bad_inputs_raise():

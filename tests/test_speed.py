@@ -35,13 +35,21 @@ def test_speed_rows_on_a_tiny_model(tmp_path):
     assert layer["router_ms"] > 0 and layer["sparse_attention_ms"] > 0
     check = speed.check_row(model, "tiny", 256, 0.5, seed=seed)
     assert check["passed"], f"seed {seed}: {check}"
-    decode = list(speed.decode_rows(model, "tiny", [(256, 2)], [0.5], steps=2, seed=seed))
-    assert [(r["attention"], r["batch"]) for r in decode] == [("dense", 2), ("surgery", 2)]
-    # Row 16 of 17 blocks (258 slots) at ρ 0.5: ⌈0.5 · 153⌉ − ⌈0.5 · 136⌉ = 9 blocks of 16 keys per head, against
-    # the 256 written keys of dense.
-    assert decode[1]["kv_gib_read_per_step"] / decode[0]["kv_gib_read_per_step"] == pytest.approx(9 * 16 / 256)
+    decode = list(speed.decode_rows(model, "tiny", [(256, 2)], [0.5], steps=2, loop=True, profile_steps=1, seed=seed))
+    assert [(r["attention"], r.get("decode_attention")) for r in decode] == [
+        ("dense", "kernel"), ("dense", "cudnn"), ("dense", "masked"), ("surgery", "kernel")]
+    assert "error" in decode[1], "no cuDNN on a CPU: the row says why"
+    # Row 16 at ρ 0.5: ⌈0.5 · 153⌉ − ⌈0.5 · 136⌉ = 9 blocks of 16 keys per head, against the 256 written keys that
+    # flash-decoding reads (the masked attention reads all 384 slots of the cache: whole blocks of 128).
+    kernel, _, masked, surgery = decode
+    assert surgery["kv_gib_read_per_step"] / kernel["kv_gib_read_per_step"] == pytest.approx(9 * 16 / 256)
+    assert masked["kv_gib_read_per_step"] / kernel["kv_gib_read_per_step"] == pytest.approx(384 / 256)
+    for row in (kernel, masked, surgery):
+        assert row["step_ms"] > 0 and row["loop_step_ms"] > 0
+        assert 0 < row["profile"]["busy_ms"] and row["profile"]["groups"], "the trace found the program's work"
     text = speed.markdown(rows + [layer, check, *decode], "cpu")
     assert "surgery (block-sparse)" in text and "| tiny | 256 | 0.5 |" in text
+    assert "| tiny | 256 | 2 | surgery | 0.5 |" in text and "Profile: tiny, context 256 × 2, surgery 0.5" in text
 
 
 def test_per_model_lists():

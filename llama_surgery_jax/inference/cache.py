@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_surgery_jax.model.llama import LayerCache, LlamaForCausalLM
+from llama_surgery_jax.model.llama import DECODE_BLOCK, LayerCache, LlamaForCausalLM
 from llama_surgery_jax.surgery.config import RouterConfig
 from llama_surgery_jax.surgery.kernel_attention import resolve_backend
 from llama_surgery_jax.surgery.routed_attention import RoutedAttention, routed_layers
@@ -87,13 +87,13 @@ def check_context(lengths, max_new_tokens: int, context: int) -> int:
 
 
 def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCache, ...]:
-    """An empty cache of `slots` positions per sequence (block mode: rounded up to whole blocks), one `LayerCache`
+    """An empty cache of `slots` positions per sequence (rounded up to whole blocks), one `LayerCache`
     per layer (codes −1: unwritten)."""
     config = model.config
     dtype = model.precision.compute
     blocks = {impl.config.block_size for impl in routed_layers(model) if impl.config.mode == "block"}
-    if blocks:  # whole blocks, as the decode kernel reads them; slots past a sequence's length are never visible
-        slots = -(-slots // max(blocks)) * max(blocks)
+    block = max(blocks | {DECODE_BLOCK})  # whole blocks, as the decode kernels read them; slots past a sequence's
+    slots = -(-slots // block) * block    # length are never visible
     layers = []
     for layer in model.model.layers:
         impl = layer.self_attn.attention_impl
@@ -149,6 +149,23 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
     return logits[:, 0], KVCache(layers, cache.lengths + 1), overflow
 
 
+def greedy_decode(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, steps: int,
+                  **attention_kwargs) -> tuple[jax.Array, KVCache]:
+    """`steps` greedy decode steps in one program (a `lax.scan`): tokens [b] → (the next tokens [b, steps], cache).
+
+    One dispatch for all the steps, so a small model's decode is not bound by the host launching each step.
+    Masked or block-mode attention only (a token-mode gather budget may overflow, which needs the host).
+    """
+    def step(carry, _):
+        cache, tokens = carry
+        logits, cache, _ = decode_step(model, cache, tokens, **attention_kwargs)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return (cache, tokens), tokens
+
+    (cache, _), new = jax.lax.scan(step, (cache, tokens), length=steps)
+    return new.T, cache
+
+
 class Decoder:
     """Jitted prefill and decode steps for one model (split once; one compile per shape and budget).
 
@@ -172,7 +189,7 @@ class Decoder:
             return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len=max_len, attention=self.attention)
 
         def decode_fn(state, cache, tokens, budget):
-            return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget)
+            return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget, attention=self.attention)
 
         self._prefill = jax.jit(prefill_fn, static_argnums=(3,))
         self._decode = jax.jit(decode_fn, static_argnums=(3,), donate_argnums=(1,))

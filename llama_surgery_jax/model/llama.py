@@ -31,6 +31,8 @@ from flax import nnx
 from llama_surgery_jax.model.config import ModelConfig, Precision
 
 MODES = ("train", "prefill", "decode")
+# Decode caches hold whole blocks of this many slots (`inference.cache.init_cache`): the decode kernels read blocks.
+DECODE_BLOCK = 128
 
 
 class LayerCache(NamedTuple):
@@ -93,8 +95,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, mode: s
     0.10–0.11), 30× slower at 8k tokens, which the dense baselines measured before 2026-12-02 were.
     """
     if mode == "decode":  # query i = lengths[b] sees the cache slots j <= i
-        visible = jnp.arange(k.shape[1])[None, :] <= lengths[:, None]
-        return grouped_attention(q, k, v, visible[:, None, :]), {}, cache
+        return dense_decode(q, k, v, lengths, attention), {}, cache
     if attention == "kernel":
         low = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
         implementation = "cudnn" if jax.default_backend() == "gpu" else None  # None: XLA (CPU tests)
@@ -103,6 +104,29 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, x=None, mode: s
         return out.astype(q.dtype), {}, cache
     t, s = q.shape[1], k.shape[1]
     return grouped_attention(q, k, v, jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)), {}, cache
+
+
+def dense_decode(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, attention: str | None) -> jax.Array:
+    """One new token per sequence (q: [b, 1, heads, d], its k and v already at slot lengths[b] of the cache).
+
+    attention="kernel": flash-decoding, `dense_decode_attention` (split-K over the written blocks, GQA-native, bf16;
+    the cache's slots must be whole blocks, as `inference.cache.init_cache` makes them). "cudnn": jax's cuDNN
+    attention with the sequence lengths as a padding mask (a peer measured by `speed`). Otherwise the masked
+    attention over every slot in float32, which reads and scores the unwritten slots too.
+    """
+    if attention == "kernel" and k.shape[1] % DECODE_BLOCK == 0:
+        from pallas_kernels.block_sparse_attention import dense_decode_attention
+
+        low = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        out = dense_decode_attention(q[:, 0].astype(low), k.astype(low), v.astype(low), lengths, tile=DECODE_BLOCK)
+        return out[:, None].astype(q.dtype)
+    if attention == "cudnn":
+        low = q.dtype if q.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+        out = jax.nn.dot_product_attention(q.astype(low), k.astype(low), v.astype(low), implementation="cudnn",
+                                           query_seq_lengths=jnp.ones_like(lengths), key_value_seq_lengths=lengths + 1)
+        return out.astype(q.dtype)
+    visible = jnp.arange(k.shape[1])[None, :] <= lengths[:, None]
+    return grouped_attention(q, k, v, visible[:, None, :])
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:

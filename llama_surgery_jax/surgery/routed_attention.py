@@ -305,14 +305,11 @@ class RoutedAttention(nnx.Module):
         if attention is None:
             attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], size)
         if attention == "kernel" and tiles.shape[1] == k.shape[2]:  # the kernel takes one list per KV head
-            from pallas_kernels.block_sparse_attention import sparse_decode_attention
+            from pallas_kernels.block_sparse_attention import decode_splits, sparse_decode_attention
             from pallas_kernels.block_sparse_attention.schedule import compact
 
             listed = compact(tiles)
-            # Split-K: about 256 programs whatever the batch (an H200 has 132 multiprocessors); batch 1 with 8 KV
-            # heads would otherwise run 8 programs that each walk a long list of blocks one after another. At most
-            # one split per 32 cached blocks: short caches (SmolLM2 at 8k) lost to 32 mostly empty splits.
-            splits = max(1, min(32, 256 // (q.shape[0] * k.shape[2]), -(-k.shape[1] // (32 * size))))
+            splits = decode_splits(q.shape[0], k.shape[2], k.shape[1] // size)
             out = sparse_decode_attention(q[:, 0], k, v, listed.indices, listed.counts, lengths, tile=size,
                                           splits=splits)
             return out[:, None], {}, cache

@@ -2,7 +2,7 @@
 
 from .api import DEFAULT_TILE, block_sparse_attention, merge_partials, token_routed_attention, token_routed_tiles
 from .backward import sparse_attention_backward, transpose_schedule
-from .decode import gather_decode_attention, sparse_decode_attention
+from .decode import decode_splits, dense_decode_attention, gather_decode_attention, sparse_decode_attention
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
 from .reference import chunked_reference_attention, reference_attention
@@ -17,6 +17,8 @@ __all__ = [
     "block_sparse_attention",
     "build_schedule",
     "chunked_reference_attention",
+    "decode_splits",
+    "dense_decode_attention",
     "gather_decode_attention",
     "merge_partials",
     "reference_attention",

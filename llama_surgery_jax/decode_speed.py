@@ -1,0 +1,179 @@
+"""Decode speed of the surgery model against the dense model, whole model, one table (`python -m
+llama_surgery_jax.speed --decode ...` prints it).
+
+Each row is one (context, batch) on a cache of random contents (what a step reads costs the same whatever the
+prompt was, and a 128k prefill per row would cost more device time than the decode it measures), bf16:
+
+- dense, three attentions: "kernel", flash-decoding (`dense_decode_attention`: split-K over the written blocks,
+  GQA-native); "cudnn", jax's cuDNN attention with the lengths as a padding mask; "masked", XLA's masked softmax
+  over every slot of the cache (the model's float32 path);
+- surgery: block routing at each ρ, `sparse_decode_attention` over the listed blocks.
+
+Times: "step" is one jitted call per token, the next token's argmax dispatched from the host between calls (the
+host launches step t + 1 while step t runs); "loop" is `greedy_decode`, all steps in one program. The speedup is
+surgery's against the fastest dense attention of the same (context, batch) and timing. KV bytes read per step:
+every written slot (dense kernel and cuDNN; the masked attention reads the whole cache) or the listed blocks of
+the budget's row (surgery). `profile` rows: a trace of a few steps, the device's busy time and the source lines
+that took it (`profiling.profile`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_surgery_jax.inference.cache import KVCache, decode_step, greedy_decode, init_cache
+from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+DENSE_ATTENTIONS = {"kernel": "kernel", "cudnn": "cudnn", "masked": None}  # name → dense_attention's `attention`
+
+
+def random_cache(model: LlamaForCausalLM, batch: int, context: int, steps: int, seed: int = 0) -> KVCache:
+    """A cache of `context` written tokens per sequence (and room for `steps` more) holding random K, V, block codes
+    and router inputs."""
+    layers = []
+    for index, layer in enumerate(init_cache(model, batch, context + steps)):
+        keys = jax.random.split(jax.random.key(seed + index), 4)
+        k, v = (jax.random.normal(key, layer.k.shape, layer.k.dtype) for key in keys[:2])
+        codes = ring = None
+        if layer.codes is not None:
+            config = routed_layers(model)[index].config
+            codes = jax.random.randint(keys[2], layer.codes.shape, 0, config.p**config.levels, jnp.int32)
+            ring = jax.random.normal(keys[3], layer.router_inputs.shape, layer.router_inputs.dtype)
+        layers.append(layer._replace(k=k, v=v, codes=codes, router_inputs=ring))
+    return KVCache(tuple(layers), jnp.full((batch,), context, jnp.int32))
+
+
+def _programs(graphdef, state, cache, tokens, density, attention, steps: int, loop: bool):
+    """(one compiled step: (state, cache, tokens, ρ) → (logits, cache); the compiled loop of `steps` or None)."""
+    def step(state, cache, tokens, density):
+        return decode_step(nnx.merge(graphdef, state), cache, tokens, block_density=density, attention=attention)[:2]
+
+    def steps_in_one(state, cache, tokens, density):
+        return greedy_decode(nnx.merge(graphdef, state), cache, tokens, steps, block_density=density,
+                             attention=attention)
+
+    args = (state, cache, tokens, density)
+    one = jax.jit(step, donate_argnums=(1,)).lower(*args).compile()
+    return one, (jax.jit(steps_in_one, donate_argnums=(1,)).lower(*args).compile() if loop else None)
+
+
+def _time_steps(one, state, cache, tokens, density, steps: int):
+    """Seconds per step of `steps` host-dispatched steps after a warm-up one → (seconds, cache)."""
+    logits, cache = jax.block_until_ready(one(state, cache, tokens, density))
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = one(state, cache, jnp.argmax(logits, -1).astype(jnp.int32), density)
+    jax.block_until_ready(logits)
+    return (time.perf_counter() - start) / steps, cache
+
+
+def _profile_steps(one, state, cache, tokens, density, runs: int):
+    """`profiling.profile` of `runs` steps → (the summary, cache)."""
+    from llama_surgery_jax.profiling import profile
+
+    carried = {"cache": cache}
+
+    def run():
+        logits, carried["cache"] = one(state, carried["cache"], tokens, density)
+        return logits
+
+    try:
+        summary = profile(run, one.as_text(), runs=runs)
+    except Exception as error:  # noqa: BLE001 — a machine without a working profiler still gets its timings
+        summary = {"error": f"{type(error).__name__}: {error}"}
+    return summary, carried["cache"]
+
+
+def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, steps: int, *,
+                dense=("kernel", "cudnn", "masked"), loop: bool = False, profile_steps: int = 0, seed: int = 0):
+    """Rows of the decode table per (context, batch): each dense attention, then surgery at each ρ (module
+    docstring). A dense attention that does not compile here (cuDNN's) gives a row with its error."""
+    from llama_surgery_jax.speed import dense_and_routed, program_memory_gib
+
+    (dense_def, dense_state), (routed_def, routed_state) = dense_and_routed(model)
+    config = model.config
+    layer = routed_layers(model)[0]
+    tile = layer.config.block_size
+    slot_bytes = config.num_key_value_heads * config.head_dim * 2 * 2  # k and v, bf16
+    variants = [("dense", name, dense_def, dense_state, 1.0) for name in dense]
+    variants += [("surgery", "kernel", routed_def, routed_state, density) for density in densities]
+    for context, batch in settings:
+        for kind, attention, graphdef, state, density in variants:
+            row = {"kind": "decode", "model": described, "context": context, "batch": batch, "attention": kind,
+                   "decode_attention": attention, "density": density}
+            # One cache serves every phase: the step loop, the profile, the program loop's warm-up and its run.
+            cache = random_cache(model, batch, context, steps + 1 + profile_steps + (2 * steps if loop else 0), seed)
+            slots = cache.layers[0].k.shape[1]
+            tokens = jax.random.randint(jax.random.key(seed), (batch,), 0, config.vocab_size)
+            rho = jnp.float32(density)
+            try:
+                one, many = _programs(graphdef, state, cache, tokens, rho, DENSE_ATTENTIONS.get(attention, attention)
+                                      if kind == "dense" else "kernel", steps, loop)
+            except Exception as error:  # noqa: BLE001 — a peer that does not run here is a row that says so
+                if attention != "cudnn":
+                    raise
+                yield row | {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+                continue
+            seconds, cache = _time_steps(one, state, cache, tokens, rho, steps)
+            row |= {"step_ms": 1e3 * seconds, "tokens_per_s": batch / seconds, "memory_gib": program_memory_gib(one)}
+            if profile_steps:
+                row["profile"], cache = _profile_steps(one, state, cache, tokens, rho, profile_steps)
+            if many is not None:
+                _, cache = jax.block_until_ready(many(state, cache, tokens, rho))  # warm-up
+                start = time.perf_counter()
+                _, cache = jax.block_until_ready(many(state, cache, tokens, rho))
+                row["loop_step_ms"] = 1e3 * (time.perf_counter() - start) / steps
+            if kind == "dense":
+                read = (context if attention != "masked" else slots) * slot_bytes * batch * config.num_hidden_layers
+            else:
+                blocks = int(jnp.sum(layer.row_budgets(slots // tile, density)[:, context // tile]))
+                read = blocks * tile * slot_bytes / config.num_key_value_heads * batch * config.num_hidden_layers
+            row["kv_gib_read_per_step"] = read / 2**30
+            yield row
+            del cache, one, many
+
+
+def decode_cells(r: dict, rows: list[dict]) -> list[str]:
+    """One row of the decode table; speedups against the fastest dense attention of the same setting."""
+    setting = (r["model"], r["context"], r["batch"])
+    attention = r["attention"] + (f", {r['decode_attention']}" if r["attention"] == "dense" else "")
+    head = [r["model"], str(r["context"]), str(r["batch"]), attention, str(r["density"])]
+    if "error" in r:
+        return head + [r["error"]] + [""] * 6
+
+    def best_dense(key):
+        times = [o[key] for o in rows if o["kind"] == "decode" and o["attention"] == "dense" and key in o
+                 and (o["model"], o["context"], o["batch"]) == setting]
+        return min(times) if times else float("nan")
+
+    loop = r.get("loop_step_ms")
+    return head + [f"{r['step_ms']:.2f}", f"{r['tokens_per_s']:.1f}", f"{best_dense('step_ms') / r['step_ms']:.2f}×",
+                   f"{loop:.2f}" if loop else "", f"{best_dense('loop_step_ms') / loop:.2f}×" if loop else "",
+                   f"{r['kv_gib_read_per_step']:.2f}", f"{r['memory_gib']:.1f}"]
+
+
+DECODE_HEADER = ["model", "context", "batch", "attention", "ρ", "step ms", "tokens/s", "× fastest dense",
+                 "loop step ms", "loop × fastest dense", "KV GiB read per step", "memory GiB"]
+
+
+def profile_lines(rows: list[dict]) -> list[str]:
+    """A short section per profiled row: wall and busy time per step, then where the busy time went."""
+    lines = []
+    for r in rows:
+        if "profile" not in r:
+            continue
+        p = r["profile"]
+        if "error" in p:
+            lines += [f"Profile of {r['model']}, context {r['context']}: {p['error']}", ""]
+            continue
+        lines += [f"Profile: {r['model']}, context {r['context']} × {r['batch']}, {r['attention']} "
+                  f"{r['decode_attention'] if r['attention'] == 'dense' else r['density']}: wall {p['wall_ms']:.2f} ms "
+                  f"per step, device busy {p['busy_ms']:.2f} ms in {p['kernels']:.0f} kernels", "",
+                  "| source line | ms per step | kernels |", "| --- | --- | --- |"]
+        lines += [f"| `{g['op']}` | {g['ms']:.3f} | {g['count']:.0f} |" for g in p["groups"]] + [""]
+    return lines
