@@ -265,7 +265,7 @@ def markdown(rows: list[dict], device: str) -> str:
     for kind, title, header, cells in TABLES:
         lines += [title.format(device=device), "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         lines += ["| " + " | ".join(cells(r)) + " |" for r in rows if r["kind"] == kind] + [""]
-    lines += ["Decode, random cache contents, bf16 (tokens/s of the whole batch; see `llama_surgery_jax.decode_speed`):",
+    lines += ["Decode, random cache contents, bf16, tokens/s of the whole batch (`llama_surgery_jax.decode_speed`):",
               "", "| " + " | ".join(DECODE_HEADER) + " |", "|" + " --- |" * len(DECODE_HEADER)]
     lines += ["| " + " | ".join(decode_cells(r, rows)) + " |" for r in rows if r["kind"] == "decode"] + [""]
     return "\n".join(lines + profile_lines(rows))
