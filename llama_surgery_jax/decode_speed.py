@@ -48,42 +48,65 @@ def random_cache(model: LlamaForCausalLM, batch: int, context: int, steps: int, 
     return KVCache(tuple(layers), jnp.full((batch,), context, jnp.int32))
 
 
-def _programs(graphdef, state, cache, tokens, density, attention, steps: int, loop: bool):
-    """(one compiled step: (state, cache, tokens, ρ) → (logits, cache); the compiled loop of `steps` or None)."""
-    def step(state, cache, tokens, density):
-        return decode_step(nnx.merge(graphdef, state), cache, tokens, block_density=density, attention=attention)[:2]
+def _programs(graphdef, state, cache, tokens, density, attention, steps: int, loop: bool, routed: bool):
+    """({route: one compiled step (state, cache, tokens, ρ) → (logits, cache)}, the compiled loop of `steps` or
+    None). Block-mode models get a step that routes and one that does not (the host knows which is due); dense
+    models one step."""
+    routes = (True, False) if routed else (None,)
+
+    def step(state, cache, tokens, density, route):
+        return decode_step(nnx.merge(graphdef, state), cache, tokens, block_density=density, attention=attention,
+                           route=route)[:2]
 
     def steps_in_one(state, cache, tokens, density):
         return greedy_decode(nnx.merge(graphdef, state), cache, tokens, steps, block_density=density,
                              attention=attention)
 
     args = (state, cache, tokens, density)
-    one = jax.jit(step, donate_argnums=(1,)).lower(*args).compile()
+    one = {route: jax.jit(step, donate_argnums=(1,), static_argnums=(4,)).lower(*args, route).compile()
+           for route in routes}
     return one, (jax.jit(steps_in_one, donate_argnums=(1,)).lower(*args).compile() if loop else None)
 
 
-def _time_steps(one, state, cache, tokens, density, steps: int):
+def _due(one: dict, cache: KVCache, tile: int):
+    """The host's routing decision for each coming step, without reading the device: the lengths advance by one a
+    step from their value now, and the selection kept is stale only before the first step."""
+    if None in one:
+        return lambda step: None
+    import numpy as np
+
+    from llama_surgery_jax.inference.cache import routing_due
+
+    lengths = np.asarray(cache.lengths)
+    rows = np.asarray(next(layer.selection.row for layer in cache.layers if layer.selection is not None))
+    return lambda step: bool(np.any(routing_due(lengths + step, rows if step == 0 else (lengths + step) // tile,
+                                                tile)))
+
+
+def _time_steps(one: dict, due, state, cache, tokens, density, steps: int):
     """Seconds per step of `steps` host-dispatched steps after a warm-up one → (seconds, cache)."""
-    logits, cache = jax.block_until_ready(one(state, cache, tokens, density))
+    logits, cache = jax.block_until_ready(one[due(0)](state, cache, tokens, density))
     start = time.perf_counter()
-    for _ in range(steps):
-        logits, cache = one(state, cache, jnp.argmax(logits, -1).astype(jnp.int32), density)
+    for step in range(1, steps + 1):
+        logits, cache = one[due(step)](state, cache, jnp.argmax(logits, -1).astype(jnp.int32), density)
     jax.block_until_ready(logits)
     return (time.perf_counter() - start) / steps, cache
 
 
-def _profile_steps(one, state, cache, tokens, density, runs: int):
-    """`profiling.profile` of `runs` steps → (the summary, cache)."""
+def _profile_steps(one: dict, due, first: int, state, cache, tokens, density, runs: int):
+    """`profiling.profile` of `runs` steps from step `first` → (the summary, cache)."""
     from llama_surgery_jax.profiling import profile
 
-    carried = {"cache": cache}
+    carried = {"cache": cache, "step": first}
 
     def run():
-        logits, carried["cache"] = one(state, carried["cache"], tokens, density)
+        program = one[due(carried["step"])]
+        logits, carried["cache"] = program(state, carried["cache"], tokens, density)
+        carried["step"] += 1
         return logits
 
     try:
-        summary = profile(run, one.as_text(), runs=runs)
+        summary = profile(run, one[due(first)].as_text(), runs=runs)
     except Exception as error:  # noqa: BLE001 — a machine without a working profiler still gets its timings
         summary = {"error": f"{type(error).__name__}: {error}"}
     return summary, carried["cache"]
@@ -113,16 +136,18 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
             rho = jnp.float32(density)
             try:
                 one, many = _programs(graphdef, state, cache, tokens, rho, DENSE_ATTENTIONS.get(attention, attention)
-                                      if kind == "dense" else "kernel", steps, loop)
+                                      if kind == "dense" else "kernel", steps, loop, kind == "surgery")
             except Exception as error:  # noqa: BLE001 — a peer that does not run here is a row that says so
                 if attention != "cudnn":
                     raise
                 yield row | {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
                 continue
-            seconds, cache = _time_steps(one, state, cache, tokens, rho, steps)
-            row |= {"step_ms": 1e3 * seconds, "tokens_per_s": batch / seconds, "memory_gib": program_memory_gib(one)}
+            due = _due(one, cache, tile)
+            seconds, cache = _time_steps(one, due, state, cache, tokens, rho, steps)
+            row |= {"step_ms": 1e3 * seconds, "tokens_per_s": batch / seconds,
+                    "memory_gib": max(program_memory_gib(program) for program in one.values())}
             if profile_steps:
-                row["profile"], cache = _profile_steps(one, state, cache, tokens, rho, profile_steps)
+                row["profile"], cache = _profile_steps(one, due, steps + 1, state, cache, tokens, rho, profile_steps)
             if many is not None:
                 _, cache = jax.block_until_ready(many(state, cache, tokens, rho))  # warm-up
                 start = time.perf_counter()
@@ -135,7 +160,7 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
                 read = blocks * tile * slot_bytes / config.num_key_value_heads * batch * config.num_hidden_layers
             row["kv_gib_read_per_step"] = read / 2**30
             yield row
-            del cache, one, many
+            del cache, one, many, due
 
 
 def decode_cells(r: dict, rows: list[dict]) -> list[str]:

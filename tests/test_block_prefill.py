@@ -203,9 +203,10 @@ def test_dense_decode_on_the_kernel_matches_the_masked_attention():
 
 @pytest.mark.parametrize("routed", [False, True])
 def test_greedy_decode_in_one_program_is_the_step_loop(routed):
-    """`greedy_decode` (the steps in one `lax.scan`) gives the tokens and cache of one `decode_step` call per
-    token, dense and block-routed, on a ragged batch for more steps than a block holds."""
-    from llama_surgery_jax.inference.cache import decode_step, greedy_decode
+    """`greedy_decode` (the steps in one `lax.scan`, routing decided on the device) gives the tokens and cache of
+    one `decode_step` call per token with routing decided on the host, dense and block-routed, on a ragged batch
+    for more steps than a block holds."""
+    from llama_surgery_jax.inference.cache import decode_step, greedy_decode, routing_due
 
     seed = fresh_seed()
     model = block_model(seed) if routed else LlamaForCausalLM(TINY, precision=Precision(), rngs=nnx.Rngs(seed))
@@ -214,10 +215,15 @@ def test_greedy_decode_in_one_program_is_the_step_loop(routed):
                                                                                     jnp.asarray([45, 30, 61]))
     first = jax.random.randint(jax.random.key(seed + 1), (3,), 0, TINY.vocab_size)
     looped, looped_cache = nnx.jit(lambda m, c, t: greedy_decode(m, c, t, 20))(model, cache, first)
-    step = nnx.jit(lambda m, c, t: decode_step(m, c, t)[:2])
+    # The step loop decides on the host whether a step routes (two programs, no cond), as a server would.
+    step = nnx.jit(lambda m, c, t, route: decode_step(m, c, t, route=route)[:2], static_argnums=3)
     stepped, token = [], first
     for _ in range(20):
-        logits, cache = step(model, cache, token)
+        route = None
+        if routed:
+            rows = np.asarray(cache.layers[0].selection.row)
+            route = bool(np.any(routing_due(np.asarray(cache.lengths), rows, BLOCK.block_size)))
+        logits, cache = step(model, cache, token, route)
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         stepped.append(token)
     np.testing.assert_array_equal(looped, jnp.stack(stepped, axis=1), err_msg=f"seed {seed}")
@@ -226,6 +232,7 @@ def test_greedy_decode_in_one_program_is_the_step_loop(routed):
         np.testing.assert_allclose(mine.k, theirs.k, rtol=1e-6, atol=1e-6)
         if routed:
             np.testing.assert_array_equal(mine.codes, theirs.codes)
+            np.testing.assert_array_equal(mine.selection.blocks, theirs.selection.blocks)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -239,7 +239,8 @@ def test_generation_stops_at_any_of_llama31s_eos_ids(tmp_path):
 def test_decode_past_the_cache_is_an_error():
     """JAX drops a write past the last slot silently; the decoder refuses the step instead."""
     decoder = Decoder(tiny_routed(0), attention="reference")
-    tokens = jnp.ones((1, 6), jnp.int32)
-    _, cache = decoder.prefill(tokens, jnp.array([6]), 6)
+    tokens = jnp.ones((1, 128), jnp.int32)  # caches hold whole blocks of 128 slots: this one is full
+    _, cache = decoder.prefill(tokens, jnp.array([128]), 128)
+    assert cache.layers[0].k.shape[1] == 128
     with pytest.raises(ContextError, match="the cache is full"):
         decoder.step(cache, jnp.ones((1,), jnp.int32))

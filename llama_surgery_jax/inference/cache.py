@@ -37,7 +37,7 @@ from flax import nnx
 from llama_surgery_jax.model.llama import DECODE_BLOCK, LayerCache, LlamaForCausalLM
 from llama_surgery_jax.surgery.config import RouterConfig
 from llama_surgery_jax.surgery.kernel_attention import resolve_backend
-from llama_surgery_jax.surgery.routed_attention import RoutedAttention, routed_layers
+from llama_surgery_jax.surgery.routed_attention import RoutedAttention, RowSelection, routed_layers
 
 ATTENTION_CHOICES = ("auto", "reference", "kernel")
 
@@ -98,15 +98,17 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
     for layer in model.model.layers:
         impl = layer.self_attn.attention_impl
         k = jnp.zeros((batch, slots, config.num_key_value_heads, config.head_dim), dtype)
-        codes = ring = None
+        codes = ring = selection = None
         if isinstance(impl, RoutedAttention) and impl.config.mode == "block":  # per block: query and key codes
-            codes = jnp.full((batch, impl.router.routing_heads, 2, -(-slots // impl.config.block_size)), -1, jnp.int32)
+            blocks = slots // impl.config.block_size
+            codes = jnp.full((batch, impl.router.routing_heads, 2, blocks), -1, jnp.int32)
             ring = jnp.zeros((batch, impl.config.block_size, config.hidden_size), dtype)
+            selection = RowSelection.empty(batch, impl.router.routing_heads, blocks)
         elif isinstance(impl, RoutedAttention):
             codes = jnp.full((batch, impl.router.routing_heads, slots), -1, jnp.int32)
             if impl.config.mode == "block_prefix":
                 ring = jnp.zeros((batch, impl.config.block_size, config.hidden_size), dtype)
-        layers.append(LayerCache(k, jnp.zeros_like(k), codes, ring))
+        layers.append(LayerCache(k, jnp.zeros_like(k), codes, ring, selection))
     return tuple(layers)
 
 
@@ -131,15 +133,28 @@ def prefill(model: LlamaForCausalLM, tokens: jax.Array, lengths: jax.Array, *, m
     return (logits, KVCache(layers, lengths), aux) if return_aux else (logits, KVCache(layers, lengths))
 
 
-def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
-                budget: int | None = None, **attention_kwargs) -> tuple[jax.Array, KVCache, jax.Array]:
+def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *, budget: int | None = None,
+                route: bool | None = None, **attention_kwargs) -> tuple[jax.Array, KVCache, jax.Array]:
     """tokens: [b] int, the next token of each sequence → (logits [b, vocab] float32, cache, overflow).
 
     budget None: masked attention over every cache slot. budget M: only the first M visible keys per
     (sequence, routing head) are read; overflow (bool scalar) says some head saw more, and the step must
     be repeated with a larger budget. Dense layers read the causal prefix. attention_kwargs reach every layer
-    (block mode: block_density, as in prefill).
+    (block mode: block_density, as in prefill; attention: "kernel" for the decode kernels).
+
+    route (block mode): True runs every layer's router and row selection; False reuses the rows the cache keeps,
+    which is right only when `routing_due` is false (no sequence opens or fills a block or starts decoding); None
+    decides on the device (a `lax.cond` per layer around its routing half, whose operands are the codes and the
+    selection: a cond over the whole step would carry the KV cache through it, and XLA copies it). A caller that
+    knows the lengths on the host passes a bool and runs one of two programs, with no cond.
     """
+    config = router_config(model)
+    block_mode = config is not None and config.mode == "block"
+    if route is None and block_mode:  # a traced bool: each layer's routing half runs under a lax.cond
+        rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+        route = jnp.any(routing_due(cache.lengths, rows, config.block_size))
+    if block_mode:
+        attention_kwargs["route"] = route
     logits, aux, layers = model(tokens[:, None], mode="decode", cache=cache.layers, lengths=cache.lengths,
                                 budget=budget, **attention_kwargs)
     overflow = jnp.zeros((), bool)
@@ -147,6 +162,13 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *,
         if "keys_seen" in layer_aux:
             overflow = overflow | (layer_aux["keys_seen"] > budget)
     return logits[:, 0], KVCache(layers, cache.lengths + 1), overflow
+
+
+def routing_due(lengths, rows, tile: int):
+    """Per sequence (numpy or jax arrays): must a block-mode decode step at index `lengths` route? Yes when the new
+    token opens a block (a new row: its query code and selection), fills one (its key code), or the kept
+    selection is for another row (`rows`: `RowSelection.row`; the first step after a prefill)."""
+    return (lengths % tile == 0) | (lengths % tile == tile - 1) | (rows != lengths // tile)
 
 
 def greedy_decode(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, steps: int,

@@ -39,12 +39,14 @@ class LayerCache(NamedTuple):
     """One layer's KV cache. k, v: [b, S, kv_heads, d] in the compute dtype; codes: [b, r, S] int32 routing
     codes per routing head (routed layers; -1 where unwritten; budgeted block mode: [b, r, 2, ceil(S / T)],
     each block's query code then key code), router_inputs: [b, T, hidden] the router inputs of the last T
-    positions (block_prefix routers), None where unused."""
+    positions (block_prefix and block routers), selection: block mode's current row per sequence
+    (`routed_attention.RowSelection`); None where unused."""
 
     k: jax.Array
     v: jax.Array
     codes: jax.Array | None = None
     router_inputs: jax.Array | None = None
+    selection: Any = None
 
 
 AttentionImpl = Callable[..., tuple[jax.Array, dict[str, Any], LayerCache | None]]

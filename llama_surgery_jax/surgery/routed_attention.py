@@ -36,6 +36,7 @@ about e^(−2·init_bias) per level, so a noisy step 0 is dense only up to that.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +68,23 @@ from llama_surgery_jax.surgery.router import (
     route_blocks,
 )
 
-__all__ = ["RoutedAttention", "RouterParam", "inject_routers", "remove_routers", "routed_layers",
+__all__ = ["RoutedAttention", "RouterParam", "RowSelection", "inject_routers", "remove_routers", "routed_layers",
            "hard_topology"]
+
+
+class RowSelection(NamedTuple):
+    """Block-mode decode's current row per sequence, kept in the cache (`RoutedAttention.block_decode`).
+    row: [b] int32, the query block the lists are for (−1: none yet); counts: [b, r] int32; blocks: [b, r, n]
+    int32, the row's key blocks in ascending order, the first `counts` entries valid."""
+
+    row: jax.Array
+    counts: jax.Array
+    blocks: jax.Array
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, blocks: int) -> RowSelection:
+        return cls(jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch, heads), jnp.int32),
+                   jnp.zeros((batch, heads, blocks), jnp.int32))
 
 
 def routing_head_count(router_config: RouterConfig, model_config: ModelConfig) -> int:
@@ -266,7 +282,7 @@ class RoutedAttention(nnx.Module):
         return out, aux, cache
 
     def block_decode(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str | None,
-                     block_density=None, **_):
+                     block_density=None, route: bool | jax.Array = True, **_):
         """One new token per sequence (index i = lengths[b], its k, v already in the cache) in block mode: row
         m = i // T of the prefill's rule, so decode executes the mask prefill and training execute.
 
@@ -274,48 +290,73 @@ class RoutedAttention(nnx.Module):
         is block m's query feature (the T tokens ending at its first token, as `router.block_features`); when i
         fills block m (i % T = T − 1) it is block m's key feature. A block's key code is read only by later
         query blocks, after it is full, so the codes a step reads are the prefill's (up to float32 reordering of
-        the feature sums). The new token sees the tiles `block_routing.select_row_by_depth` gives row m, masked
-        to slots ≤ i: on the GPU `sparse_decode_attention` reads only those KV blocks (per KV head routing),
-        else a masked attention over the cache.
-        """
-        from llama_surgery_jax.surgery import block_routing as br
-        from llama_surgery_jax.surgery.router import route_block_features
+        the feature sums).
 
+        Row m's tiles (`block_routing.select_row_by_depth`) depend on block m's query code and the key codes of
+        blocks before m (block m itself is forced), so they hold for the whole block: the cache keeps them
+        (`RowSelection`), and only a step that routes computes codes and tiles again (route True, or a traced
+        bool for a `lax.cond`; due when a sequence opens or fills a block or starts decoding:
+        `inference.cache.routing_due`). Other steps run no router and no selection, only attention over the kept
+        tiles, masked to slots ≤ i: on the GPU `sparse_decode_attention` reads only those KV blocks (per KV head
+        routing), else a masked attention over the cache.
+        """
         config = self.config
         size = config.block_size
         batch = jnp.arange(q.shape[0])
         ring = cache.router_inputs.at[batch, lengths % size].set(x[:, 0].astype(cache.router_inputs.dtype))
+        cache = cache._replace(router_inputs=ring)
+        if isinstance(route, bool):
+            routed = self.route_row(ring, cache.codes, lengths, block_density) if route else (cache.codes,
+                                                                                              cache.selection)
+        else:  # decided on the device: the branches hold the codes and the selection, never the KV cache
+            routed = jax.lax.cond(route, lambda: self.route_row(ring, cache.codes, lengths, block_density),
+                                  lambda: (cache.codes, cache.selection))
+        cache = cache._replace(codes=routed[0], selection=routed[1])
+        selection = cache.selection
+        if attention is None:
+            attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], size)
+        if attention == "kernel" and selection.blocks.shape[1] == k.shape[2]:  # one list per KV head
+            from pallas_kernels.block_sparse_attention import decode_splits, sparse_decode_attention
+
+            splits = decode_splits(q.shape[0], k.shape[2], k.shape[1] // size)
+            out = sparse_decode_attention(q[:, 0], k, v, selection.blocks, selection.counts, lengths, tile=size,
+                                          splits=splits)
+            return out[:, None], {}, cache
+        n = selection.blocks.shape[-1]
+        ids = jnp.where(jnp.arange(n) < selection.counts[..., None], selection.blocks, n)  # unlisted: dropped
+        heads = jnp.arange(selection.blocks.shape[1])[None, :, None]
+        tiles = jnp.zeros(selection.blocks.shape, bool).at[batch[:, None, None], heads, ids].set(True, mode="drop")
+        slots = jnp.arange(k.shape[1])
+        visible = jnp.repeat(tiles, size, axis=-1)[..., :k.shape[1]] & (slots[None, None, :] <= lengths[:, None, None])
+        return attend(q, k, v, visible[:, :, None, :]), {}, cache
+
+    def route_row(self, ring: jax.Array, codes: jax.Array, lengths: jax.Array, block_density=None):
+        """The routing half of `block_decode` (ring [b, T, hidden] already holds the new token's input) → (codes,
+        RowSelection): the codes of a block that opens or fills at i = lengths[b], and row i // T's selection, for
+        every sequence (a sequence inside a block gets the selection it already holds)."""
+        from llama_surgery_jax.surgery import block_routing as br
+        from llama_surgery_jax.surgery.router import block_codes
+        from pallas_kernels.block_sparse_attention.schedule import compact
+
+        config = self.config
+        size = config.block_size
+        batch = jnp.arange(lengths.shape[0])
         positions = lengths[:, None] - jnp.arange(size)[None, :]  # i, i − 1, …, i − T + 1
         window = jnp.take_along_axis(ring, (positions % size)[..., None], axis=1).astype(jnp.float32)
         valid = (positions >= 0)[..., None]
         mean = (jnp.sum(jnp.where(valid, window, 0.0), axis=1) / jnp.sum(valid, axis=1).astype(jnp.float32))[:, None]
-        fresh = route_block_features(self.router.parameters(), mean, mean, config=config,
-                                     routing_heads=self.router.routing_heads)
-        block = lengths // size
-        codes = cache.codes  # [b, r, 2, blocks]
-        query_code = jnp.where((lengths % size == 0)[:, None], fresh.q_codes[..., 0], codes[batch, :, 0, block])
-        key_code = jnp.where((lengths % size == size - 1)[:, None], fresh.k_codes[..., 0], codes[batch, :, 1, block])
+        fresh_query, fresh_key = block_codes(self.router.parameters(), mean, config=config,
+                                             routing_heads=self.router.routing_heads)
+        block = lengths // size  # codes: [b, r, 2, blocks]
+        query_code = jnp.where((lengths % size == 0)[:, None], fresh_query[..., 0], codes[batch, :, 0, block])
+        key_code = jnp.where((lengths % size == size - 1)[:, None], fresh_key[..., 0], codes[batch, :, 1, block])
         codes = codes.at[batch, :, 0, block].set(query_code).at[batch, :, 1, block].set(key_code)
-        cache = cache._replace(codes=codes, router_inputs=ring)
-
         n = codes.shape[-1]
         depth = br.shared_prefix_depth(query_code[..., None], codes[:, :, 1], p=config.p, levels=config.levels)
         tiles = br.select_row_by_depth(depth, self.row_budgets(n, block_density), block, levels=config.levels,
                                        tile=size, window=config.window, sink=config.sink)  # [b, r, n]
-        if attention is None:
-            attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], size)
-        if attention == "kernel" and tiles.shape[1] == k.shape[2]:  # the kernel takes one list per KV head
-            from pallas_kernels.block_sparse_attention import decode_splits, sparse_decode_attention
-            from pallas_kernels.block_sparse_attention.schedule import compact
-
-            listed = compact(tiles)
-            splits = decode_splits(q.shape[0], k.shape[2], k.shape[1] // size)
-            out = sparse_decode_attention(q[:, 0], k, v, listed.indices, listed.counts, lengths, tile=size,
-                                          splits=splits)
-            return out[:, None], {}, cache
-        slots = jnp.arange(k.shape[1])
-        visible = jnp.repeat(tiles, size, axis=-1)[..., :k.shape[1]] & (slots[None, None, :] <= lengths[:, None, None])
-        return attend(q, k, v, visible[:, :, None, :]), {}, cache
+        listed = compact(tiles)
+        return codes, RowSelection(block, listed.counts, listed.indices)
 
     def prefill(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str):
         """The prompt with evaluation routes (argmax, no noise); its codes (and, in block mode, the router

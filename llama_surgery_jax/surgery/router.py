@@ -238,6 +238,16 @@ def route_block_features(params: dict[str, jax.Array], query_features: jax.Array
     return BlockRouting(q_codes, k_codes, q_routes, k_routes, balance)
 
 
+def block_codes(params: dict[str, jax.Array], features: jax.Array, *, config: RouterConfig,
+                routing_heads: int) -> tuple[jax.Array, jax.Array]:
+    """Argmax query and key codes [b, h, n] of the same pooled features [b, n, hidden], in one backbone pass: what
+    `route_block_features(params, f, f, ...)` gives as q_codes and k_codes (decode: the mean of the last T router
+    inputs is the query feature of a block that opens and the key feature of a block that fills)."""
+    logits = router_logits(params, features, routing_heads=2 * routing_heads, levels=config.levels, p=config.p)
+    codes = prefix_codes(jnp.argmax(logits, axis=-1), p=config.p, prefix_levels=config.levels)
+    return codes[:, :routing_heads], codes[:, routing_heads:]
+
+
 class HardTopology(NamedTuple):
     """What a block-sparse kernel needs for one layer. codes: [b, h, t] int32 prefix codes;
     tile_mask: [b, h, ceil(t / tile), ceil(t / tile)] bool (tile-wise OR of the token mask)."""
