@@ -10,7 +10,10 @@ prompt was, and a 128k prefill per row would cost more device time than the deco
 - surgery: block routing at each ρ, `sparse_decode_attention` over the listed blocks.
 
 Times: "step" is one jitted call per token, the next token's argmax dispatched from the host between calls (the
-host launches step t + 1 while step t runs); "loop" is `greedy_decode`, all steps in one program. The speedup is
+host launches step t + 1 while step t runs; surgery runs the step that routes or the one that does not, as the
+host's lengths say); "loop" is greedy decode in device loops: dense all steps in one `greedy_decode` program,
+surgery the runs of `inference.cache.greedy_plan` (a step that routes alone, the steps between in programs of
+32, 4 and 1 steps that do not route). The speedup is
 surgery's against the fastest dense attention of the same (context, batch) and timing. KV bytes read per step:
 every written slot (dense kernel and cuDNN; the masked attention reads the whole cache) or the listed blocks of
 the budget's row (surgery). `profile` rows: a trace of a few steps, the device's busy time and the source lines
@@ -23,9 +26,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from llama_surgery_jax.inference.cache import KVCache, decode_step, greedy_decode, init_cache
+from llama_surgery_jax.inference.cache import PLAIN_RUNS, KVCache, decode_step, greedy_decode, greedy_plan, init_cache
 from llama_surgery_jax.model.llama import LlamaForCausalLM
 from llama_surgery_jax.surgery.routed_attention import routed_layers
 
@@ -48,24 +52,42 @@ def random_cache(model: LlamaForCausalLM, batch: int, context: int, steps: int, 
     return KVCache(tuple(layers), jnp.full((batch,), context, jnp.int32))
 
 
-def _programs(graphdef, state, cache, tokens, density, attention, steps: int, loop: bool, routed: bool):
-    """({route: one compiled step (state, cache, tokens, ρ) → (logits, cache)}, the compiled loop of `steps` or
-    None). Block-mode models get a step that routes and one that does not (the host knows which is due); dense
-    models one step."""
-    routes = (True, False) if routed else (None,)
-
+def _programs(graphdef, state, cache, tokens, density, attention, routed: bool) -> dict:
+    """{route: one compiled step (state, cache, tokens, ρ) → (logits, cache)}: for surgery a step that routes and
+    one that does not (the host knows which is due), for dense one step."""
     def step(state, cache, tokens, density, route):
         return decode_step(nnx.merge(graphdef, state), cache, tokens, block_density=density, attention=attention,
                            route=route)[:2]
 
-    def steps_in_one(state, cache, tokens, density):
-        return greedy_decode(nnx.merge(graphdef, state), cache, tokens, steps, block_density=density,
-                             attention=attention)
+    return {route: jax.jit(step, donate_argnums=(1,), static_argnums=(4,)).lower(state, cache, tokens, density,
+                                                                                 route).compile()
+            for route in ((True, False) if routed else (None,))}
 
-    args = (state, cache, tokens, density)
-    one = {route: jax.jit(step, donate_argnums=(1,), static_argnums=(4,)).lower(*args, route).compile()
-           for route in routes}
-    return one, (jax.jit(steps_in_one, donate_argnums=(1,)).lower(*args).compile() if loop else None)
+
+def _loop(graphdef, state, cache, tokens, density, attention, steps: int, tile: int, routed: bool):
+    """(cache, tokens) → (the last new tokens, cache) after `steps` greedy tokens decoded in device loops: one
+    `greedy_decode` program (dense), or the runs of `greedy_plan` (surgery), every program compiled here."""
+    def compiled(route, n):
+        def run(state, cache, tokens, density):
+            return greedy_decode(nnx.merge(graphdef, state), cache, tokens, n, block_density=density,
+                                 attention=attention, route=route)
+
+        return jax.jit(run, donate_argnums=(1,)).lower(state, cache, tokens, density).compile()
+
+    runs = [(True, 1)] + [(False, n) for n in PLAIN_RUNS] if routed else [(None, steps)]
+    programs = {run: compiled(*run) for run in runs}
+
+    def decode(cache, tokens):
+        plan = [(None, steps)]
+        if routed:
+            rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+            plan = greedy_plan(np.asarray(cache.lengths), np.asarray(rows), steps, tile)
+        for run in plan:
+            new, cache = programs[run](state, cache, tokens, density)
+            tokens = new[:, -1]
+        return tokens, cache
+
+    return decode
 
 
 def _due(one: dict, cache: KVCache, tile: int):
@@ -134,9 +156,9 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
             slots = cache.layers[0].k.shape[1]
             tokens = jax.random.randint(jax.random.key(seed), (batch,), 0, config.vocab_size)
             rho = jnp.float32(density)
+            backend = DENSE_ATTENTIONS[attention] if kind == "dense" else "kernel"
             try:
-                one, many = _programs(graphdef, state, cache, tokens, rho, DENSE_ATTENTIONS.get(attention, attention)
-                                      if kind == "dense" else "kernel", steps, loop, kind == "surgery")
+                one = _programs(graphdef, state, cache, tokens, rho, backend, kind == "surgery")
             except Exception as error:  # noqa: BLE001 — a peer that does not run here is a row that says so
                 if attention != "cudnn":
                     raise
@@ -148,10 +170,11 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
                     "memory_gib": max(program_memory_gib(program) for program in one.values())}
             if profile_steps:
                 row["profile"], cache = _profile_steps(one, due, steps + 1, state, cache, tokens, rho, profile_steps)
-            if many is not None:
-                _, cache = jax.block_until_ready(many(state, cache, tokens, rho))  # warm-up
+            if loop:
+                decode = _loop(graphdef, state, cache, tokens, rho, backend, steps, tile, kind == "surgery")
+                _, cache = jax.block_until_ready(decode(cache, tokens))  # warm-up
                 start = time.perf_counter()
-                _, cache = jax.block_until_ready(many(state, cache, tokens, rho))
+                _, cache = jax.block_until_ready(decode(cache, tokens))
                 row["loop_step_ms"] = 1e3 * (time.perf_counter() - start) / steps
             if kind == "dense":
                 read = (context if attention != "masked" else slots) * slot_bytes * batch * config.num_hidden_layers
@@ -160,7 +183,7 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
                 read = blocks * tile * slot_bytes / config.num_key_value_heads * batch * config.num_hidden_layers
             row["kv_gib_read_per_step"] = read / 2**30
             yield row
-            del cache, one, many, due
+            del cache, one, due
 
 
 def decode_cells(r: dict, rows: list[dict]) -> list[str]:

@@ -2,13 +2,15 @@
 
     python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
-        [--attention auto|reference|kernel] [--no-gather] [--json FILE]
+        [--attention auto|reference|kernel] [--no-gather] [--no-compare] [--json FILE]
 
 Several `--prompt`s make one batch (right-padded; prompts may differ in length). No `--model`: the
 embedded SmolLM2-135M-Instruct. `--surgery` loads the routers of a training run; a folder without
 router checkpoints runs the dense model and says so. Greedy by default; `--temperature > 0` samples
 (seeded: the same seed gives the same text). Prints each completion and tokens/s of prefill and decode
-(compilation timed apart). See `kv_cache.py` for the attention paths.
+(compilation timed apart); with `--surgery`, then runs the dense model (the same weights without routers)
+on the same prompts and prints both speeds and their ratio (`--no-compare` skips it). See
+`inference/cache.py` for the attention paths.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from llama_surgery_jax.inference.cache import ContextError, Decoder
 from llama_surgery_jax.inference.generate import generate, load_for_inference
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
+from llama_surgery_jax.surgery.routed_attention import remove_routers, routed_layers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode over the whole cache with a mask instead of gathering visible keys")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", help="write the completions and timings here")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="with --surgery: skip the dense model's run on the same prompts (its speeds)")
     args = parser.parse_args(argv)
 
     try:
@@ -47,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
         result = generate(decoder, prompts, max_new_tokens=args.max_new_tokens,
                           model_context=model.config.max_position_embeddings, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed, eos_ids=model.config.eos_token_ids)
+        dense = None
+        if routed_layers(model) and not args.no_compare:  # the same prompts on the model without its routers
+            dense = generate(Decoder(remove_routers(model), attention=args.attention, gather=not args.no_gather),
+                             prompts, max_new_tokens=args.max_new_tokens,
+                             model_context=model.config.max_position_embeddings, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed, eos_ids=model.config.eos_token_ids)
     except (CheckpointError, ConfigError, ContextError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,13 +69,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prefill {result.prompt_tokens} tokens: {result.prefill_tokens_per_s:.1f} tokens/s; decode "
           f"{result.decode_steps} steps × {len(prompts)}: {result.decode_tokens_per_s:.1f} tokens/s "
           f"(compilation {result.compile_s:.1f} s, excluded)")
+    if dense is not None:
+        print(speed_table(dense, result))
     if args.json:
         from llama_surgery_jax.files import write_json_atomic
 
-        write_json_atomic(args.json, asdict(result) | {"model": described,
-                                                        "prefill_tokens_per_s": result.prefill_tokens_per_s,
-                                                        "decode_tokens_per_s": result.decode_tokens_per_s})
+        speeds = {"prefill_tokens_per_s": result.prefill_tokens_per_s,
+                  "decode_tokens_per_s": result.decode_tokens_per_s}
+        if dense is not None:
+            speeds["dense"] = {"prefill_tokens_per_s": dense.prefill_tokens_per_s,
+                               "decode_tokens_per_s": dense.decode_tokens_per_s, "tokens": dense.tokens}
+        write_json_atomic(args.json, asdict(result) | {"model": described} | speeds)
     return 0
+
+
+def speed_table(dense, surgery) -> str:
+    """Prefill and decode tokens/s of the dense model and the surgery on the same prompts, and their ratio."""
+    rows = [("dense", dense.prefill_tokens_per_s, dense.decode_tokens_per_s),
+            ("surgery", surgery.prefill_tokens_per_s, surgery.decode_tokens_per_s)]
+    lines = ["dense against surgery (same prompts and weights; compilation excluded):", "",
+             "| model | prefill tokens/s | decode tokens/s |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {prefill:.1f} | {decode:.1f} |" for name, prefill, decode in rows]
+    lines.append(f"| surgery ÷ dense | {surgery.prefill_tokens_per_s / dense.prefill_tokens_per_s:.2f}× | "
+                 f"{surgery.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}× |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -235,12 +235,61 @@ def test_greedy_decode_in_one_program_is_the_step_loop(routed):
             np.testing.assert_array_equal(mine.selection.blocks, theirs.selection.blocks)
 
 
+def test_greedy_plan_routes_where_a_block_opens_or_fills():
+    from llama_surgery_jax.inference.cache import greedy_plan
+
+    route, plain = (True, 1), (False, 1)
+    # Index 16 opens block 2 (and the kept row is stale), 23 fills it, 24 opens block 3, 31 fills it, 32 opens 4.
+    assert greedy_plan([16], [-1], 20, 8) == [route, (False, 4), plain, plain, route, route, (False, 4), plain,
+                                              plain, route, route, plain, plain, plain]
+    # Two sequences out of phase (index 15 fills a block, 16 opens one, then 15 again): each one's boundaries route
+    # the whole batch; a kept row for the current block needs no routing.
+    assert greedy_plan([10, 13], [1, 1], 6, 8) == [plain, plain, route, route, plain, route]
+
+
+def test_greedy_plan_decode_is_the_step_loop():
+    """Decode by `greedy_plan` runs (programs that route one step, programs of steps that do not) gives the tokens of
+    one step at a time with routing decided on the device, on a ragged batch over several blocks."""
+    from llama_surgery_jax.inference.cache import decode_step, greedy_decode, greedy_plan
+
+    seed = fresh_seed()
+    model = block_model(seed)
+    tokens = jax.random.randint(jax.random.key(seed), (2, 61), 0, TINY.vocab_size)
+    _, cache = nnx.jit(lambda m, x, n: prefill(m, x, n, max_len=100, last_only=True))(model, tokens,
+                                                                                    jnp.asarray([45, 61]))
+    first = jax.random.randint(jax.random.key(seed + 1), (2,), 0, TINY.vocab_size)
+    plan = greedy_plan(np.asarray(cache.lengths), np.asarray(cache.layers[0].selection.row), 30, BLOCK.block_size)
+    assert (False, 4) in plan and (True, 1) in plan
+    run = nnx.jit(lambda m, c, t, route, n: greedy_decode(m, c, t, n, route=route), static_argnums=(3, 4))
+    planned, planned_cache, token = [], cache, first
+    for route, n in plan:
+        new, planned_cache = run(model, planned_cache, token, route, n)
+        planned.append(new)
+        token = new[:, -1]
+    step = nnx.jit(lambda m, c, t: decode_step(m, c, t)[:2])
+    stepped, token = [], first
+    for _ in range(30):
+        logits, cache = step(model, cache, token)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        stepped.append(token)
+    np.testing.assert_array_equal(jnp.concatenate(planned, axis=1), jnp.stack(stepped, axis=1), err_msg=f"seed {seed}")
+    for mine, theirs in zip(planned_cache.layers, cache.layers, strict=True):
+        np.testing.assert_array_equal(mine.codes, theirs.codes)
+        np.testing.assert_array_equal(mine.selection.blocks, theirs.selection.blocks)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
     """The exactness check on real weights: SmolLM2 with random block routers (the default preset's tree, per KV
     head, at tile 16 and W 16 so that a short sequence has 17 blocks and the budget reaches past the window), 64
     greedy steps from a 200-token prompt (blocks open and fill during decode), KV-cache decode against a full
-    re-prefill with the same hard mask, at ρ = 0.5."""
+    re-prefill with the same hard mask, at ρ = 0.5.
+
+    float32: the greedy tokens are equal. bf16: decode and re-prefill round differently (a cache of bf16 K/V
+    against a whole forward), and random routers on real weights give near-uniform logits, so a greedy token can
+    flip where the top two logits lie within that rounding (seed 741990227: a margin of 0.011 at step 3, logits
+    0.34 apart of 30). So bf16 is checked teacher-forced on the re-prefill's 64 tokens: every step's logits
+    within the bf16 bound of the two paths (4 · 2 · √layers · u relative, as the kernel checks)."""
     from llama_surgery_jax.evaluation.niah import Reprefill
     from llama_surgery_jax.inference.cache import Decoder
     from llama_surgery_jax.inference.generate import generate
@@ -253,6 +302,20 @@ def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
     inject_routers(model, router, nnx.Rngs(seed))
     prompt = np.random.default_rng(seed).integers(3, model.config.vocab_size, 200).tolist()
     kwargs = dict(max_new_tokens=64, model_context=model.config.max_position_embeddings)
-    decoded = generate(Decoder(model), [prompt], **kwargs).tokens
     again = generate(Reprefill(model, train=False), [prompt], **kwargs).tokens
-    assert decoded == again, f"seed {seed}"
+    if dtype == "float32":
+        decoded = generate(Decoder(model), [prompt], **kwargs).tokens
+        assert decoded == again, f"seed {seed}"
+        return
+    reference, decoder = Reprefill(model, train=False), Decoder(model)
+    tokens, lengths = jnp.asarray([prompt]), jnp.asarray([len(prompt)])
+    expected, reference_state = reference.prefill(tokens, lengths, len(prompt) + 64)
+    logits, cache = decoder.prefill(tokens, lengths, len(prompt) + 64)
+    logits = logits[:, -1]
+    bound = 4 * 2 * math.sqrt(model.config.num_hidden_layers) * BF16_U
+    for step, token in enumerate(again[0][:64]):
+        error = float(jnp.linalg.norm(logits - expected) / jnp.linalg.norm(expected))
+        assert error <= bound, f"seed {seed}, step {step}: relative logits error {error:.2e} > {bound:.2e}"
+        following = jnp.asarray([token], jnp.int32)
+        expected, reference_state = reference.step(reference_state, following)
+        logits, cache = decoder.step(cache, following)

@@ -208,7 +208,8 @@ def test_dense_decode_is_attention_over_every_written_slot(hq, hkv, d, splits):
 def test_decode_splits():
     assert decode_splits(1, 8, 1024) == 32  # batch 1 at 128k: 256 programs
     assert decode_splits(8, 8, 256) == 4  # batch 8: 256 programs already at 4 splits
-    assert decode_splits(1, 3, 64) == 2  # a short cache: one split per 32 blocks
+    assert decode_splits(1, 8, 64) == 2  # a short cache: one split per 32 blocks
+    assert decode_splits(1, 3, 66) == 1  # SmolLM2 at 8k: a small step, no merge
     assert decode_splits(64, 8, 1024) == 1
 
 

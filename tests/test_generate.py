@@ -190,6 +190,12 @@ def test_cli_batch_greedy_and_run_without_routers(tiny_model_dir, tmp_path, caps
     assert "no such folder" in capsys.readouterr().err
     assert main([*args, "--surgery", str(tmp_path)]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+    # Routers: the dense model runs the same prompts after the surgery, both speeds printed side by side.
+    assert main([*args, "--surgery", "init"]) == 0
+    table = capsys.readouterr().out
+    assert "| dense |" in table and "| surgery |" in table and "| surgery ÷ dense |" in table
+    compared = json.loads(out.read_text())
+    assert compared["dense"]["tokens"] == dense["tokens"] and compared["dense"]["decode_tokens_per_s"] > 0
     assert main(["--model", str(tiny_model_dir), "--prompt", "", "--max-new-tokens", "2"]) == 2
     assert "empty" in capsys.readouterr().err
     assert main(["--model", str(tiny_model_dir), "--prompt", "word " * 1100]) == 2

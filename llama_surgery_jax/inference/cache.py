@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llama_surgery_jax.model.llama import DECODE_BLOCK, LayerCache, LlamaForCausalLM
@@ -177,6 +178,7 @@ def greedy_decode(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, st
 
     One dispatch for all the steps, so a small model's decode is not bound by the host launching each step.
     Masked or block-mode attention only (a token-mode gather budget may overflow, which needs the host).
+    attention_kwargs reach `decode_step` (route=False: no step may be due; `greedy_plan` says which are).
     """
     def step(carry, _):
         cache, tokens = carry
@@ -186,6 +188,36 @@ def greedy_decode(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, st
 
     (cache, _), new = jax.lax.scan(step, (cache, tokens), length=steps)
     return new.T, cache
+
+
+PLAIN_RUNS = (32, 4, 1)  # the lengths of the compiled programs that run steps without routing
+
+
+def greedy_plan(lengths, rows, steps: int, tile: int) -> list[tuple[bool, int]]:
+    """Block-mode decode of `steps` tokens from the host's lengths [b] and kept rows [b] (`RowSelection.row`) →
+    runs (route, n): (True, 1) a step that routes, (False, n) n steps that do not, n in PLAIN_RUNS.
+
+    A block of T tokens needs two steps that route per sequence (it opens and fills) and T − 2 that only attend:
+    those run as `greedy_decode(..., route=False)` programs of fixed lengths, no `lax.cond` in them (a cond on
+    the GPU waits for the device to reach it), so decode costs the routing of one step per T/2."""
+    lengths, rows = np.asarray(lengths), np.asarray(rows)
+    runs, plain = [], 0
+    for step in range(steps):
+        if np.any(routing_due(lengths + step, rows, tile)):
+            runs += [(False, n) for n in _split(plain)] + [(True, 1)]
+            plain, rows = 0, (lengths + step) // tile
+        else:
+            plain += 1
+    return runs + [(False, n) for n in _split(plain)]
+
+
+def _split(count: int) -> list[int]:
+    """count as a sum of PLAIN_RUNS, largest first."""
+    out = []
+    for n in PLAIN_RUNS:
+        out += [n] * (count // n)
+        count %= n
+    return out
 
 
 class Decoder:
@@ -210,11 +242,14 @@ class Decoder:
         def prefill_fn(state, tokens, lengths, max_len):
             return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len=max_len, attention=self.attention)
 
-        def decode_fn(state, cache, tokens, budget):
-            return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget, attention=self.attention)
+        def decode_fn(state, cache, tokens, budget, route):
+            return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget, attention=self.attention,
+                               route=route)
 
         self._prefill = jax.jit(prefill_fn, static_argnums=(3,))
-        self._decode = jax.jit(decode_fn, static_argnums=(3,), donate_argnums=(1,))
+        self._decode = jax.jit(decode_fn, static_argnums=(3, 4), donate_argnums=(1,))
+        config = router_config(model)
+        self.block_size = config.block_size if config is not None and config.mode == "block" else None
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int) -> tuple[jax.Array, KVCache]:
         """tokens: [b, t], lengths: [b] → logits [b, t, vocab], cache of max_len slots."""
@@ -227,13 +262,18 @@ class Decoder:
         if int(jnp.max(cache.lengths)) >= slots:
             raise ContextError(f"the cache is full: a sequence holds {int(jnp.max(cache.lengths))} of {slots} slots; "
                                "prefill with a larger max_len (prompt + new tokens)")
+        if self.block_size is not None:  # block mode: the host says whether the step routes (no cond on the device)
+            rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+            route = bool(np.any(routing_due(np.asarray(cache.lengths), np.asarray(rows), self.block_size)))
+            logits, cache, _ = self._decode(self.state, cache, tokens, None, route)
+            return logits, cache
         if not self.gather or not self.routed:  # dense decode sees the whole causal prefix: no gather
-            logits, cache, _ = self._decode(self.state, cache, tokens, None)
+            logits, cache, _ = self._decode(self.state, cache, tokens, None, None)
             return logits, cache
         if self.budget is None:
             self.budget = min(slots, self.budget_step)
         while True:
-            logits, new_cache, overflow = self._decode(self.state, cache, tokens, self.budget)
+            logits, new_cache, overflow = self._decode(self.state, cache, tokens, self.budget, None)
             if not bool(overflow):
                 return logits, new_cache
             # Slots before the new token are intact (it wrote only its own slot, which the repeat

@@ -221,7 +221,10 @@ def sparse_decode_attention(
         interpret=interpret,
         name="block_sparse_decode_attention",
     )(*args)
-    o, lse = merge_splits(o_parts[..., :group, :], lse_parts[..., :group])
+    if splits == 1:  # nothing to merge (o = 0 and lse = -inf on empty rows already): no merge kernels
+        o, lse = o_parts[:, :, 0, :group, :], lse_parts[:, :, 0, :group]
+    else:
+        o, lse = merge_splits(o_parts[..., :group, :], lse_parts[..., :group])
     o = o.reshape(b, hq, d).astype(q.dtype)
     lse = lse.reshape(b, hq)
     return (o, lse) if return_lse else o
@@ -313,10 +316,12 @@ def gather_decode_attention(
 
 
 def decode_splits(batch: int, kv_heads: int, blocks: int) -> int:
-    """Split-K programs per (sequence, KV head): about 256 programs whatever the batch (an H200 has 132
-    multiprocessors; batch 1 with 8 KV heads would otherwise run 8 programs that each walk a long list one block
-    after another), at most 32, and at most one split per 32 listed blocks (short lists lost to mostly empty
-    splits: SmolLM2 at 8k ran 32 splits slower than one)."""
+    """Split-K programs per (sequence, KV head) for lists of up to `blocks` blocks: about 256 programs whatever the
+    batch (an H200 has 132 multiprocessors; batch 1 with 8 KV heads would otherwise run 8 programs that each walk a
+    long list one block after another), at most 32, and at most one split per 32 blocks. One split when the whole
+    step reads at most 256 blocks: there the merge's kernels cost more than the split saves (SmolLM2 at 8k)."""
+    if batch * kv_heads * blocks <= 256:
+        return 1
     return max(1, min(32, 256 // (batch * kv_heads), -(-blocks // 32)))
 
 
