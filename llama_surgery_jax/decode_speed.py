@@ -31,6 +31,7 @@ from flax import nnx
 
 from llama_surgery_jax.inference.cache import PLAIN_RUNS, KVCache, decode_step, greedy_decode, greedy_plan, init_cache
 from llama_surgery_jax.model.llama import LlamaForCausalLM
+from llama_surgery_jax.surgery.block_routing import floor_density
 from llama_surgery_jax.surgery.routed_attention import routed_layers
 
 DENSE_ATTENTIONS = {"kernel": "kernel", "cudnn": "cudnn", "masked": None}  # name → dense_attention's `attention`
@@ -145,6 +146,12 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
     layer = routed_layers(model)[0]
     tile = layer.config.block_size
     slot_bytes = config.num_key_value_heads * config.head_dim * 2 * 2  # k and v, bf16
+    for context, _ in settings:  # a budget below the forced tiles would execute more than the ρ the table prints
+        floor = floor_density(-(-context // tile), tile=tile, window=layer.config.window, sink=layer.config.sink)
+        if min(densities) < floor:
+            raise ValueError(f"block density {min(densities)} is below the floor {floor:.3f} at context {context} "
+                             f"(tile {tile}, window {layer.config.window}: the sink, own and window tiles alone "
+                             "execute that much); ask for a density at or above it, or a longer context")
     variants = [("dense", name, dense_def, dense_state, 1.0) for name in dense]
     variants += [("surgery", "kernel", routed_def, routed_state, density) for density in densities]
     for context, batch in settings:

@@ -336,10 +336,14 @@ def main(argv: list[str] | None = None) -> int:
                 for row in layer_rows(model, described, lengths, args.densities, max(args.reps, 10)):
                     add(row)
             if "decode" not in skip:
-                for row in decode_rows(model, described, args.decode.get(name, []), args.densities, args.decode_steps,
-                                       dense=args.decode_dense.split(","), loop=args.decode_loop,
-                                       profile_steps=args.profile_steps):
-                    add(row)
+                try:
+                    for row in decode_rows(model, described, args.decode.get(name, []), args.densities,
+                                           args.decode_steps, dense=args.decode_dense.split(","),
+                                           loop=args.decode_loop, profile_steps=args.profile_steps):
+                        add(row)
+                except ValueError as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 2
             del model
     (out / "speed.md").write_text(markdown(rows, device))
     print(markdown(rows, device))

@@ -52,6 +52,14 @@ def test_speed_rows_on_a_tiny_model(tmp_path):
     assert "| tiny | 256 | 2 | surgery | 0.5 |" in text and "Profile: tiny, context 256 × 2, surgery 0.5" in text
 
 
+def test_decode_density_below_the_floor_is_an_error():
+    """At 256 tokens in 16 blocks of 16 (window 16) the sink, own and previous tiles are 45 of the 136 causal
+    tiles: ρ = 0.1 cannot execute."""
+    model = routed_model(fresh_seed())
+    with pytest.raises(ValueError, match="below the floor 0.331"):
+        next(speed.decode_rows(model, "tiny", [(256, 1)], [0.1], steps=1))
+
+
 def test_per_model_lists():
     assert speed.per_model("smollm2:8192,llama-3.1-8b:32768+131072", int) == {
         "smollm2": [8192], "llama-3.1-8b": [32768, 131072]}
