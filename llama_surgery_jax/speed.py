@@ -21,7 +21,9 @@ the schedule, the sparse kernel (schedule included), dense cuDNN attention; the 
 fraction of the sparse attention. Rows (`check`): at --check-length, the prefill on the kernels against the
 evaluation forward on the reference attention (`tile_masked_attention`) replaying the same tiles: relative
 error of the final hidden states and last logits, and whether the greedy next token agrees.
-Writes OUT/speed.json (rows as they finish) and OUT/speed.md.
+Rows (`decode`): decode tokens/s at --decode settings (context x batch), dense against surgery, per host-dispatched
+step and (--decode-loop) in device loops, with KV bytes read per step and program memory; --profile-steps adds a
+trace per row (`decode_speed`, `profiling`). Writes OUT/speed.json (rows as they finish) and OUT/speed.md.
 """
 
 from __future__ import annotations
