@@ -235,6 +235,28 @@ def test_greedy_decode_in_one_program_is_the_step_loop(routed):
             np.testing.assert_array_equal(mine.selection.blocks, theirs.selection.blocks)
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_generate_in_device_loops_is_the_step_loop(routed):
+    """Greedy `generate` through `Decoder.greedy` (chunks of steps in device loops) gives the tokens of one host
+    step per token, dense and block-routed, on a ragged batch; a row stops at its end-of-sequence token."""
+    from llama_surgery_jax.inference.cache import Decoder
+    from llama_surgery_jax.inference.generate import generate
+
+    seed = fresh_seed()
+    model = block_model(seed) if routed else LlamaForCausalLM(TINY, precision=Precision(), rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, TINY.vocab_size, size).tolist() for size in (45, 30, 61)]
+    kwargs = dict(max_new_tokens=40, model_context=TINY.max_position_embeddings)
+    looped = generate(Decoder(model), prompts, **kwargs)
+    stepping = Decoder(model)
+    stepping.loops = False
+    stepped = generate(stepping, prompts, **kwargs)
+    assert looped.tokens == stepped.tokens and looped.decode_steps == 39, f"seed {seed}"
+    eos = looped.tokens[1][10]  # an end-of-sequence id that row 1 meets at its 11th token
+    stopped = generate(Decoder(model), prompts, eos_ids=(eos,), **kwargs).tokens
+    assert stopped[1] == looped.tokens[1][:looped.tokens[1].index(eos) + 1], f"seed {seed}"
+
+
 def test_greedy_plan_routes_where_a_block_opens_or_fills():
     from llama_surgery_jax.inference.cache import greedy_plan
 

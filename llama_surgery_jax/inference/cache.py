@@ -246,22 +246,53 @@ class Decoder:
             return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget, attention=self.attention,
                                route=route)
 
+        def greedy_fn(state, cache, tokens, steps, route):
+            return greedy_decode(nnx.merge(graphdef, state), cache, tokens, steps, attention=self.attention,
+                                 route=route)
+
         self._prefill = jax.jit(prefill_fn, static_argnums=(3,))
         self._decode = jax.jit(decode_fn, static_argnums=(3, 4), donate_argnums=(1,))
+        self._greedy = jax.jit(greedy_fn, static_argnums=(3, 4), donate_argnums=(1,))
         config = router_config(model)
         self.block_size = config.block_size if config is not None and config.mode == "block" else None
+        # Greedy tokens in device loops: dense and block-mode models (a token-mode gather budget needs the host).
+        self.loops = self.block_size is not None or not self.routed or not self.gather
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int) -> tuple[jax.Array, KVCache]:
         """tokens: [b, t], lengths: [b] → logits [b, t, vocab], cache of max_len slots."""
         return self._prefill(self.state, tokens, lengths, max_len)
 
+    def greedy(self, cache: KVCache, tokens: jax.Array, steps: int) -> tuple[jax.Array, KVCache]:
+        """tokens: [b] → (the next `steps` greedy tokens [b, steps], cache), in device loops without the host between
+        steps: block mode by `greedy_plan`'s runs, dense in runs of PLAIN_RUNS steps (few compiled lengths)."""
+        if not self.loops:
+            raise ValueError("greedy device loops need a dense or block-mode model (or gather=False): a token-mode "
+                             "gather budget may overflow, which needs the host; use step()")
+        self.check_room(cache, steps)
+        if self.block_size is not None:
+            rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+            plan = greedy_plan(np.asarray(cache.lengths), np.asarray(rows), steps, self.block_size)
+        else:
+            plan = [(None, n) for n in _split(steps)]
+        new = []
+        for route, n in plan:
+            chunk, cache = self._greedy(self.state, cache, tokens, n, route)
+            new.append(chunk)
+            tokens = chunk[:, -1]
+        return jnp.concatenate(new, axis=1), cache
+
+    @staticmethod
+    def check_room(cache: KVCache, steps: int = 1) -> None:
+        """A write past the last slot would be dropped by JAX without a word, and the logits silently wrong."""
+        slots, longest = cache.layers[0].k.shape[1], int(jnp.max(cache.lengths))
+        if longest + steps > slots:
+            raise ContextError(f"the cache is full: a sequence holds {longest} of {slots} slots and {steps} more "
+                               "tokens were asked for; prefill with a larger max_len (prompt + new tokens)")
+
     def step(self, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
         """tokens: [b] → logits [b, vocab], cache; repeats the step with a doubled budget on overflow."""
+        self.check_room(cache)
         slots = cache.layers[0].k.shape[1]
-        # A write past the last slot would be dropped by JAX without a word, and the logits silently wrong.
-        if int(jnp.max(cache.lengths)) >= slots:
-            raise ContextError(f"the cache is full: a sequence holds {int(jnp.max(cache.lengths))} of {slots} slots; "
-                               "prefill with a larger max_len (prompt + new tokens)")
         if self.block_size is not None:  # block mode: the host says whether the step routes (no cond on the device)
             rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
             route = bool(np.any(routing_due(np.asarray(cache.lengths), np.asarray(rows), self.block_size)))

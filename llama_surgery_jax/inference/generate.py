@@ -44,6 +44,9 @@ class Generation:
         return batch * self.decode_steps / self.decode_s if self.decode_s else float("nan")
 
 
+GREEDY_CHUNK = 32  # greedy tokens per device-loop call; the end-of-sequence check runs between calls
+
+
 def sample(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int | None) -> jax.Array:
     """logits: [b, vocab] float32 → tokens [b] int32: argmax when temperature == 0, else a seeded sample."""
     if temperature == 0:
@@ -75,7 +78,10 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
     eos_ids: end-of-sequence ids (`ModelConfig.eos_token_ids`): a row stops at the first of any of them (kept).
 
     warmup: compile (and run once) prefill and the first decode step before timing, so the reported
-    speeds exclude compilation (compile_s holds it).
+    speeds exclude compilation (compile_s holds it). Greedy decoding (temperature 0) with a decoder that has
+    device loops (`Decoder.greedy`: dense and block-mode models) runs GREEDY_CHUNK tokens per call, the
+    end-of-sequence check between calls (the tokens after an EOS are dropped); its warm-up runs the whole decode
+    once, so every program the chunks need is compiled before the timed run.
     """
     slots = check_context([len(p) for p in prompts], max_new_tokens, model_context)
     lengths = np.array([len(p) for p in prompts], np.int32)
@@ -85,13 +91,19 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
     tokens, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
     key = jax.random.key(seed)
 
+    loops = temperature == 0 and getattr(decoder, "loops", False)  # greedy: chunks of steps in device loops
     compile_s = 0.0
     if warmup:
         start = time.perf_counter()
         logits, cache = jax.block_until_ready(decoder.prefill(tokens, lengths_j, slots))
-        if max_new_tokens > 1:
-            jax.block_until_ready(decoder.step(cache, sample(last_logits(logits, lengths_j), key,
-                                                             temperature=temperature, top_k=top_k)))
+        first = sample(last_logits(logits, lengths_j), key, temperature=temperature, top_k=top_k)
+        if loops:  # the same chunks as below, so every program they run is compiled
+            for done_steps in range(1, max_new_tokens, GREEDY_CHUNK):
+                new, cache = decoder.greedy(cache, first, min(GREEDY_CHUNK, max_new_tokens - done_steps))
+                first = new[:, -1]
+            jax.block_until_ready(cache)
+        elif max_new_tokens > 1:
+            jax.block_until_ready(decoder.step(cache, first))
         compile_s = time.perf_counter() - start
     (logits, cache), prefill_s = _timed(decoder.prefill, tokens, lengths_j, slots)
     logits = last_logits(logits, lengths_j)
@@ -99,15 +111,29 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
     new = np.zeros((len(prompts), max_new_tokens), np.int32)
     done = np.zeros(len(prompts), bool)
     decode_s, steps = 0.0, 0
-    for step in range(max_new_tokens):
-        next_tokens = sample(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k)
-        new[:, step] = np.asarray(next_tokens)
-        done |= np.isin(new[:, step], eos_ids)
-        if step == max_new_tokens - 1 or done.all():
-            break
-        (logits, cache), seconds = _timed(decoder.step, cache, next_tokens)
-        decode_s += seconds
-        steps += 1
+    if loops:
+        next_tokens = sample(logits, key, temperature=0.0, top_k=None)
+        new[:, 0] = np.asarray(next_tokens)
+        done |= np.isin(new[:, 0], eos_ids)
+        filled = 1
+        while filled < max_new_tokens and not done.all():
+            n = min(GREEDY_CHUNK, max_new_tokens - filled)
+            (chunk, cache), seconds = _timed(decoder.greedy, cache, next_tokens, n)
+            new[:, filled:filled + n] = np.asarray(chunk)
+            done |= np.isin(new[:, filled:filled + n], eos_ids).any(axis=1)
+            filled, steps, decode_s = filled + n, steps + n, decode_s + seconds
+            next_tokens = chunk[:, -1]
+        step = filled - 1
+    else:
+        for step in range(max_new_tokens):
+            next_tokens = sample(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k)
+            new[:, step] = np.asarray(next_tokens)
+            done |= np.isin(new[:, step], eos_ids)
+            if step == max_new_tokens - 1 or done.all():
+                break
+            (logits, cache), seconds = _timed(decoder.step, cache, next_tokens)
+            decode_s += seconds
+            steps += 1
     out = []
     for row in new[:, :step + 1].tolist():
         ends = [i for i, token in enumerate(row) if token in eos_ids]
