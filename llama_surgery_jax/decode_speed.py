@@ -29,7 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_surgery_jax.inference.cache import PLAIN_RUNS, KVCache, decode_step, greedy_decode, greedy_plan, init_cache
+from llama_surgery_jax.inference.cache import (
+    PLAIN_RUNS,
+    KVCache,
+    decode_step,
+    greedy_decode,
+    greedy_plan,
+    init_cache,
+    kept_rows,
+)
 from llama_surgery_jax.model.llama import LlamaForCausalLM
 from llama_surgery_jax.surgery.block_routing import floor_density
 from llama_surgery_jax.surgery.routed_attention import routed_layers
@@ -81,8 +89,7 @@ def _loop(graphdef, state, cache, tokens, density, attention, steps: int, tile: 
     def decode(cache, tokens):
         plan = [(None, steps)]
         if routed:
-            rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
-            plan = greedy_plan(np.asarray(cache.lengths), np.asarray(rows), steps, tile)
+            plan = greedy_plan(np.asarray(cache.lengths), np.asarray(kept_rows(cache)), steps, tile)
         for run in plan:
             new, cache = programs[run](state, cache, tokens, density)
             tokens = new[:, -1]
@@ -101,7 +108,7 @@ def _due(one: dict, cache: KVCache, tile: int):
     from llama_surgery_jax.inference.cache import routing_due
 
     lengths = np.asarray(cache.lengths)
-    rows = np.asarray(next(layer.selection.row for layer in cache.layers if layer.selection is not None))
+    rows = np.asarray(kept_rows(cache))
     return lambda step: bool(np.any(routing_due(lengths + step, rows if step == 0 else (lengths + step) // tile,
                                                 tile)))
 

@@ -229,7 +229,9 @@ def test_greedy_decode_in_one_program_is_the_step_loop(routed):
     np.testing.assert_array_equal(looped, jnp.stack(stepped, axis=1), err_msg=f"seed {seed}")
     np.testing.assert_array_equal(looped_cache.lengths, cache.lengths)
     for mine, theirs in zip(looped_cache.layers, cache.layers, strict=True):
-        np.testing.assert_allclose(mine.k, theirs.k, rtol=1e-6, atol=1e-6)
+        # The same function in two programs (a scan body against single steps): float32 reordering only, bounded
+        # as the tiny model's logits are (conftest.logits_bound, the model's sums and depth).
+        assert np.abs(mine.k - theirs.k).max() <= TINY_LOGITS_BOUND * np.abs(theirs.k).max(), f"seed {seed}"
         if routed:
             np.testing.assert_array_equal(mine.codes, theirs.codes)
             np.testing.assert_array_equal(mine.selection.blocks, theirs.selection.blocks)

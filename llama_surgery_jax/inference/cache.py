@@ -152,7 +152,7 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *, b
     config = router_config(model)
     block_mode = config is not None and config.mode == "block"
     if route is None and block_mode:  # a traced bool: each layer's routing half runs under a lax.cond
-        rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+        rows = kept_rows(cache)
         route = jnp.any(routing_due(cache.lengths, rows, config.block_size))
     if block_mode:
         attention_kwargs["route"] = route
@@ -163,6 +163,11 @@ def decode_step(model: LlamaForCausalLM, cache: KVCache, tokens: jax.Array, *, b
         if "keys_seen" in layer_aux:
             overflow = overflow | (layer_aux["keys_seen"] > budget)
     return logits[:, 0], KVCache(layers, cache.lengths + 1), overflow
+
+
+def kept_rows(cache: KVCache) -> jax.Array:
+    """[b] int32: the row each sequence's kept block selection is for (`RowSelection.row`; block mode)."""
+    return next(layer.selection.row for layer in cache.layers if layer.selection is not None)
 
 
 def routing_due(lengths, rows, tile: int):
@@ -270,7 +275,7 @@ class Decoder:
                              "gather budget may overflow, which needs the host; use step()")
         self.check_room(cache, steps)
         if self.block_size is not None:
-            rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+            rows = kept_rows(cache)
             plan = greedy_plan(np.asarray(cache.lengths), np.asarray(rows), steps, self.block_size)
         else:
             plan = [(None, n) for n in _split(steps)]
@@ -294,7 +299,7 @@ class Decoder:
         self.check_room(cache)
         slots = cache.layers[0].k.shape[1]
         if self.block_size is not None:  # block mode: the host says whether the step routes (no cond on the device)
-            rows = next(layer.selection.row for layer in cache.layers if layer.selection is not None)
+            rows = kept_rows(cache)
             route = bool(np.any(routing_due(np.asarray(cache.lengths), np.asarray(rows), self.block_size)))
             logits, cache, _ = self._decode(self.state, cache, tokens, None, route)
             return logits, cache
