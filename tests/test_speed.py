@@ -10,6 +10,7 @@ from conftest import fresh_seed
 from flax import nnx
 
 from llama_surgery_jax import speed
+from llama_surgery_jax.evaluation import decode_speed, prefill_speed, speed_report
 from llama_surgery_jax.model.config import ModelConfig
 from llama_surgery_jax.model.llama import LlamaForCausalLM
 from llama_surgery_jax.surgery.routed_attention import inject_routers, routed_layers
@@ -18,24 +19,25 @@ CONFIG = dataclasses.replace(ModelConfig.named("tiny"), head_dim=64)
 
 
 def routed_model(seed: int) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(CONFIG, precision=speed.BF16, rngs=nnx.Rngs(seed))
-    router = dataclasses.replace(speed.ROUTER_8B, block_size=16, window=16, levels=3)
+    model = LlamaForCausalLM(CONFIG, precision=prefill_speed.BF16, rngs=nnx.Rngs(seed))
+    router = dataclasses.replace(prefill_speed.ROUTER_8B, block_size=16, window=16, levels=3)
     return inject_routers(model, router, nnx.Rngs(seed + 1))
 
 
 def test_speed_rows_on_a_tiny_model(tmp_path):
     seed = fresh_seed()
     model = routed_model(seed)
-    rows = list(speed.prefill_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
+    rows = list(prefill_speed.prefill_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
     assert [r["attention"] for r in rows] == ["dense (cuDNN)", "surgery (block-sparse)"]
     # 16 blocks: ⌈0.5 · 136⌉ = 68 of the 136 causal tiles per head, counted from the tiles executed.
     assert rows[1]["density"] == pytest.approx(68 / 136, abs=1e-6), f"seed {seed}"
     assert len(routed_layers(model)) == CONFIG.num_hidden_layers, "the routers stay in the model"
-    layer = next(speed.layer_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
+    layer = next(prefill_speed.layer_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
     assert layer["router_ms"] > 0 and layer["sparse_attention_ms"] > 0
-    check = speed.check_row(model, "tiny", 256, 0.5, seed=seed)
+    check = prefill_speed.check_row(model, "tiny", 256, 0.5, seed=seed)
     assert check["passed"], f"seed {seed}: {check}"
-    decode = list(speed.decode_rows(model, "tiny", [(256, 2)], [0.5], steps=2, loop=True, profile_steps=1, seed=seed))
+    decode = list(decode_speed.decode_rows(model, "tiny", [(256, 2)], [0.5], steps=2, loop=True, profile_steps=1,
+                                           seed=seed))
     assert [(r["attention"], r.get("decode_attention")) for r in decode] == [
         ("dense", "kernel"), ("dense", "cudnn"), ("dense", "masked"), ("surgery", "kernel")]
     assert "error" in decode[1], "no cuDNN on a CPU: the row says why"
@@ -47,7 +49,7 @@ def test_speed_rows_on_a_tiny_model(tmp_path):
     for row in (kernel, masked, surgery):
         assert row["step_ms"] > 0 and row["loop_step_ms"] > 0
         assert 0 < row["profile"]["busy_ms"] and row["profile"]["groups"], "the trace found the program's work"
-    text = speed.markdown(rows + [layer, check, *decode], "cpu")
+    text = speed_report.markdown(rows + [layer, check, *decode], "cpu")
     assert "surgery (block-sparse)" in text and "| tiny | 256 | 0.5 |" in text
     assert "| tiny | 256 | 2 | surgery | 0.5 |" in text and "Profile: tiny, context 256 × 2, surgery 0.5" in text
 
@@ -57,7 +59,7 @@ def test_decode_density_below_the_floor_is_an_error():
     tiles: ρ = 0.1 cannot execute."""
     model = routed_model(fresh_seed())
     with pytest.raises(ValueError, match="below the floor 0.331"):
-        next(speed.decode_rows(model, "tiny", [(256, 1)], [0.1], steps=1))
+        next(decode_speed.decode_rows(model, "tiny", [(256, 1)], [0.1], steps=1))
 
 
 def test_per_model_lists():

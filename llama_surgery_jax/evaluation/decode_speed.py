@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_surgery_jax.evaluation.prefill_speed import dense_and_routed, program_memory_gib
 from llama_surgery_jax.inference.cache import (
     PLAIN_RUNS,
     KVCache,
@@ -125,7 +126,7 @@ def _time_steps(one: dict, due, state, cache, tokens, density, steps: int):
 
 def _profile_steps(one: dict, due, first: int, state, cache, tokens, density, runs: int):
     """`profiling.profile` of `runs` steps from step `first` → (the summary, cache)."""
-    from llama_surgery_jax.profiling import profile
+    from llama_surgery_jax.evaluation.profiling import profile
 
     carried = {"cache": cache, "step": first}
 
@@ -146,8 +147,6 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
                 dense=("kernel", "cudnn", "masked"), loop: bool = False, profile_steps: int = 0, seed: int = 0):
     """Rows of the decode table per (context, batch): each dense attention, then surgery at each ρ (module
     docstring). A dense attention that does not compile here (cuDNN's) gives a row with its error."""
-    from llama_surgery_jax.speed import dense_and_routed, program_memory_gib
-
     (dense_def, dense_state), (routed_def, routed_state) = dense_and_routed(model)
     config = model.config
     layer = routed_layers(model)[0]
