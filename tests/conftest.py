@@ -191,7 +191,7 @@ def train_tiny_tokenizer(folder: Path, wikitext: Path, vocab_size: int = 512) ->
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_hf_dir, wikitext_dir, tmp_path_factory) -> Path:
     """The tiny Llama converted, with a 512-token BPE tokenizer: the whole training path in seconds."""
-    from convert.hf_to_flax import convert
+    from llama_surgery_jax.model.conversion import convert
 
     out = convert(tiny_hf_dir, tmp_path_factory.mktemp("converted") / "tiny", progress=False)
     train_tiny_tokenizer(out, wikitext_dir)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import SMOLLM2_LOGITS_BOUND, TINY_LOGITS_BOUND, fresh_seed, make_hf_llama
 
-from convert.hf_to_flax import ConversionError, convert
 from llama_surgery_jax.model.checkpoint import load_model
 from llama_surgery_jax.model.config import ModelConfig, Precision
+from llama_surgery_jax.model.conversion import ConversionError, convert
 
 # fp32 on both sides from the same weights; torch and XLA differ by the order of every sum only: conftest's
 # logits bounds (float32_bound over the MLP width, 8 sums per layer), relative Frobenius error. Tiny: 176 terms,

@@ -66,7 +66,7 @@ def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir, smol
 
 
 def test_cli_writes_json_with_the_protocol(tiny_hf_dir, tmp_path, wikitext_dir, capsys):
-    from convert.hf_to_flax import convert
+    from llama_surgery_jax.model.conversion import convert
 
     model_dir = convert(tiny_hf_dir, tmp_path / "tiny", progress=False)
     # The tiny model has no tokenizer of its own: give it a word-level one so the CLI's whole path runs.
@@ -94,7 +94,7 @@ def test_cli_bad_model_dir(tmp_path, capsys):
 
 
 def test_dense_logits_are_float32_and_causal(tiny_hf_dir, tmp_path):
-    from convert.hf_to_flax import convert
+    from llama_surgery_jax.model.conversion import convert
 
     model = load_model(convert(tiny_hf_dir, tmp_path / "m", progress=False))
     ids = np.random.default_rng(0).integers(0, 512, size=(1, 32))

@@ -219,7 +219,7 @@ def test_generation_stops_at_any_of_llama31s_eos_ids(tmp_path):
     nnx.jit), and every row of a batch stops at the first of any of them."""
     from conftest import make_hf_llama
 
-    from convert.hf_to_flax import convert
+    from llama_surgery_jax.model.conversion import convert
 
     hf = make_hf_llama(tmp_path / "hf", eos_token_id=[5, 6, 7])
     model = load_model(convert(hf, tmp_path / "converted", progress=False))

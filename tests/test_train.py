@@ -207,8 +207,8 @@ def test_unwritable_output_folder(tiny_model_dir, wikitext_dir, tmp_path, capsys
 def test_checkpoint_of_another_model(tiny_run, wikitext_dir, tmp_path):
     from conftest import make_hf_llama, train_tiny_tokenizer
 
-    from convert.hf_to_flax import convert
     from llama_surgery_jax.model.checkpoint import CheckpointError
+    from llama_surgery_jax.model.conversion import convert
 
     shutil.copytree(tiny_run[1], tmp_path / "run")  # a run of the tiny model
     other = convert(make_hf_llama(tmp_path / "other-hf", seed=7, intermediate_size=128),

@@ -46,7 +46,7 @@ def cache_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The converted embedded model, converting it on first use."""
-    from convert.hf_to_flax import convert
+    from llama_surgery_jax.model.conversion import convert
 
     gguf = embedded_gguf()
     out = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"
