@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from llama_surgery_jax.surgery.mask import band_tiles, causal_pairs, causal_tiles
 
-SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle")
+SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle", "row_oracle", "row_moba")
+ROW_SELECTIONS = ("row_oracle", "row_moba")  # rank per query row, through `select_rows` (the router too, in row mode)
 
 
 def candidate_tiles(n: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
@@ -297,3 +298,194 @@ def tokens_mask(tiles: jax.Array, t: int, tile: int) -> jax.Array:
     """tiles: bool [b, h, n, n] → bool [b, h, t, t]: causal pairs inside computed tiles (small t: tests)."""
     pos = jnp.arange(t)
     return tiles[:, :, pos // tile][:, :, :, pos // tile] & (pos[None, :] <= pos[:, None])
+
+
+# ---------------------------------------------------------------------------- row routing (METHOD.md §12)
+#
+# Each query row ranks the causal key blocks from its own query; the tiles of a query block are the union of
+# its rows' choices, each tile computed from the first row that chose it (`first_rows`, rows above it masked
+# inside the tile). The union of query block m may hold `extra` = budget − forced tiles in all, filled in row
+# order: after its local row r it holds at most quota(r) = ⌈extra · (front + (1 − front)(r + 1)/T)⌉, and row r
+# adds its best key blocks not yet in it up to that size. Row i's tiles thus depend on rows ≤ i only (exactly
+# causal), the executed density counts the union (the kernel computes whole tiles), and decode extends the
+# current block's union one row at a time, the same steps.
+
+
+def row_quota(extra: jax.Array, tile: int, front: float) -> jax.Array:
+    """extra: int [...] → int32 [..., tile]: the union's size after each local row (`front` of it at row 0, the
+    rest spread evenly over the block's rows, all of it at the last)."""
+    share = front + (1.0 - front) * (jnp.arange(tile, dtype=jnp.float32) + 1.0) / tile
+    quota = jnp.ceil(extra[..., None].astype(jnp.float32) * share).astype(jnp.int32)
+    return jnp.minimum(quota, extra[..., None].astype(jnp.int32))
+
+
+def rank_desc(score: jax.Array, candidate: jax.Array) -> jax.Array:
+    """score: [..., n], candidate bool [..., n] → int32 rank of each entry in its row, best first, ties to the
+    higher index, non-candidates after every candidate."""
+    reversed_score = jnp.where(candidate, score, -jnp.inf)[..., ::-1]
+    rank_of_reversed = jnp.argsort(jnp.argsort(-reversed_score, axis=-1, stable=True), axis=-1)
+    rank = rank_of_reversed[..., ::-1].astype(jnp.int32)
+    return jnp.where(candidate, rank, score.shape[-1])
+
+
+def row_extra(budgets: jax.Array, n: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """budgets: [h, n] tiles per query block (forced included) → int32 [h, n]: the candidates each block's union
+    may add, capped by the candidates it has."""
+    forced = band_tiles(n, tile=tile, window=window, sink=sink)
+    candidates = jnp.sum(causal_tiles(n, n) & ~forced, axis=-1, dtype=jnp.int32)
+    extra = budgets - jnp.sum(forced, axis=-1, dtype=jnp.int32)[None, :]
+    return jnp.clip(extra, 0, candidates[None, :])
+
+
+def union_step(score: jax.Array, chosen: jax.Array, need: jax.Array, candidate: jax.Array) -> jax.Array:
+    """One row's additions: score [..., n], chosen bool [..., n] (the union so far), need int [...] (tiles the
+    row may add), candidate bool [..., n] → bool [..., n], the row's best `need` candidates not yet chosen."""
+    available = candidate & ~chosen
+    return available & (rank_desc(score, available) < need[..., None])
+
+
+def select_rows(row_scores: jax.Array, budgets: jax.Array, *, t: int, tile: int, window: int | None, sink: bool,
+                front: float) -> jax.Array:
+    """row_scores: [b, h, t, n] (row i's score of key block j, higher first), budgets: [h, n] → first_rows int32
+    [b, h, n, n]: the local row from which each tile is computed (0 for the forced tiles; `tile`: not computed).
+
+    A `lax.scan` over the T local rows, all query blocks at once: row r of every block adds its best candidates
+    outside the union up to quota(r). Rows past t (the last block's padding) add nothing.
+    """
+    b, h, _, n = row_scores.shape
+    forced = band_tiles(n, tile=tile, window=window, sink=sink)
+    candidate = causal_tiles(n, n) & ~forced
+    quota = row_quota(row_extra(budgets, n, tile=tile, window=window, sink=sink), tile, front)  # [h, n, T]
+    real = (jnp.arange(n)[:, None] * tile + jnp.arange(tile)[None, :]) < t  # [n, T]
+    quota = jnp.where(real[None], quota, 0)
+    by_row = jnp.pad(row_scores, ((0, 0), (0, 0), (0, n * tile - t), (0, 0))).reshape(b, h, n, tile, n)
+
+    def add_row(state, r):
+        chosen, first = state
+        cap = jnp.max(jnp.where(jnp.arange(tile) <= r, quota, 0), axis=-1)  # never shrinks: padded rows
+        need = cap[None] - jnp.sum(chosen, axis=-1, dtype=jnp.int32)
+        pick = union_step(jnp.take(by_row, r, axis=3), chosen, need, candidate)
+        return (chosen | pick, jnp.where(pick, r, first)), None
+
+    start = (jnp.zeros((b, h, n, n), bool), jnp.full((b, h, n, n), tile, jnp.int32))
+    (_, first), _ = jax.lax.scan(add_row, start, jnp.arange(tile))
+    return jnp.where(forced, 0, first)
+
+
+def first_rows_of(tiles: jax.Array, tile: int) -> jax.Array:
+    """bool tiles [b, h, n, n] → first_rows: 0 where computed (every row of the block), `tile` elsewhere."""
+    return jnp.where(tiles, 0, tile).astype(jnp.int32)
+
+
+def row_visible(first_rows: jax.Array, t: int, tile: int) -> jax.Array:
+    """first_rows [b, h, n, n] → bool [b, h, t, n]: key blocks row i sees (its block's tiles from rows ≤ i)."""
+    pos = jnp.arange(t)
+    return jnp.take(first_rows, pos // tile, axis=2) <= (pos % tile)[:, None]
+
+
+def row_attention_mass(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int) -> jax.Array:
+    """The dense causal attention's mass on each key block, per query row (and mean over the query heads of a KV
+    routing head): q: [b, t, heads, d], k: [b, t, kv, d] → float32 [b, h, t, n], each row sums to 1. One query
+    block at a time (memory O(tile · t))."""
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    n = -(-t // tile)
+    pad = n * tile - t
+    qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, tile, kv, heads // kv, d)
+    kpos = jnp.arange(t)
+
+    def one_block(index):
+        rows = index * tile + jnp.arange(tile)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", qb[:, index], k, preferred_element_type=jnp.float32)
+        scores = jnp.where(kpos[None, :] <= rows[:, None], scores / math.sqrt(d), -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1)
+        return jnp.pad(probs, [(0, 0)] * 4 + [(0, pad)]).reshape(*probs.shape[:-1], n, tile).sum(-1)
+
+    mass = jax.lax.map(one_block, jnp.arange(n))  # [n, b, kv, g, T, n]
+    mass = jnp.moveaxis(mass, 0, 3).reshape(b, kv, heads // kv, n * tile, n)[:, :, :, :t]
+    if routing_heads == kv:
+        return jnp.mean(mass, axis=2)
+    return mass.reshape(b, heads, t, n)
+
+
+def row_recall(first_rows: jax.Array, row_mass: jax.Array, tile: int) -> jax.Array:
+    """first_rows [b, h, n, n], row_mass [b, h, t, n] → float32 [b]: the dense mass each row sees, mean over rows
+    and heads (with every first row 0 it is `attention_recall` of the same tiles)."""
+    t = row_mass.shape[2]
+    return jnp.mean(jnp.sum(jnp.where(row_visible(first_rows, t, tile), row_mass, 0.0), axis=-1), axis=(1, 2))
+
+
+def row_recency_prior(t: int, tile: int) -> jax.Array:
+    """float32 [t, n]: `recency_prior` of each row's query block against every key block."""
+    return recency_prior(-(-t // tile))[jnp.arange(t) // tile]
+
+
+def row_candidates(t: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """bool [t, n]: the key blocks that compete for row i's choices (its block's candidates)."""
+    return candidate_tiles(-(-t // tile), tile=tile, window=window, sink=sink)[jnp.arange(t) // tile]
+
+
+def soft_forest_depth(q_routes: jax.Array, k_routes: jax.Array) -> jax.Array:
+    """q_routes: [b, h, t, f, l, c] (rows), k_routes: [b, h, n, f, l, c] (key blocks) → [b, h, t, n]: the expected
+    shared prefix depth summed over the f trees (`soft_shared_depth` per tree): a score with many values, where
+    one tree's hard depth has l + 1 and most candidates tie."""
+    levels = q_routes.shape[-2]
+    running = None
+    total = 0.0
+    for level in reversed(range(levels)):
+        agreement = jnp.einsum("bhqfc,bhkfc->bhfqk", q_routes[..., level, :], k_routes[..., level, :],
+                               precision=jax.lax.Precision.HIGHEST)
+        running = agreement if running is None else running * agreement
+        total = total + running
+    return jnp.sum(total, axis=2)
+
+
+def row_moba_score(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int) -> jax.Array:
+    """q: [b, t, heads, d], k: [b, t, kv, d] → [b, h, t, n]: each row's own query · the key block's mean key (the
+    MoBA gate per row), summed over the query heads of a routing head."""
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    gate = jnp.einsum("btkgd,bmkd->bkgtm", q.reshape(b, t, kv, heads // kv, d).astype(jnp.float32),
+                      block_mean(k, tile))
+    if routing_heads == kv:
+        return jnp.sum(gate, axis=2)
+    return gate.reshape(b, heads, t, -1)
+
+
+def tile_mass_of_rows(row_mass: jax.Array, tile: int) -> jax.Array:
+    """row_mass [b, h, t, n] → [b, h, n, n]: the tile mass (`tile_attention_mass`), the mean over each query
+    block's rows."""
+    b, h, t, n = row_mass.shape
+    padded = jnp.pad(row_mass, ((0, 0), (0, 0), (0, n * tile - t), (0, 0))).reshape(b, h, n, tile, n)
+    rows = jnp.clip(t - jnp.arange(n) * tile, 1, tile).astype(jnp.float32)
+    return jnp.sum(padded, axis=3) / rows[:, None]
+
+
+def row_tile_pairs(first_rows: jax.Array, t: int, tile: int) -> jax.Array:
+    """first_rows [b, h, n, n] → int32 [b, h, n, n]: the causal token pairs each tile computes for its rows from
+    its first row on (0 for a tile not computed; the last block may be short)."""
+    n = first_rows.shape[-1]
+    size = jnp.clip(t - jnp.arange(n) * tile, 0, tile)
+    rows = jnp.clip(size[:, None] - first_rows, 0, None)  # query rows of the block that see the tile
+    below = rows * size[None, :]
+    f = jnp.minimum(first_rows, size[:, None])
+    diagonal = (size[:, None] * (size[:, None] + 1) - f * (f + 1)) // 2  # rows f … size − 1, row r sees r + 1
+    qb, kb = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    return jnp.where(qb == kb, diagonal, jnp.where(kb < qb, below, 0)).astype(jnp.int32)
+
+
+def tied_share(row_scores: jax.Array, first_rows: jax.Array, *, tile: int, window: int | None,
+               sink: bool) -> jax.Array:
+    """The share of the routed rows whose last pick ties (equal score) with the best candidate left out, so that
+    the recency tie-break decided it: row_scores [b, h, t, n], first_rows [b, h, n, n] → float32 scalar over
+    rows that added a tile."""
+    b, h, t, n = row_scores.shape
+    pos = jnp.arange(t)
+    candidate = row_candidates(t, tile=tile, window=window, sink=sink)[None, None]
+    first = jnp.take(first_rows, pos // tile, axis=2)  # [b, h, t, n]
+    picked = candidate & (first == (pos % tile)[:, None])
+    seen = candidate & (first <= (pos % tile)[:, None])
+    low = jnp.min(jnp.where(picked, row_scores, jnp.inf), axis=-1)
+    high = jnp.max(jnp.where(candidate & ~seen, row_scores, -jnp.inf), axis=-1)
+    rows = jnp.any(picked, axis=-1) & jnp.any(candidate & ~seen, axis=-1)
+    return jnp.sum(rows & (low == high)) / jnp.maximum(jnp.sum(rows), 1)

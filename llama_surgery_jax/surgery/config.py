@@ -29,11 +29,22 @@ class RouterConfig:
     # up to a density budget; d_max is unused, all `levels` digits rank.
     mode: str = "token"
     block_size: int = 128  # block of the block modes and tile of the kernels
+    # Block mode: what ranks the key blocks. "block": one code per query block, from the T tokens before it
+    # (METHOD.md §11). "row": every query row its own code (from its own router input), each tile computed from
+    # the first row of its block that chose it, so row i sees the union of the choices of rows <= i of its
+    # block (METHOD.md §12, `block_routing.select_rows`).
+    query: str = "block"
+    # Row queries: independent trees per routing head, ranked by their summed soft shared depth (a score with
+    # many values: one tree's hard depth has levels + 1 and most candidates tie).
+    trees: int = 1
     # Block mode only, read at evaluation (a run may be evaluated at any ρ): the executed block density ρ
     # of every layer, and how it is spread over the (layer, head) pairs: "adaptive" (per-head densities
     # calibrated on the training data so that heads with spread attention take more) or "uniform".
     block_density: float = 0.2
     budget: str = "adaptive"
+    # Row queries: the share of a query block's budget its first row may fill; later rows fill the rest evenly
+    # (1.0: the first row chooses every tile; 0.0: each row an equal share).
+    row_front: float = 0.5
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
 
@@ -45,7 +56,14 @@ class RouterConfig:
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block_prefix", "block"),
-                             "budget": ("adaptive", "uniform")})
+                             "budget": ("adaptive", "uniform"), "query": ("block", "row")})
+        if self.trees < 1 or (self.trees > 1 and self.query != "row"):
+            raise ConfigError(f"router.trees={self.trees}: must be >= 1, and more than one needs router.query=row")
+        if self.query == "row" and self.mode != "block":
+            raise ConfigError("router.query=row ranks key blocks under a budget: it needs router.mode=block")
+        if not 0.0 <= self.row_front <= 1.0:
+            raise ConfigError(f"router.row_front={self.row_front} must be in [0, 1]: the share of a block's budget "
+                              "its first row may fill")
         if not 0.0 < self.block_density <= 1.0:
             raise ConfigError(f"router.block_density={self.block_density} must be in (0, 1]: the fraction of "
                               "causal tiles computed")
@@ -59,7 +77,7 @@ class RouterConfig:
                               "lower levels or raise d_max")
 
     # Settings read at evaluation only: a run resumes, and is evaluated, with any value of them.
-    EVALUATION_FIELDS = ("block_density", "budget")
+    EVALUATION_FIELDS = ("block_density", "budget", "row_front")
 
     def learned(self) -> dict:
         """The settings that shape what the routers learn (a resumed run must keep them)."""

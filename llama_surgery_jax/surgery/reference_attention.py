@@ -132,10 +132,12 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Ar
 
 
 def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.Array, *, tile: int,
-                          chunk: int = 256) -> jax.Array:
+                          chunk: int = 256, first_rows: jax.Array | None = None) -> jax.Array:
     """Causal attention inside computed tiles, chunked over query rows (memory O(chunk · t)).
 
     q: [b, t, h, d]; k, v: [b, t, k, d]; tiles: bool [b or 1, h or k or 1, n, n] → [b, t, h, d].
+    first_rows: optional int [same as tiles]: a computed tile is seen only by its query block's rows whose
+    offset in the block is ≥ it (row routing's prefix union, `block_routing.select_rows`); None: every row.
     """
     b, t, heads, d = q.shape
     chunk = min(chunk, t)
@@ -145,13 +147,17 @@ def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.A
                             1, 0)
     routing_heads = k.shape[2] if tiles.shape[1] == 1 else tiles.shape[1]  # a shared mask: one per KV head
     tiles = jnp.broadcast_to(tiles, (b, routing_heads, *tiles.shape[-2:]))
+    if first_rows is None:
+        first_rows = jnp.zeros(tiles.shape, jnp.int32)
+    first_rows = jnp.where(tiles, jnp.broadcast_to(first_rows, tiles.shape), tile)
     positions_k = jnp.arange(t)
 
     def one_chunk(args):
         index, q_chunk = args
         positions_q = index * chunk + jnp.arange(chunk)
-        rows = jnp.take(tiles, jnp.minimum(positions_q // tile, tiles.shape[-1] - 1), axis=2)
-        visible = jnp.take(rows, positions_k // tile, axis=3) & (positions_k[None, :] <= positions_q[:, None])
+        rows = jnp.take(first_rows, jnp.minimum(positions_q // tile, first_rows.shape[-2] - 1), axis=2)
+        from_row = jnp.take(rows, positions_k // tile, axis=3)  # [b, h, chunk, t]
+        visible = (from_row <= (positions_q % tile)[:, None]) & (positions_k[None, :] <= positions_q[:, None])
         return attend(q_chunk, k, v, visible)
 
     outs = jax.lax.map(one_chunk, (jnp.arange(n_chunks), q_chunks))

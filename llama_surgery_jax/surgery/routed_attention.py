@@ -66,6 +66,8 @@ from llama_surgery_jax.surgery.router import (
     block_features,
     route,
     route_blocks,
+    route_rows,
+    routes_balance,
 )
 
 __all__ = ["RoutedAttention", "RouterParam", "RowSelection", "inject_routers", "remove_routers", "routed_layers",
@@ -179,48 +181,82 @@ class RoutedAttention(nnx.Module):
         heads = self.router.routing_heads
         t = q.shape[1]
         n = -(-t // tile)
-        routing = None  # the baselines and oracles select without the router
-        if train or selection == "router" or return_codes:
-            routing = route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau, rng=rng,
-                                   hard=False)
-        candidate = br.candidate_tiles(n, tile=tile, window=config.window, sink=config.sink)
+        rule = dict(tile=tile, window=config.window, sink=config.sink)
+        by_rows = config.query == "row"  # the router ranks per query row (METHOD.md §12)
         if train:
-            mass = br.tile_attention_mass(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), tile=tile,
-                                          routing_heads=heads)
-            scores = br.soft_shared_depth(routing.q_routes, routing.k_routes) + br.recency_prior(n)
+            q_sg, k_sg = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
             dense_path = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
             out = dense_attention(q, k, v, attention=dense_path)[0]  # cuDNN on a GPU
-            aux = {"distill_loss": br.distillation_loss(scores, mass, candidate),
+            if by_rows:
+                routing = route_rows(self.router.parameters(), x, config=config, routing_heads=heads)
+                row_mass = br.row_attention_mass(q_sg, k_sg, tile=tile, routing_heads=heads)
+                loss = br.distillation_loss(self.row_router_scores(routing, t), row_mass,
+                                            br.row_candidates(t, **rule))
+                aux = {"distill_loss": loss, "load_balance_loss": routes_balance(routing.q_routes)}
+                if return_mass:
+                    aux["tile_mass"] = br.tile_mass_of_rows(row_mass, tile)
+                return out, aux
+            routing = route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau,
+                                   rng=rng, hard=False)
+            mass = br.tile_attention_mass(q_sg, k_sg, tile=tile, routing_heads=heads)
+            scores = br.soft_shared_depth(routing.q_routes, routing.k_routes) + br.recency_prior(n)
+            aux = {"distill_loss": br.distillation_loss(scores, mass, br.candidate_tiles(n, **rule)),
                    "load_balance_loss": routing.load_balance_loss}
             if return_mass:
                 aux["tile_mass"] = mass
                 aux["block_features"] = block_features(x, tile)
             return out, aux
         budgets = self.row_budgets(n, block_density)
-        mass = None
-        if measure_recall or selection in ("oracle", "global_oracle"):
-            mass = br.tile_attention_mass(q, k, tile=tile, routing_heads=heads)
+        row_wise = selection in br.ROW_SELECTIONS or (selection == "router" and by_rows)
+        routing = row_mass = mass = None
+        if selection == "router" or return_codes:
+            routing = (route_rows(self.router.parameters(), x, config=config, routing_heads=heads) if by_rows
+                       else route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau,
+                                         rng=rng, hard=False))
+        if measure_recall or selection in ("oracle", "global_oracle", "row_oracle"):
+            row_mass = br.row_attention_mass(q, k, tile=tile, routing_heads=heads)
+            mass = br.tile_mass_of_rows(row_mass, tile)
         if selection == "given":
-            tiles = given_tiles[self.layer_index]
+            given = given_tiles[self.layer_index]
+            first_rows = given if given.dtype != jnp.bool_ else br.first_rows_of(given, tile)
+        elif row_wise:
+            scores = {"router": lambda: self.row_router_scores(routing, t),
+                      "row_oracle": lambda: row_mass,
+                      "row_moba": lambda: br.row_moba_score(q, k, tile=tile, routing_heads=heads)}[selection]()
+            first_rows = br.select_rows(scores, budgets, t=t, front=config.row_front, **rule)
         else:
-            tiles = self.select(selection, routing, q, k, mass, budgets, n)
+            first_rows = br.first_rows_of(self.select(selection, routing, q, k, mass, budgets, n), tile)
+        tiles = first_rows < tile
+        in_tile = bool(row_wise or selection == "given")  # some tiles start below their block's first row
         if attention is None:
             attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
         if attention == "kernel":
             from pallas_kernels import block_sparse_attention
 
-            out = block_sparse_attention(q, k, v, tiles, tile=tile)
+            out = block_sparse_attention(q, k, v, tiles, tile=tile, first_rows=first_rows if in_tile else None)
         else:
-            out = tile_masked_attention(q, k, v, tiles, tile=tile)
+            out = tile_masked_attention(q, k, v, tiles, tile=tile, first_rows=first_rows if in_tile else None)
         # float32: h · t²/2 pairs pass 2^31 from 32k tokens on 8 heads.
-        pairs = jnp.sum(jnp.where(tiles, br.tile_pairs(t, tile), 0).astype(jnp.float32), axis=(1, 2, 3))
+        pairs = jnp.sum(br.row_tile_pairs(first_rows, t, tile).astype(jnp.float32), axis=(1, 2, 3))
         aux = {"block_density": br.executed_density(tiles), "token_density": pairs / float(heads * causal_pairs(t))}
-        if mass is not None:
-            aux["attention_recall"] = br.attention_recall(tiles, mass)
+        if row_mass is not None:
+            aux["attention_recall"] = br.row_recall(first_rows, row_mass, tile)
+        if selection == "router" and by_rows and measure_recall:
+            aux["tie_share"] = br.tied_share(self.row_router_scores(routing, t), first_rows, **rule)
         if return_codes:
-            aux["codes"] = (routing.q_codes, routing.k_codes)
+            if not by_rows:
+                aux["codes"] = (routing.q_codes, routing.k_codes)
             aux["tiles"] = tiles
+            aux["first_rows"] = first_rows
         return out, aux
+
+    def row_router_scores(self, routing, t: int) -> jax.Array:
+        """[b, h, t, n]: the row router's score of every (row, key block), the one the distillation fits: the
+        summed soft shared depth over the trees plus the recency prior."""
+        from llama_surgery_jax.surgery import block_routing as br
+
+        return (br.soft_forest_depth(routing.q_routes, routing.k_routes)
+                + br.row_recency_prior(t, self.config.block_size)[None, None])
 
     def row_budgets(self, n: int, block_density=None) -> jax.Array:
         """Tiles per (head, row) [h, n] at n blocks (`block_routing.row_budgets`, densities as `layer_densities`)."""

@@ -57,7 +57,7 @@ def init_router_params(key: jax.Array, hidden_size: int, routing_heads: int, con
     """
     backbone_key, route_key = jax.random.split(key)
     roles = 2 if config.mode == "block" else 1
-    out = roles * routing_heads * config.levels * config.p
+    out = roles * routing_heads * config.trees * config.levels * config.p
     std = 1.0 / math.sqrt(hidden_size)
     if homotopy and config.mode == "token":
         route_weight = jnp.zeros((hidden_size, out), jnp.float32)
@@ -246,6 +246,46 @@ def block_codes(params: dict[str, jax.Array], features: jax.Array, *, config: Ro
     logits = router_logits(params, features, routing_heads=2 * routing_heads, levels=config.levels, p=config.p)
     codes = prefix_codes(jnp.argmax(logits, axis=-1), p=config.p, prefix_levels=config.levels)
     return codes[:, :routing_heads], codes[:, routing_heads:]
+
+
+class RowRouting(NamedTuple):
+    """One layer's row routing (block mode, query "row"): q_routes [b, h, t, f, l, c] every query row's soft
+    child distributions in each of f trees, k_routes [b, h, n, f, l, c] every key block's (float32)."""
+
+    q_routes: jax.Array
+    k_routes: jax.Array
+
+
+def role_routes(params: dict[str, jax.Array], features: jax.Array, *, role: int, config: RouterConfig,
+                routing_heads: int) -> jax.Array:
+    """features: [b, m, hidden] → soft routes [b, h, m, f, l, c] float32 of one role (0 query, 1 key): the shared
+    backbone, then that role's columns of the route head. Deterministic (no noise, τ = 1), so the score the
+    distillation fits is the score evaluation ranks by."""
+    width = routing_heads * config.trees * config.levels * config.p
+    b, m, _ = features.shape
+    w = params["backbone_weight"].astype(features.dtype)
+    pre = jnp.einsum("btd,de->bte", features, w, preferred_element_type=jnp.float32)
+    hidden = jax.nn.gelu(pre + params["backbone_bias"].astype(jnp.float32))
+    columns = slice(role * width, (role + 1) * width)
+    logits = (hidden @ params["route_weight"][:, columns].astype(jnp.float32)
+              + params["route_bias"][columns].astype(jnp.float32))
+    logits = logits.reshape(b, m, routing_heads, config.trees, config.levels, config.p)
+    return jax.nn.softmax(logits, axis=-1).transpose(0, 2, 1, 3, 4, 5)
+
+
+def routes_balance(routes: jax.Array) -> jax.Array:
+    """`load_balance_loss` of soft routes [b, h, m, ..., c] (their argmax the hard choice): 1.0 balanced."""
+    return load_balance_loss(jnp.log(jnp.maximum(routes, 1e-30)), jnp.argmax(routes, axis=-1))
+
+
+def route_rows(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int) -> RowRouting:
+    """x: [b, t, hidden] → RowRouting: every token placed on the trees as a query (from its own router input, so
+    row i depends on token i alone) and every block as a key (from the mean of its own tokens; a key block
+    competes only for later query blocks, which see all of it)."""
+    common = dict(config=config, routing_heads=routing_heads)
+    q_routes = role_routes(params, x, role=0, **common)
+    k_routes = role_routes(params, key_block_features(x, config.block_size), role=1, **common)
+    return RowRouting(q_routes, k_routes)
 
 
 class HardTopology(NamedTuple):
