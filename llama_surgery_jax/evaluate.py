@@ -30,19 +30,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from llama_surgery_jax import data
-from llama_surgery_jax.evaluation.perplexity import (
-    niah,
-    perplexity,
-    protocol,
-    transformers_perplexity,
-)
+from llama_surgery_jax.evaluation.scoring import run_evaluation
 from llama_surgery_jax.files import write_json_atomic
-from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
-from llama_surgery_jax.model.config import ConfigError, Precision
-from llama_surgery_jax.model.embedded import default_model_dir
+from llama_surgery_jax.model.checkpoint import CheckpointError
+from llama_surgery_jax.model.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,105 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--niah", help="comma-separated needle-in-a-haystack lengths in tokens, e.g. 2048,4096")
     parser.add_argument("--niah-trials", type=int, default=2, help="cases per (length, depth)")
     args = parser.parse_args(argv)
-    contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [args.context]
     if args.baseline and (args.surgery or args.niah):
         print("error: --baseline replaces the routers and has no KV-cache decode: not with --surgery or --niah",
               file=sys.stderr)
         return 2
-
     try:
-        from llama_surgery_jax.training.checkpoints import prepare_for_evaluation, trained_base
-
-        if not args.model and args.surgery and args.surgery != "init":
-            args.model = trained_base(args.surgery)  # the run's own base model, when it is here
-        model_dir = Path(args.model) if args.model else default_model_dir()
-        model = load_model(model_dir, Precision(args.dtype, args.dtype))
-        tokenizer = load_tokenizer(model_dir)
-        corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
-        ids = data.tokenize(tokenizer, corpus.text)
-        setting = "--contexts" if args.contexts else "--context"
-        windows_by_context = {c: data.windows(ids, c, args.max_windows, source=data.describe(corpus.source),
-                                              setting=setting) for c in contexts}
-        token_windows = windows_by_context[contexts[0]]
-        attention_kwargs = {}
-        if args.surgery:
-            model, attention_kwargs = prepare_for_evaluation(model, args.surgery, context=max(contexts),
-                                                             model_dir=model_dir, block_density=args.block_density,
-                                                             budget=args.budget, selection=args.selection)
-        elif args.block_density is not None or args.budget or args.selection:
-            raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
-        if "block_density" in attention_kwargs and not args.allow_floor:
-            check_above_floor(model, attention_kwargs, contexts)
+        result, notes = run_evaluation(args)
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-    by_context = []
-    for context, windows_here in windows_by_context.items():
-        if args.baseline:
-            from llama_surgery_jax.surgery.baselines import describe, extra_blocks_for_density, install_baseline
-
-            extra = extra_blocks_for_density(-(-context // args.baseline_tile), args.baseline_density)
-            install_baseline(model, args.baseline, extra=extra, tile=args.baseline_tile)
-        scored = perplexity(model, windows_here, batch_size=args.batch_size, **attention_kwargs)
-        scored.update(context=context, protocol=protocol(context, len(windows_here), corpus.source))
-        if args.baseline:
-            scored["baseline"] = describe(args.baseline, extra, args.baseline_tile, context)
-        by_context.append(scored)
-    result = dict(by_context[0])
-    result.update(model=str(model_dir), dtype=args.dtype, surgery=args.surgery or "none")
-    if args.contexts:
-        result["by_context"] = by_context
-    if args.niah:
-        result["niah"] = niah(model, tokenizer, args, **attention_kwargs)
-    if args.dense_too:
-        from llama_surgery_jax.surgery.routed_attention import remove_routers
-
-        remove_routers(model)
-        for row in by_context:
-            row["dense"] = perplexity(model, windows_by_context[row["context"]], batch_size=args.batch_size)
-            row["gap"] = row["ppl"] / row["dense"]["ppl"] - 1
-            print(f"context {row['context']}: perplexity {row['ppl']:.4f}, dense {row['dense']['ppl']:.4f} "
-                  f"({100 * row['gap']:+.2f} %)")
-        result.update(dense=by_context[0]["dense"], gap=by_context[0]["gap"])
-        if args.niah:
-            result["niah_dense"] = niah(model, tokenizer, args)
-    if args.compare_transformers:
-        reference = transformers_perplexity(model_dir, token_windows)
-        result["transformers"] = reference | {"relative_difference": result["ppl"] / reference["ppl"] - 1}
-        print(f"transformers perplexity {reference['ppl']:.4f} on the same windows "
-              f"(ours/theirs - 1 = {result['transformers']['relative_difference']:+.2e})")
-    scored_text = f"text {data.describe(corpus.source)}" if args.text else "wikitext-2 test"
-    for row in by_context:
-        label = f"baseline={args.baseline}" if args.baseline else f"surgery={result['surgery']}"
-        print(f"{scored_text} perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
-              f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
-    if args.niah:
-        from llama_surgery_jax.evaluation.niah import table
-
-        print(table({"model": result["niah"], **({"dense": result["niah_dense"]} if args.dense_too else {})}))
+    for line in notes:
+        print(line)
     if args.json:
         write_json_atomic(args.json, result)
     return 0
-
-
-def check_above_floor(model, attention_kwargs: dict, contexts: list[int]) -> None:
-    """A block density below what the sink and window tiles alone execute is refused (it cannot be honoured)."""
-    import numpy as np
-
-    from llama_surgery_jax.surgery.block_routing import floor_density
-    from llama_surgery_jax.surgery.routed_attention import routed_layers
-
-    config = routed_layers(model)[0].config
-    rho = float(np.mean(attention_kwargs["block_density"]))
-    for context in contexts:
-        n = -(-context // config.block_size)
-        floor = floor_density(n, tile=config.block_size, window=config.window, sink=config.sink)
-        if rho < floor:
-            raise CheckpointError(
-                f"block density {rho:.3f} is below the floor {floor:.3f} at context {context} (tile "
-                f"{config.block_size}, window {config.window}: the sink, own and window tiles alone execute that "
-                "much): raise --block-density, use a longer context, or pass --allow-floor to run the floor")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""One evaluation as `python -m llama_surgery_jax.evaluate` asks it (that CLI's docstring is the user's guide): the
+model (dense, with a run's routers, or a baseline mask), the text cut into windows at each context, perplexity,
+optionally dense on the same windows, transformers on the same windows, and needles → one result dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llama_surgery_jax import data
+from llama_surgery_jax.evaluation.perplexity import niah, perplexity, protocol, transformers_perplexity
+from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
+from llama_surgery_jax.model.config import Precision
+from llama_surgery_jax.model.embedded import default_model_dir
+
+
+def run_evaluation(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """args: the evaluate CLI's settings (its `--help` names them) → (the result, the lines to print). Raises
+    CheckpointError, ConfigError, DataError or FileNotFoundError for what cannot run, before the scoring."""
+    evaluation = Evaluation(args)
+    result = evaluation.score()
+    return result, evaluation.notes
+
+
+class Evaluation:
+    """The model, text and windows of one evaluation, loaded and checked (the constructor), then scored."""
+
+    def __init__(self, args: argparse.Namespace):
+        """args: the evaluate CLI's settings (its `--help` names them)."""
+        from llama_surgery_jax.training.checkpoints import prepare_for_evaluation, trained_base
+
+        self.args = args
+        self.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [args.context]
+        model_dir = args.model
+        if not model_dir and args.surgery and args.surgery != "init":
+            model_dir = trained_base(args.surgery)  # the run's own base model, when it is here
+        self.model_dir = Path(model_dir) if model_dir else default_model_dir()
+        self.model = load_model(self.model_dir, Precision(args.dtype, args.dtype))
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
+        ids = data.tokenize(self.tokenizer, self.corpus.text)
+        setting = "--contexts" if args.contexts else "--context"
+        self.windows = {c: data.windows(ids, c, args.max_windows, source=data.describe(self.corpus.source),
+                                        setting=setting) for c in self.contexts}
+        self.attention_kwargs = {}
+        if args.surgery:
+            self.model, self.attention_kwargs = prepare_for_evaluation(
+                self.model, args.surgery, context=max(self.contexts), model_dir=self.model_dir,
+                block_density=args.block_density, budget=args.budget, selection=args.selection)
+        elif args.block_density is not None or args.budget or args.selection:
+            raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
+        if "block_density" in self.attention_kwargs and not args.allow_floor:
+            check_above_floor(self.model, self.attention_kwargs, self.contexts)
+
+    def score(self) -> dict:
+        """Every context's perplexity (and the rest the settings ask for) → the result dict; `notes` lists the lines
+        to print beside it."""
+        args, model = self.args, self.model
+        by_context = []
+        for context, windows in self.windows.items():
+            if args.baseline:
+                from llama_surgery_jax.surgery.baselines import describe, extra_blocks_for_density, install_baseline
+
+                extra = extra_blocks_for_density(-(-context // args.baseline_tile), args.baseline_density)
+                install_baseline(model, args.baseline, extra=extra, tile=args.baseline_tile)
+            scored = perplexity(model, windows, batch_size=args.batch_size, **self.attention_kwargs)
+            scored.update(context=context, protocol=protocol(context, len(windows), self.corpus.source))
+            if args.baseline:
+                scored["baseline"] = describe(args.baseline, extra, args.baseline_tile, context)
+            by_context.append(scored)
+        result = dict(by_context[0])
+        result.update(model=str(self.model_dir), dtype=args.dtype, surgery=args.surgery or "none")
+        if args.contexts:
+            result["by_context"] = by_context
+        notes = []
+        if args.niah:
+            result["niah"] = niah(model, self.tokenizer, args, **self.attention_kwargs)
+        if args.dense_too:
+            from llama_surgery_jax.surgery.routed_attention import remove_routers
+
+            remove_routers(model)
+            for row in by_context:
+                row["dense"] = perplexity(model, self.windows[row["context"]], batch_size=args.batch_size)
+                row["gap"] = row["ppl"] / row["dense"]["ppl"] - 1
+                notes.append(f"context {row['context']}: perplexity {row['ppl']:.4f}, dense {row['dense']['ppl']:.4f} "
+                             f"({100 * row['gap']:+.2f} %)")
+            result.update(dense=by_context[0]["dense"], gap=by_context[0]["gap"])
+            if args.niah:
+                result["niah_dense"] = niah(model, self.tokenizer, args)
+        if args.compare_transformers:
+            reference = transformers_perplexity(self.model_dir, self.windows[self.contexts[0]])
+            result["transformers"] = reference | {"relative_difference": result["ppl"] / reference["ppl"] - 1}
+            notes.append(f"transformers perplexity {reference['ppl']:.4f} on the same windows "
+                         f"(ours/theirs - 1 = {result['transformers']['relative_difference']:+.2e})")
+        scored_text = f"text {data.describe(self.corpus.source)}" if args.text else "wikitext-2 test"
+        for row in by_context:
+            label = f"baseline={args.baseline}" if args.baseline else f"surgery={result['surgery']}"
+            notes.append(f"{scored_text} perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
+                         f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
+        if args.niah:
+            from llama_surgery_jax.evaluation.niah import table
+
+            notes.append(table({"model": result["niah"], **({"dense": result["niah_dense"]} if args.dense_too
+                                                             else {})}))
+        self.notes = notes
+        return result
+
+
+def check_above_floor(model, attention_kwargs: dict, contexts: list[int]) -> None:
+    """A block density below what the sink and window tiles alone execute is refused (it cannot be honoured)."""
+    import numpy as np
+
+    from llama_surgery_jax.surgery.block_routing import floor_density
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+    config = routed_layers(model)[0].config
+    rho = float(np.mean(attention_kwargs["block_density"]))
+    for context in contexts:
+        n = -(-context // config.block_size)
+        floor = floor_density(n, tile=config.block_size, window=config.window, sink=config.sink)
+        if rho < floor:
+            raise CheckpointError(
+                f"block density {rho:.3f} is below the floor {floor:.3f} at context {context} (tile "
+                f"{config.block_size}, window {config.window}: the sink, own and window tiles alone execute that "
+                "much): raise --block-density, use a longer context, or pass --allow-floor to run the floor")
