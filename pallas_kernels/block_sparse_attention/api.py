@@ -8,11 +8,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.surgery.mask import SINK, WINDOW, band_tiles, sorted_bucket_tiles
-
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import Rule, sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
+from .masks import SINK, WINDOW, band_tiles, sorted_bucket_tiles
 from .route_gradient import SoftMask, route_gradient_backward
 from .schedule import build_schedule
 

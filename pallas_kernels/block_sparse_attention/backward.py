@@ -21,9 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from llama_surgery_jax.surgery.mask import SINK, WINDOW, causal_tiles
-
 from .forward import Rule, _visible
+from .masks import SINK, WINDOW, causal_tiles
 from .schedule import Schedule, compact
 
 LOG2E = math.log2(math.e)

@@ -22,12 +22,11 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.surgery.mask import block_density, causal_tiles, tile_mask
-
 from .api import block_sparse_attention, token_routed_attention
 from .backward import sparse_attention_backward, transpose_schedule
 from .forward import sparse_attention_forward
 from .forward_hopper import hopper_attention_forward, hopper_supported
+from .masks import block_density, causal_tiles, tile_mask
 from .reference import chunked_reference_attention
 from .route_gradient import SoftMask
 from .schedule import build_schedule

@@ -22,8 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from llama_surgery_jax.surgery.mask import SINK, WINDOW, local_rule
-
+from .masks import SINK, WINDOW, local_rule
 from .schedule import Schedule
 
 LOG2E = math.log2(math.e)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax.surgery.mask import SINK, WINDOW, visible
+from .masks import SINK, WINDOW, visible
 
 
 def routing_head_of(num_q_heads: int, num_routing_heads: int, num_kv_heads: int) -> jax.Array:

@@ -43,10 +43,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from llama_surgery_jax.surgery.mask import SINK, WINDOW
-
 from .backward import _probs, key_slice, query_slice, softmax_delta
 from .forward import Rule
+from .masks import SINK, WINDOW
 from .schedule import Schedule
 
 

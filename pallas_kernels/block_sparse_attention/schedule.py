@@ -5,8 +5,8 @@ order and their number. The kernel walks that list, so a skipped tile is never l
 Memory is O(q_tiles * k_tiles) int32 per routing head, never O(N^2).
 
 The tile mask is taken as given: sink and window tiles are NOT added here. Callers OR in
-`llama_surgery_jax.surgery.mask.band_tiles(...)` (or build masks that already hold them), so that the
-tile mask alone says which tiles run.
+`masks.band_tiles(...)` (or build masks that already hold them), so that the tile mask alone says
+which tiles run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_surgery_jax.surgery.mask import causal_tiles
+from .masks import causal_tiles
 
 
 class Schedule(NamedTuple):
