@@ -1,12 +1,13 @@
 """Registers, spills and shared memory of the Triton kernels on sm_90, estimated without a GPU.
 
     pip install triton==3.9.0     # compiles Triton IR for a GPU target on any machine; ships ptxas
-    python -m pallas_kernels.resources [--head-dim 128] [--tile 128] [--levels 13] [--tokens 4096]
+    python -m pallas_kernels.resources [--head-dim 128] [--tile 128] [--levels 13] [--tokens 4096] [--first-rows]
 
 Pallas lowers every kernel of one training step's attention (the code-sorted forward, the dq and dk/dv
 backward, and the router-gradient kernels) to Triton IR on this machine: jax's GPU probe is told
 "compute capability 9.0", and the lowering hook keeps each module's text with its num_warps and
-num_stages. pip's triton compiles each for GPUTarget("cuda", 90, 32) and its bundled ptxas assembles the
+num_stages (with --first-rows: the tile-mask forward and backward, without and with in-tile first rows,
+instead). pip's triton compiles each for GPUTarget("cuda", 90, 32) and its bundled ptxas assembles the
 PTX with -v. jaxlib compiles with its own Triton build, so these are estimates of what an H100 runs,
 good for finding spills and shared-memory overflows before a device call (docs/KERNEL_NOTES.md).
 Written for the jax of the device (0.11.2); other versions may name the hooked internals differently.
@@ -82,13 +83,15 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--levels", type=int, default=13, help="router tree levels L (p = 2)")
     parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--first-rows", action="store_true",
+                        help="the tile-mask kernels (forward, dq, dk/dv) without and with in-tile first rows")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.block_sparse_attention import SoftMask, token_routed_attention
+    from pallas_kernels.block_sparse_attention import SoftMask, block_sparse_attention, token_routed_attention
 
     b, n, hq, hkv, d = 1, args.tokens, 32, 8, args.head_dim
     soft = SoftMask(6.0, 0.5, args.levels, 2)
@@ -102,19 +105,36 @@ def main(argv=None) -> int:
                                      soft_mask=soft)
         return out.astype(jnp.float32).sum()
 
-    modules = capture_triton_modules(jax.grad(loss, argnums=(0, 1, 2, 4)), q, kv, kv, codes, routes)
-    print(f"sm_90 estimate (pip triton, ptxas -v): one training step's attention kernels, Hq {hq}, Hkv {hkv}, "
-          f"head dim {d}, tile {args.tile}, router L = {args.levels}, p = 2, routing per KV head")
+    if args.first_rows:
+        nt = n // args.tile
+        tiles = jax.ShapeDtypeStruct((b, hkv, nt, nt), jnp.bool_)
+        first = jax.ShapeDtypeStruct((b, hkv, nt, nt), jnp.int32)
+        modules = []
+        for label, with_first in (("", False), (" (first rows)", True)):
+            def tile_loss(q, k, v, tiles, first, with_first=with_first):
+                out = block_sparse_attention(q, k, v, tiles, tile=args.tile, interpret=False, backend="triton",
+                                             first_rows=first if with_first else None)
+                return out.astype(jnp.float32).sum()
+
+            found = capture_triton_modules(jax.grad(tile_loss, argnums=(0, 1, 2)), q, kv, kv, tiles, first)
+            modules += [dict(m, label=m["name"] + label) for m in found]
+        what = "tile-mask forward and backward, without and with first rows"
+    else:
+        modules = capture_triton_modules(jax.grad(loss, argnums=(0, 1, 2, 4)), q, kv, kv, codes, routes)
+        what = f"one training step's attention kernels, router L = {args.levels}, p = 2"
+    print(f"sm_90 estimate (pip triton, ptxas -v): {what}, Hq {hq}, Hkv {hkv}, head dim {d}, tile {args.tile}, "
+          "routing per KV head")
     print("| kernel | warps | stages | registers | spill stores B | spill loads B | shared KB | fits 227 KB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     seen = set()
     with tempfile.TemporaryDirectory() as workdir:
         for module in modules:
-            if module["name"] in seen:
+            label = module.get("label", module["name"])
+            if label in seen:
                 continue
-            seen.add(module["name"])
+            seen.add(label)
             r = compile_for_sm90(module, workdir)
-            print(f"| {module['name']} | {module['num_warps']} | {module['num_stages']} | {r['registers']} | "
+            print(f"| {label} | {module['num_warps']} | {module['num_stages']} | {r['registers']} | "
                   f"{r['spill_stores']} | {r['spill_loads']} | {r['shared'] / 1024:.0f} | "
                   f"{'yes' if r['shared'] <= H100_SHARED_BYTES else 'NO'} |")
     return 0

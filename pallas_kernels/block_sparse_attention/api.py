@@ -182,6 +182,7 @@ def block_sparse_attention(
     backend: str = "auto",
     routes: jax.Array | None = None,
     soft_mask: SoftMask | None = None,
+    first_rows: jax.Array | None = None,
 ):
     """Causal attention over the tiles of `tile_mask`, with an optional exact token rule inside.
 
@@ -193,7 +194,12 @@ def block_sparse_attention(
     codes: optional [batch, routing_heads, tokens] int. Key j is visible to query i iff
     j <= i, the tile (i // tile, j // tile) is on, and (codes is None, or codes[i] == codes[j], or
     (sink and j == 0), or (window is not None and i - j <= window), or i == j). The sink / window
-    / diagonal rules act only inside tiles that are on: OR in `mask.band_tiles` for them.
+    / diagonal rules act only inside tiles that are on: OR in `masks.band_tiles` for them.
+    first_rows: optional [batch, routing_heads, n_tiles, n_tiles] int32, the layout of tile_mask, read
+    only where a tile is on (row routing with a prefix union, METHOD.md §12): tile (b, j) with first row
+    s is seen only by the query rows i of block b with i % tile >= s (s <= 0: all of them, as None;
+    s >= tile: none); the rules above apply on top. A row that then sees no key gets o = 0, lse = -inf.
+    None runs exactly the kernels without first rows.
     Returns o: [batch, tokens, q_heads, head_dim] in q's dtype, and with return_lse the
     log-sum-exp lse: [batch, q_heads, tokens] float32 (-inf, with o = 0, on rows that see no key).
     backend: "auto" (Mosaic GPU wgmma/TMA kernel on compute capability 9.x for tile masks without
@@ -202,13 +208,19 @@ def block_sparse_attention(
     Differentiable in q, k, v (and through lse): the backward runs block-sparse kernels too.
     routes: optional [batch, routing_heads, tokens, levels, choices] float32 route probabilities with
     soft_mask: the forward ignores them; the backward gives their gradient through the router's
-    straight-through soft mask, on the computed tiles (`route_gradient.py`).
+    straight-through soft mask, on the computed tiles (`route_gradient.py`); not with first_rows yet.
     """
     _check_shapes(q, k, v, tile, interpret)
     b, n, hq, _ = q.shape
     nt = -(-n // tile)
     if tile_mask.shape[-2:] != (nt, nt) or tile_mask.shape[1] not in (hq, k.shape[2]):
         raise ValueError(f"tile_mask {tile_mask.shape} must be [{b}, {hq} or {k.shape[2]}, {nt}, {nt}]")
+    if first_rows is not None:
+        if first_rows.shape != tile_mask.shape or first_rows.dtype != jnp.int32:
+            raise ValueError(f"first_rows must be int32 of tile_mask's shape {tile_mask.shape}; got {first_rows.dtype} "
+                             f"{first_rows.shape}")
+        if routes is not None:
+            raise NotImplementedError("the router's gradient kernels (routes, soft_mask) do not read first_rows yet")
     routes = _kernel_routes(routes, soft_mask, (b, tile_mask.shape[1], n), nt * tile)
     pad = nt * tile - n
     # Padding keys sit after every real query, so causality alone hides them.
@@ -219,8 +231,8 @@ def block_sparse_attention(
     rule = Rule.TILE if codes is None else Rule.CODES
     backend = "triton" if poison else _resolve_backend(backend, q, tile, rule, interpret)
     cfg = _Config(tile, rule, window, sink, sm_scale, interpret, num_warps, num_stages, backend, poison, soft_mask)
-    o, lse = _attention(q, k, v, routes, build_schedule(tile_mask), transpose_schedule(tile_mask), (codes, None),
-                        cfg)
+    schedules = build_schedule(tile_mask, first_rows), transpose_schedule(tile_mask, first_rows)
+    o, lse = _attention(q, k, v, routes, *schedules, (codes, None), cfg)
     o, lse = o[:, :n], lse[..., :n]
     return (o, lse) if return_lse else o
 

@@ -28,19 +28,32 @@ from .schedule import Schedule, compact
 LOG2E = math.log2(math.e)
 
 
-def transpose_schedule(tile_mask: jax.Array) -> Schedule:
+def transpose_schedule(tile_mask: jax.Array, first_rows: jax.Array | None = None) -> Schedule:
     """tile_mask [B, R, nq, nk] -> for each key tile, the ascending list of causal query tiles
-    that compute it: counts [B, R, nk], indices [B, R, nk, nq] (the diagonal, when on, first)."""
+    that compute it: counts [B, R, nk], indices [B, R, nk, nq] (the diagonal, when on, first).
+
+    first_rows: optional [B, R, nq, nk] int, as `build_schedule`'s: the lists then carry each entry's first
+    row, the entries that need no in-tile mask first (`plain` of them), then the diagonal and first rows > 0.
+    """
     nq, nk = tile_mask.shape[-2:]
-    return compact(jnp.swapaxes(tile_mask & causal_tiles(nq, nk), -1, -2))
+    active = jnp.swapaxes(tile_mask & causal_tiles(nq, nk), -1, -2)
+    if first_rows is None:
+        return compact(active)
+    diagonal = jnp.arange(nq)[None, :] == jnp.arange(nk)[:, None]
+    return compact(active, masked=(jnp.swapaxes(first_rows, -1, -2) > 0) | diagonal,
+                   first_rows=jnp.swapaxes(first_rows, -1, -2))
 
 
-def _probs(q, k, lse, qpos, kpos, qcode, kcode, *, rule, window, sink, scale, masked):
-    """P = exp(S - lse) for one tile, float32, zero where not visible."""
+def _probs(q, k, lse, qpos, kpos, qcode, kcode, *, rule, window, sink, scale, masked, row_ok=None):
+    """P = exp(S - lse) for one tile, float32, zero where not visible. row_ok: [rows, 1] bool or None,
+    the rows at or below the entry's first row (masked steps only)."""
     s = pltriton.dot(q, k, trans_b=True) * (scale * LOG2E)
     p = jnp.exp2(s - (lse * LOG2E)[:, None])
     if masked:
-        p = jnp.where(_visible(rule, qpos, kpos, qcode, kcode, window, sink), p, 0.0)
+        vis = _visible(rule, qpos, kpos, qcode, kcode, window, sink)
+        if row_ok is not None:
+            vis = vis & row_ok
+        p = jnp.where(vis, p, 0.0)
     return p
 
 
@@ -90,10 +103,12 @@ def _dq_kernel(
     scale,
     has_codes,
     has_pos,
+    has_first_rows=False,
 ):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
+    first_ref, plain_ref = (refs.pop(0), refs.pop(0)) if has_first_rows else (None, None)
     (dq_ref,) = refs
     qi = num_q_tiles - 1 - pl.program_id(2)
     count = counts_ref[qi]
@@ -110,14 +125,16 @@ def _dq_kernel(
         v = v_ref[pl.ds(start, tile), :]
         kpos = kp_ref[pl.ds(start, tile)][None, :] if has_pos else start + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
         kcode = kc_ref[pl.ds(start, tile)][None, :] if has_codes else None
-        p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked)
+        row_ok = lax.broadcasted_iota(jnp.int32, (tile, 1), 0) >= first_ref[s] if has_first_rows else None
+        p = _probs(q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked,
+                   row_ok=row_ok)
         dp = pltriton.dot(do, v, trans_b=True)
         ds = p * (dp - delta[:, None])
         return dq + pltriton.dot(ds.astype(k.dtype), k)
 
     dq = jnp.zeros(q.shape, jnp.float32)
-    if rule is Rule.TILE:  # only the last listed tile can be the diagonal
-        last = jnp.maximum(count - 1, 0)
+    if rule is Rule.TILE:  # only the last listed tile can be the diagonal; with first rows, `plain` need no mask
+        last = plain_ref[qi] if has_first_rows else jnp.maximum(count - 1, 0)
         dq = lax.fori_loop(0, last, functools.partial(step, masked=False), dq)
         dq = lax.fori_loop(last, count, functools.partial(step, masked=True), dq)
     else:
@@ -146,10 +163,12 @@ def _dkv_kernel(
     has_pos,
     query_rows,
     key_rows,
+    has_first_rows=False,
 ):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
+    first_ref, plain_ref = (refs.pop(0), refs.pop(0)) if has_first_rows else (None, None)
     dk_ref, dv_ref = refs
     sub = pl.program_id(2)  # this program's `key_rows` keys, in key tile sub // (tile // key_rows)
     kj = sub // (tile // key_rows)
@@ -161,14 +180,18 @@ def _dkv_kernel(
         count = counts_ref[rg, kj]
         kpos, kcode = key_slice(kp_ref, kc_ref, rg, start_k, key_rows, has_pos=has_pos, has_codes=has_codes)
 
-        def rows(part, carry, tile_start, masked):  # `query_rows` queries of the listed tile
+        def rows(part, carry, tile_start, first, masked):  # `query_rows` queries of the listed tile
             dk, dv = carry
             start = pl.multiple_of(tile_start + part * query_rows, query_rows)
             q, do, lse, delta, qpos, qcode = query_slice(
                 (q_ref, do_ref, lse_ref, delta_ref, qp_ref, qc_ref), g, rg, start, query_rows, has_pos=has_pos,
                 has_codes=has_codes)
+            row_ok = None
+            if has_first_rows:  # offsets of these rows in their query tile against the entry's first row
+                row_ok = part * query_rows + lax.broadcasted_iota(jnp.int32, (query_rows, 1), 0) >= first
             p = _probs(
-                q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked
+                q, k, lse, qpos, kpos, qcode, kcode, rule=rule, window=window, sink=sink, scale=scale, masked=masked,
+                row_ok=row_ok,
             )
             dv = dv + pltriton.dot(p.astype(do.dtype), do, trans_a=True)
             dp = pltriton.dot(do, v, trans_b=True)
@@ -178,11 +201,16 @@ def _dkv_kernel(
 
         def step(s, carry, masked):
             tile_start = pl.multiple_of(indices_ref[rg, s] * tile, tile)
-            part = functools.partial(rows, tile_start=tile_start, masked=masked)
+            first = first_ref[rg, s] if has_first_rows else None
+            part = functools.partial(rows, tile_start=tile_start, first=first, masked=masked)
             if query_rows == tile:  # the whole tile at once: the program measured on the H100, no inner loop
                 return part(0, carry)
             return lax.fori_loop(0, tile // query_rows, part, carry)
 
+        if rule is Rule.TILE and has_first_rows:  # `plain` entries first, then the diagonal and first rows > 0
+            plain = plain_ref[rg, kj]
+            carry = lax.fori_loop(0, plain, functools.partial(step, masked=False), carry)
+            return lax.fori_loop(plain, count, functools.partial(step, masked=True), carry)
         if rule is Rule.TILE:  # only the first listed query tile can be the diagonal
             first = jnp.minimum(count, 1)
             carry = lax.fori_loop(0, first, functools.partial(step, masked=True), carry)
@@ -229,7 +257,8 @@ def sparse_attention_backward(
     """Gradients of `sparse_attention_forward` (same arguments) w.r.t. q, k, v.
 
     o, do: [batch, tokens, q_heads, head_dim]; lse, dlse: [batch, q_heads, tokens] float32.
-    schedule: the forward's; schedule_t: `transpose_schedule` of the same tile mask.
+    schedule: the forward's; schedule_t: `transpose_schedule` of the same tile mask (and first rows: both
+    carry them, or neither).
     dkv_key_rows, dkv_query_rows: one dk/dv program takes this many keys of a key tile and walks each
     listed query tile this many rows at a time (divisors of tile, >= 16; None: the whole tile, the
     measured default). Smaller slices hold fewer registers: at tile 128 and head dim 128 the whole-tile
@@ -241,15 +270,19 @@ def sparse_attention_backward(
     hkv = k.shape[2]
     group = hq // hkv
     nq = n // tile
-    counts, _ = schedule
+    counts = schedule.counts
     sb, sr = counts.shape[:2]
+    has_first_rows = schedule.first_rows is not None
+    if has_first_rows != (schedule_t.first_rows is not None):
+        raise ValueError("schedule and schedule_t must both carry first rows, or neither")
     scale = d**-0.5 if sm_scale is None else sm_scale
     has_codes = rule in (Rule.CODES, Rule.BUCKET)
     has_pos = positions is not None
     per_q_routing = sr == hq and group > 1
     delta = softmax_delta(o, lse, do, dlse)
     params = pltriton.CompilerParams(num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages)
-    common = dict(rule=rule, window=window, sink=sink, tile=tile, scale=scale, has_codes=has_codes, has_pos=has_pos)
+    common = dict(rule=rule, window=window, sink=sink, tile=tile, scale=scale, has_codes=has_codes, has_pos=has_pos,
+                  has_first_rows=has_first_rows)
     ints = [x.astype(jnp.int32) for x, used in ((codes, has_codes), (positions, has_pos)) if used]
     ints = [x for x in ints for _ in range(2)]  # (query side, key side) views of each
 
@@ -267,26 +300,20 @@ def sparse_attention_backward(
         pl.BlockSpec((None, None, tile), rows),
         pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0)),
     ] * (len(ints) // 2)
+    count_spec = pl.BlockSpec((None, None, nq), lambda h, bi, i: (*route(bi, h), 0))
+    list_spec = pl.BlockSpec((None, None, None, nq), lambda h, bi, i: (*rows(h, bi, i), 0))
+    first_specs, first_args = (
+        ([list_spec, count_spec], [schedule.first_rows, schedule.plain]) if has_first_rows else ([], []))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, num_q_tiles=nq, **common),
         grid=(hq, b, nq),
-        in_specs=[
-            pl.BlockSpec((None, None, nq), lambda h, bi, i: (*route(bi, h), 0)),
-            pl.BlockSpec((None, None, None, nq), lambda h, bi, i: (*rows(h, bi, i), 0)),
-            qspec,
-            kvspec,
-            kvspec,
-            qspec,
-            rowspec,
-            rowspec,
-            *int_specs,
-        ],
+        in_specs=[count_spec, list_spec, qspec, kvspec, kvspec, qspec, rowspec, rowspec, *int_specs, *first_specs],
         out_specs=qspec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=params,
         interpret=interpret,
         name=f"block_sparse_attention_dq_{rule.value}",
-    )(*schedule, q, k, v, do, lse, delta, *ints)
+    )(schedule.counts, schedule.indices, q, k, v, do, lse, delta, *ints, *first_args)
 
     # dk, dv: one program per (KV head, batch, key_rows keys); its query heads are one block of `group`.
     rg = group if per_q_routing else 1
@@ -300,25 +327,19 @@ def sparse_attention_backward(
     qgroup = pl.BlockSpec((None, n, group, d), lambda kh, bi, j: (bi, 0, kh, 0))
     rowgroup = pl.BlockSpec((None, group, n), lambda kh, bi, j: (bi, kh, 0))
     int_specs = [pl.BlockSpec((None, rg, n), lambda kh, bi, j: (*kroute(bi, kh), 0))] * len(ints)
+    count_spec = pl.BlockSpec((None, rg, nq), lambda kh, bi, j: (*kroute(bi, kh), 0))
+    list_spec = pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j // per_tile, 0))
+    first_specs, first_args = (
+        ([list_spec, count_spec], [schedule_t.first_rows, schedule_t.plain]) if has_first_rows else ([], []))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, group=group, per_q_routing=per_q_routing,
                           query_rows=min(dkv_query_rows or tile, tile), key_rows=key_rows, **common),
         grid=(hkv, b, n // key_rows),
-        in_specs=[
-            pl.BlockSpec((None, rg, nq), lambda kh, bi, j: (*kroute(bi, kh), 0)),
-            pl.BlockSpec((None, rg, None, nq), lambda kh, bi, j: (*kroute(bi, kh), j // per_tile, 0)),
-            qgroup,
-            kspec,
-            kspec,
-            qgroup,
-            rowgroup,
-            rowgroup,
-            *int_specs,
-        ],
+        in_specs=[count_spec, list_spec, qgroup, kspec, kspec, qgroup, rowgroup, rowgroup, *int_specs, *first_specs],
         out_specs=[kspec, kspec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=params,
         interpret=interpret,
         name=f"block_sparse_attention_dkv_{rule.value}",
-    )(*schedule_t, q, k, v, do, lse, delta, *ints)
+    )(schedule_t.counts, schedule_t.indices, q, k, v, do, lse, delta, *ints, *first_args)
     return dq, dk, dv

@@ -1,6 +1,6 @@
 """Correctness check + timing table: block-sparse kernel vs the best dense kernels, one run.
 
-    python -m pallas_kernels.bench [--json FILE] [--lengths 8192 32768 131072] [--quick]
+    python -m pallas_kernels.bench [--json FILE] [--lengths 8192 32768 131072] [--quick] [--first-rows]
 
 Shapes are Llama 3.1 8B attention (32 query heads, 8 KV heads, head dim 128, causal, batch 1),
 bf16, 128 x 128 tiles, random tile masks routed per KV head with the sink column and the diagonal
@@ -232,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--backward-max-n", type=int, default=32768, help="time forward+backward up to this length")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip remaining rows after this")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--first-rows", action="store_true",
+                    help="also time the forward with random in-tile first rows beside first_rows=None, same tiles")
     ap.add_argument("--backward-slices", action="store_true",
                     help="also time the backward kernels with dk/dv programs of 64 keys and 32- or 64-row query steps")
     args = ap.parse_args(argv)
@@ -248,7 +250,8 @@ def main(argv=None):
 
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    result = dict(device=dev.device_kind, jax=jax.__version__, correctness=[], table=[], token=[], backward_slices=[])
+    result = dict(device=dev.device_kind, jax=jax.__version__, correctness=[], table=[], token=[], backward_slices=[],
+                  first_rows=[])
     on_gpu = jax.default_backend() == "gpu"
     log("correctness (relative Frobenius error vs float32 reference):")
     for check in (correctness, grad_check) + ((hopper_check,) if on_gpu else ()):
@@ -395,6 +398,12 @@ def main(argv=None):
         except Exception:
             failed(f"token routing at N={n}")
 
+    if args.first_rows:
+        log("in-tile first rows: forward with random first rows vs first_rows=None, same tiles:")
+        try:
+            first_rows_rows(log, result, args.lengths, args.densities, warps, stages)
+        except Exception:
+            failed("first rows")
     if args.backward_slices:
         log("backward kernels (dq + dk/dv, raw) with dk/dv in slices:")
         try:
@@ -410,6 +419,50 @@ def main(argv=None):
     for failure in failures:
         log(f"FAILED: {failure}")
     return 1 if failures else 0
+
+
+def random_first_rows(key, tiles, tile=128, zero_share=0.5):
+    """int32 first rows of tiles' shape: 0 on about `zero_share` of the tiles, else uniform in [1, tile)."""
+    k1, k2 = jax.random.split(key)
+    first = jax.random.randint(k1, tiles.shape, 1, tile, jnp.int32)
+    return jnp.where(jax.random.bernoulli(k2, zero_share, tiles.shape), 0, first)
+
+
+def first_rows_rows(log, result, lengths, densities, warps, stages):
+    """The masking's overhead: each kernel's forward over the same tiles with random first rows (half of
+    the tiles at 0) and with first_rows=None; the API row adds building the schedule. One correctness check
+    per length against the chunked float32 reference."""
+    hq, hkv, d, tile = 32, 8, 128, 128
+    interpret = jax.default_backend() != "gpu"
+    hopper = hopper_supported(jnp.zeros((1, 1, 1, d), jnp.bfloat16), tile)
+    triton = jax.jit(lambda q, k, v, s: sparse_attention_forward(
+        q, k, v, s, tile=tile, num_warps=warps, num_stages=stages, interpret=interpret)[0])
+    mgpu = jax.jit(lambda q, k, v, s: hopper_attention_forward(q, k, v, s)[0])
+    api = jax.jit(lambda q, k, v, m, f: block_sparse_attention(q, k, v, m, first_rows=f, num_warps=warps,
+                                                               num_stages=stages))
+    for n in lengths:
+        n = _size(n)
+        q, k, v = random_qkv(jax.random.PRNGKey(n + 5), 1, n, hq, hkv, d, jnp.bfloat16)
+        for dn in densities:
+            mask = random_tile_mask(jax.random.PRNGKey(int(dn * 1000) + n), 1, hkv, n // tile, dn)
+            first = random_first_rows(jax.random.PRNGKey(n + int(dn * 1000) + 1), mask, tile)
+            plain, rows = build_schedule(mask), build_schedule(mask, first)
+            row = dict(N=n, block_density=float(block_density(mask)),
+                       triton_ms=time_jax(triton, q, k, v, plain) * 1e3,
+                       triton_first_rows_ms=time_jax(triton, q, k, v, rows) * 1e3,
+                       api_ms=time_jax(api, q, k, v, mask, None) * 1e3,
+                       api_first_rows_ms=time_jax(api, q, k, v, mask, first) * 1e3)
+            if hopper:
+                row.update(hopper_ms=time_jax(mgpu, q, k, v, plain) * 1e3,
+                           hopper_first_rows_ms=time_jax(mgpu, q, k, v, rows) * 1e3)
+            if dn == densities[0] and n <= 32768:  # the float32 reference grows as N²
+                ref = chunked_reference_attention(q, k, v, mask, tile=tile, first_rows=first,
+                                                  chunk=min(512, n))
+                row["rel_err"] = rel_err(api(q, k, v, mask, first), ref)
+                result["correctness"].append(dict(case=f"first rows N={n} p={dn}", rel_err=row["rel_err"],
+                                                  ok=row["rel_err"] <= TOLERANCE[jnp.bfloat16]))
+            result["first_rows"].append(row)
+            log("  " + ", ".join(f"{key} {val:.4g}" for key, val in row.items()))
 
 
 def backward_slices(log, result, lengths, densities=(0.1, 0.5, 1.0)):

@@ -70,10 +70,12 @@ def _kernel(
     scale: float,
     has_codes: bool,
     has_pos: bool,
+    has_first_rows: bool = False,
 ):
     refs = list(refs)
     qc_ref, kc_ref = (refs.pop(0), refs.pop(0)) if has_codes else (None, None)
     qp_ref, kp_ref = (refs.pop(0), refs.pop(0)) if has_pos else (None, None)
+    first_ref, plain_ref = (refs.pop(0), refs.pop(0)) if has_first_rows else (None, None)
     o_ref, lse_ref = refs[-2:]  # poisoned (aliased) output buffers, if any, sit in between
 
     qi = num_q_tiles - 1 - pl.program_id(2)  # heaviest query tiles are launched first
@@ -98,7 +100,10 @@ def _kernel(
             else:
                 kpos = start + lax.broadcasted_iota(jnp.int32, (1, tile), 1)
             kcode = kc_ref[pl.ds(start, tile)][None, :] if has_codes else None
-            sc = jnp.where(_visible(rule, qpos, kpos, qcode, kcode, window, sink), sc, -jnp.inf)
+            vis = _visible(rule, qpos, kpos, qcode, kcode, window, sink)
+            if has_first_rows:  # rows above this entry's first row do not see its key tile
+                vis = vis & (lax.broadcasted_iota(jnp.int32, (tile, 1), 0) >= first_ref[s])
+            sc = jnp.where(vis, sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(axis=-1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -116,8 +121,9 @@ def _kernel(
     )
     if rule is Rule.TILE:
         # Only the last listed tile can be the diagonal one (lists are ascending, and padding
-        # keys sit in the last diagonal tile only), so all others run without a mask.
-        last = jnp.maximum(count - 1, 0)
+        # keys sit in the last diagonal tile only), so all others run without a mask. With first
+        # rows, the schedule lists the tiles that need no mask first, `plain` of them.
+        last = plain_ref[qi] if has_first_rows else jnp.maximum(count - 1, 0)
         carry = lax.fori_loop(0, last, functools.partial(step, masked=False), carry)
         carry = lax.fori_loop(last, count, functools.partial(step, masked=True), carry)
     else:
@@ -166,7 +172,9 @@ def sparse_attention_forward(
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim].
     schedule: counts [B', R', q_tiles], indices [B', R', q_tiles, k_tiles] (B' in {1, batch},
-    R' in {1, routing heads}: a size-1 axis is shared by all batches / heads).
+    R' in {1, routing heads}: a size-1 axis is shared by all batches / heads); with first rows
+    (`build_schedule(tile_mask, first_rows)`) also first_rows [B', R', q_tiles, k_tiles] and plain
+    [B', R', q_tiles]: the query rows of a tile above an entry's first row do not see its keys.
     codes: [B', R', tokens] int32 (rules CODES, BUCKET). positions: [B', R', tokens] int32, the
     original position of each token when the sequence is permuted (BUCKET); iota otherwise.
     poison: write into NaN-filled output buffers (tests: every row must be written).
@@ -179,7 +187,7 @@ def sparse_attention_forward(
     nq = n // tile
     if n % tile or k.shape[1] != n:
         raise ValueError(f"tokens {n} must be a multiple of tile {tile}, and k must match")
-    counts, indices = schedule
+    counts, indices, first_rows, plain = schedule
     sb, sr = counts.shape[:2]
     if sr not in (1, hq, hkv):
         raise ValueError(f"schedule routing heads {sr} must be 1, {hq} or {hkv}")
@@ -212,6 +220,10 @@ def sparse_attention_forward(
                 pl.BlockSpec((None, None, n), lambda h, bi, i: (*route(bi, h), 0)),
             ]
             args += [extra.astype(jnp.int32)] * 2
+    has_first_rows = first_rows is not None
+    if has_first_rows:
+        in_specs += [in_specs[1], in_specs[0]]  # first rows laid out as the indices, plain as the counts
+        args += [first_rows, plain]
 
     out_dtype = q.dtype if out_dtype is None else out_dtype
     out_shape = [jax.ShapeDtypeStruct(q.shape, out_dtype), jax.ShapeDtypeStruct((b, hq, n), jnp.float32)]
@@ -235,6 +247,7 @@ def sparse_attention_forward(
         scale=scale,
         has_codes=has_codes,
         has_pos=has_pos,
+        has_first_rows=has_first_rows,
     )
     return pl.pallas_call(
         kernel,

@@ -11,6 +11,8 @@ The two compute warpgroups alternate tensor-core and softmax phases through a sh
 listed tile can be the diagonal: every other step runs without a mask.
 
 Tile rule only (TILE): the token-rule variants (codes, bucket, local) run on the portable kernel.
+With in-tile first rows the schedule lists the tiles that need no mask first (`plain` of them); the
+rest (the diagonal, first row > 0) run one more compare per row: rows above the first row see nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ def hopper_attention_forward(
 
     q: [batch, tokens, q_heads, head_dim]; k, v: [batch, tokens, kv_heads, head_dim]; tokens a
     multiple of 128. schedule: counts [B', R', q_tiles], indices [B', R', q_tiles, k_tiles].
+    With first rows (`build_schedule(tile_mask, first_rows)`: first_rows and plain in the schedule),
+    the query rows of a tile above an entry's first row do not see its keys.
     Returns o: [batch, tokens, q_heads, head_dim] (q.dtype), lse: [batch, q_heads, tokens] f32.
     """
     b, n, hq, d = q.shape
@@ -69,7 +73,8 @@ def hopper_attention_forward(
     nq = n // TILE
     if n % TILE:
         raise ValueError(f"tokens {n} must be a multiple of {TILE}")
-    counts, indices = schedule
+    counts, indices, first_rows, plain = schedule
+    has_first_rows = first_rows is not None
     sb, sr = counts.shape[:2]
     dtype = q.dtype
     scale = (d**-0.5 if sm_scale is None else sm_scale) * LOG2E
@@ -79,7 +84,7 @@ def hopper_attention_forward(
     def iota(dim):
         return plgpu.broadcasted_iota(jnp.int32, (ROWS, TILE), dim, layout=plgpu.Layout.WGMMA)
 
-    def body(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
+    def body(counts_ref, idx_ref, first_ref, plain_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (q_smem2, k_smem, v_smem, lse_smem2), (k_ready, v_ready, q_ready), (k_free, v_free), pingpong = scoped
         bi = lax.axis_index("batch")
         h = lax.axis_index("heads")
@@ -121,12 +126,17 @@ def hopper_attention_forward(
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     kb = idx_ref[sbi, r, qi, s]
-                    sc = jnp.where(iota(0) + row0 >= iota(1) + kb * TILE, sc, -jnp.inf)
-                # Every row keeps >= 1 visible key per step (the diagonal tile holds key i), so
-                # m is finite after the first step and exp2 never sees -inf - -inf.
+                    vis = iota(0) + row0 >= iota(1) + kb * TILE
+                    if has_first_rows:  # rows above the entry's first row: offsets in the 128-row tile
+                        vis = vis & (iota(0) + wg * ROWS >= first_ref[sbi, r, qi, s])
+                    sc = jnp.where(vis, sc, -jnp.inf)
+                # Without first rows every row keeps >= 1 visible key per step (the diagonal tile holds
+                # key i), so m is finite after the first step and exp2 never sees -inf - -inf. With
+                # them a row may see nothing yet: shift it by 0 (its p is 0 and its alpha 0 or 1).
                 m_new = jnp.maximum(m, sc.max(axis=1) * scale)
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(sc * scale - lax.broadcast_in_dim(m_new, sc.shape, [0]))
+                m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if has_first_rows and masked else m_new
+                alpha = jnp.exp2(m - m_use)
+                p = jnp.exp2(sc * scale - lax.broadcast_in_dim(m_use, sc.shape, [0]))
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 denom = denom * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
@@ -141,7 +151,7 @@ def hopper_attention_forward(
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, denom
 
-            last = jnp.maximum(count - 1, 0)
+            last = plain_ref[sbi, r, qi] if has_first_rows else jnp.maximum(count - 1, 0)
             carry = lax.fori_loop(0, last, functools.partial(step, masked=False), carry)
             acc, m, denom = lax.fori_loop(last, count, functools.partial(step, masked=True), carry)
             pl.when(wg == 0)(pingpong_round)
@@ -178,10 +188,13 @@ def hopper_attention_forward(
 
             lax.fori_loop(stages, jnp.maximum(count, stages), refill, None)
 
-    def entry(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+    def entry(counts_ref, idx_ref, *refs):
+        first_ref, plain_ref = (refs[0], refs[1]) if has_first_rows else (None, None)
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs[-5:]
         swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
         pl.run_scoped(
-            lambda *scoped: body(counts_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped),
+            lambda *scoped: body(counts_ref, idx_ref, first_ref, plain_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                                 scoped),
             (
                 plgpu.SMEM((2, ROWS, d), dtype, **swizzled),
                 plgpu.SMEM((stages, TILE, d), dtype, **swizzled),
@@ -202,4 +215,4 @@ def hopper_attention_forward(
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(counts, indices, q, k, v)
+    )(counts, indices, *((first_rows, plain) if has_first_rows else ()), q, k, v)

@@ -1,4 +1,4 @@
-"""The tile rules the kernels execute: causality, sink, window, diagonal, codes, sorted buckets.
+"""The tile rules the kernels execute: causality, sink, window, diagonal, codes, sorted buckets, first rows.
 
 The kernels own these, as splash attention owns its mask algebra: nothing here imports from
 llama_surgery_jax (the method's module `llama_surgery_jax.surgery.mask` builds on them and re-exports
@@ -8,7 +8,9 @@ them), so this package stands alone. Query token i sees key j of one routing hea
 
 without codes, causality alone. A block-sparse kernel runs tiles of `tile` × `tile` tokens: the tile
 mask is the tile-wise OR of the token mask, built from per-block code sets, never from the N × N mask.
-Shapes: b batch, h routing heads, t / s query / key tokens, n = ceil(t / tile) tiles.
+An executed tile (query block b, key block j) may carry a first row s (row routing with a prefix union,
+METHOD.md §12): only the rows of block b whose offset i % tile is ≥ s see key block j; the rules above
+apply on top. Shapes: b batch, h routing heads, t / s query / key tokens, n = ceil(t / tile) tiles.
 """
 
 from __future__ import annotations
@@ -41,19 +43,30 @@ def visible(qpos: jax.Array, kpos: jax.Array, qcode: jax.Array | None = None, kc
 
 def tiled_token_mask(tiles: jax.Array, num_tokens: int, tile: int, *, codes: jax.Array | None = None,
                      window: int | None = WINDOW, sink: bool = SINK,
-                     q_range: tuple[int, int] | None = None) -> jax.Array:
+                     q_range: tuple[int, int] | None = None, first_rows: jax.Array | None = None) -> jax.Array:
     """What a block-sparse kernel computes: the token rule inside the tiles that are on (small N only).
 
     tiles: [b, h, q_tiles, k_tiles] bool; codes: [b, h, tokens] or None (tiles alone decide, causally).
+    first_rows: [b, h, q_tiles, k_tiles] int or None (all 0): query i sees key block j only if
+    i % tile >= first_rows[..., i // tile, j] (`first_row_visible`).
     q_range: (start, stop) of the query rows to build, all by default → bool [b, h, rows, num_tokens].
     """
     start, stop = q_range if q_range is not None else (0, num_tokens)
     qpos = jnp.arange(start, stop, dtype=jnp.int32)[:, None]
     kpos = jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
     on = tiles[:, :, qpos[:, 0] // tile][:, :, :, kpos[0] // tile]
+    if first_rows is not None:
+        on = on & first_row_visible(first_rows, qpos, kpos, tile=tile)
     if codes is None:
         return on & visible(qpos, kpos, window=window, sink=sink)
     return on & visible(qpos, kpos, codes[:, :, start:stop, None], codes[:, :, None, :], window=window, sink=sink)
+
+
+def first_row_visible(first_rows: jax.Array, qpos: jax.Array, kpos: jax.Array, *, tile: int) -> jax.Array:
+    """first_rows: [..., q_tiles, k_tiles] int; qpos [t, 1], kpos [1, s] int → bool [..., t, s]: query qpos
+    passes the first row of its tile with key block kpos // tile (qpos % tile ≥ first row)."""
+    first = jnp.take(jnp.take(first_rows, qpos[:, 0] // tile, axis=-2), kpos[0] // tile, axis=-1)
+    return qpos % tile >= first
 
 
 def causal_tiles(q_tiles: int, k_tiles: int) -> jax.Array:

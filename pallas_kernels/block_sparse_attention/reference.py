@@ -5,6 +5,7 @@ routing head r:
 
     visible(i, j) = j <= i
                     and tile_mask[r, i // tile, j // tile]
+                    and i % tile >= first_rows[r, i // tile, j // tile]   (first_rows None: 0)
                     and (codes is None
                          or codes[i] == codes[j]
                          or (sink and j == 0)
@@ -20,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .masks import SINK, WINDOW, visible
+from .masks import SINK, WINDOW, first_row_visible, visible
 
 
 def routing_head_of(num_q_heads: int, num_routing_heads: int, num_kv_heads: int) -> jax.Array:
@@ -80,6 +81,7 @@ def chunked_reference_attention(
     sm_scale: float | None = None,
     chunk: int = 512,
     return_lse: bool = False,
+    first_rows: jax.Array | None = None,
 ):
     """`reference_attention` over query chunks, never holding an N x N array (long N).
 
@@ -95,6 +97,8 @@ def chunked_reference_attention(
         qpos = start + jnp.arange(chunk, dtype=jnp.int32)[:, None]
         kpos = jnp.arange(n, dtype=jnp.int32)[None, :]
         tiles = jnp.take(jnp.take(tile_mask, qpos[:, 0] // tile, axis=2), kpos[0] // tile, axis=3)
+        if first_rows is not None:
+            tiles = tiles & first_row_visible(first_rows, qpos, kpos, tile=tile)
         if codes is None:
             vis = tiles & visible(qpos, kpos, window=window, sink=sink)
         else:

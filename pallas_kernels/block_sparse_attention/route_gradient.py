@@ -208,7 +208,7 @@ def route_gradient_backward(q, k, v, o, lse, do, dlse, routes, schedule: Schedul
     nq = n // tile
     rows, cols = min(rows, tile), min(cols, tile)
     sub_tiles = n // rows
-    counts, _ = schedule
+    counts = schedule.counts
     sb, sr = counts.shape[:2]
     route_rows, columns = routes.shape[1], routes.shape[2]
     per_q_schedule = sr == hq and group > 1
@@ -249,7 +249,7 @@ def route_gradient_backward(q, k, v, o, lse, do, dlse, routes, schedule: Schedul
         compiler_params=params,
         interpret=interpret,
         name=f"route_gradient_queries_{rule.value}",
-    )(*schedule, q, k, v, do, lse, delta, *[x for x in ints for _ in range(2)], routes)
+    )(schedule.counts, schedule.indices, q, k, v, do, lse, delta, *[x for x in ints for _ in range(2)], routes)
     d_routes_q = d_routes_q.reshape(b, route_rows, hq // route_rows, columns, n).sum(axis=2)
 
     # Key side: per KV head, its group's query heads in one program.
@@ -278,5 +278,5 @@ def route_gradient_backward(q, k, v, o, lse, do, dlse, routes, schedule: Schedul
         compiler_params=params,
         interpret=interpret,
         name=f"route_gradient_keys_{rule.value}",
-    )(*schedule_t, q, k, v, do, lse, delta, *[x for x in ints for _ in range(2)], routes)
+    )(schedule_t.counts, schedule_t.indices, q, k, v, do, lse, delta, *[x for x in ints for _ in range(2)], routes)
     return d_routes_q + d_routes_k
