@@ -32,13 +32,15 @@ import argparse
 import sys
 
 from llama_surgery_jax import data
+from llama_surgery_jax.arguments import density, integer, listed, output_file, unchanged
 from llama_surgery_jax.evaluation.scoring import run_evaluation
 from llama_surgery_jax.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, each checked (a bad one exits with status 2 and a message that names it)."""
     parser = argparse.ArgumentParser(description="WikiText-2 test (or your own text) perplexity of a converted "
                                                  "Llama.")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
@@ -46,22 +48,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", metavar="FILE|DIR",
                         help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
                              "(not sub-folders') are read in name order, joined by a blank line")
-    parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
-    parser.add_argument("--max-windows", type=int, help="score only the first N windows")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--context", type=integer(2), default=1024, help="window length in tokens")
+    parser.add_argument("--max-windows", type=integer(1), help="score only the first N windows")
+    parser.add_argument("--batch-size", type=integer(1), default=1)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="parameter and compute dtype")
     parser.add_argument("--surgery", help="'init' (routers at their homotopy initialisation) or a "
                                           "router checkpoint folder written by train")
     parser.add_argument("--compare-transformers", action="store_true",
                         help="also score the same windows with transformers (torch) from the original source")
-    parser.add_argument("--json", help="write the result here")
-    parser.add_argument("--contexts", help="comma-separated window lengths, e.g. 1024,4096,8192 (overrides --context)")
+    parser.add_argument("--json", type=output_file, help="write the result here (its path checked before the work)")
+    parser.add_argument("--contexts", type=listed(integer(2)),
+                        help="comma-separated window lengths, e.g. 1024,4096,8192 (overrides --context)")
     parser.add_argument("--dense-too", action="store_true", help="also score the dense model on the same windows")
     parser.add_argument("--baseline", choices=["streaming", "moba"], help="a baseline mask instead of routers")
-    parser.add_argument("--baseline-density", type=float, default=0.5, help="the baseline's target block density")
-    parser.add_argument("--baseline-tile", type=int, default=128, help="the baseline's block size in tokens")
-    parser.add_argument("--block-density", type=float,
+    parser.add_argument("--baseline-density", type=density, default=0.5, help="the baseline's target block density")
+    parser.add_argument("--baseline-tile", type=integer(1), default=128, help="the baseline's block size in tokens")
+    parser.add_argument("--block-density", type=density,
                         help="block-mode runs: the executed block density ρ (default: the run's router.block_density)")
     parser.add_argument("--budget", choices=["adaptive", "uniform"],
                         help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
@@ -71,9 +74,20 @@ def main(argv: list[str] | None = None) -> int:
                              "baselines under the same budget, the oracles upper bounds that read the dense attention")
     parser.add_argument("--allow-floor", action="store_true",
                         help="run a block density below the floor of the sink and window tiles (the floor executes)")
-    parser.add_argument("--niah", help="comma-separated needle-in-a-haystack lengths in tokens, e.g. 2048,4096")
-    parser.add_argument("--niah-trials", type=int, default=2, help="cases per (length, depth)")
+    parser.add_argument("--niah", type=unchanged(listed(integer(2))),
+                        help="comma-separated needle-in-a-haystack lengths in tokens, e.g. 2048,4096")
+    parser.add_argument("--niah-trials", type=integer(1), default=2, help="cases per (length, depth)")
     args = parser.parse_args(argv)
+    if args.baseline:
+        check_baseline(parser, args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
+        return stop.code or 0
     if args.baseline and (args.surgery or args.niah):
         print("error: --baseline replaces the routers and has no KV-cache decode: not with --surgery or --niah",
               file=sys.stderr)
@@ -88,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json_atomic(args.json, result)
     return 0
+
+
+def check_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A baseline whose tile covers the whole window, or whose density rounds to every tile, runs dense: refused."""
+    from llama_surgery_jax.surgery.baselines import baseline_block_density, extra_blocks_for_density
+
+    for context in args.contexts or [args.context]:
+        blocks = -(-context // args.baseline_tile)
+        executed = baseline_block_density(blocks, extra_blocks_for_density(blocks, args.baseline_density))
+        if args.baseline_density < 1 and executed >= 1:
+            parser.error(f"--baseline {args.baseline} at --baseline-density {args.baseline_density} runs dense at "
+                         f"--context {context}: {blocks} block(s) of --baseline-tile {args.baseline_tile} tokens leave "
+                         "no tile to skip at that density; use a smaller --baseline-tile (e.g. 32) or a lower density")
 
 
 if __name__ == "__main__":

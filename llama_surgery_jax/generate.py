@@ -3,14 +3,17 @@
     python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
         [--attention auto|reference|kernel] [--no-gather] [--no-compare] [--json FILE]
+        [--block-density RHO] [--budget adaptive|uniform]
 
 Several `--prompt`s make one batch (right-padded; prompts may differ in length). No `--model`: the
 embedded SmolLM2-135M-Instruct. `--surgery` loads the routers of a training run; a folder without
 router checkpoints runs the dense model and says so. Greedy by default; `--temperature > 0` samples
 (seeded: the same seed gives the same text). Prints each completion and tokens/s of prefill and decode
 (compilation timed apart); with `--surgery`, then runs the dense model (the same weights without routers)
-on the same prompts and prints both speeds and their ratio (`--no-compare` skips it). See
-`inference/cache.py` for the attention paths.
+on the same prompts and prints both speeds and their ratio (`--no-compare` skips it). A block-mode run decodes
+under its budget read as `evaluate` reads it: ρ the run's unless `--block-density`, its calibrated per-head
+densities (adaptive, the default when the run holds calibration.json) or ρ for every head (`--budget uniform`);
+the first line printed says what the decode ran. See `inference/cache.py` for the attention paths.
 """
 
 from __future__ import annotations
@@ -19,51 +22,67 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from llama_surgery_jax.inference.cache import ContextError, Decoder
-from llama_surgery_jax.inference.generate import generate, load_for_inference
+import numpy as np
+
+from llama_surgery_jax.arguments import density, integer, output_file, real
+from llama_surgery_jax.inference.cache import ContextError
+from llama_surgery_jax.inference.generate import generate_and_compare, load_for_inference
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
-from llama_surgery_jax.surgery.routed_attention import remove_routers, routed_layers
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, each checked (a bad one exits with status 2 and a message that names it)."""
     parser = argparse.ArgumentParser(description="Generate text with a dense or routed (surgery) Llama.")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=integer(1), default=32)
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--surgery", help="a training run folder (its routers), or 'init'")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    parser.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    parser.add_argument("--temperature", type=real(0.0), default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=integer(1), help="sample among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", default="auto", choices=["auto", "reference", "kernel"],
                         help="prefill attention: kernel (GPU), reference (chunked masked attention), auto")
     parser.add_argument("--no-gather", action="store_true",
-                        help="decode over the whole cache with a mask instead of gathering visible keys")
+                        help="token-mode routers: decode over the whole cache with a mask instead of gathering "
+                             "visible keys (block mode always reads its listed blocks)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--json", help="write the completions and timings here")
+    parser.add_argument("--json", type=output_file, help="write the completions and timings here (its path checked "
+                                                         "before the work)")
     parser.add_argument("--no-compare", action="store_true",
                         help="with --surgery: skip the dense model's run on the same prompts (its speeds)")
+    parser.add_argument("--block-density", type=density,
+                        help="block-mode runs: the block density ρ (default: the run's router.block_density)")
+    parser.add_argument("--budget", choices=["adaptive", "uniform"],
+                        help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
+                             "when the run has them) or ρ for every head")
     args = parser.parse_args(argv)
+    if args.attention == "kernel" and args.surgery and args.dtype == "float32":
+        parser.error("--attention kernel: the kernels take bfloat16 or float16 activations, never float32 (--dtype "
+                     "float32); pass --dtype bfloat16, or --attention reference (or auto)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
+        return stop.code or 0
 
     try:
         model, tokenizer, described = load_for_inference(args.model, args.surgery, args.dtype)
+        budget = block_budget(model, args)
         prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
-        decoder = Decoder(model, attention=args.attention, gather=not args.no_gather)
-        result = generate(decoder, prompts, max_new_tokens=args.max_new_tokens,
-                          model_context=model.config.max_position_embeddings, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed, eos_ids=model.config.eos_token_ids)
-        dense = None
-        if routed_layers(model) and not args.no_compare:  # the same prompts on the model without its routers
-            dense = generate(Decoder(remove_routers(model), attention=args.attention, gather=not args.no_gather),
-                             prompts, max_new_tokens=args.max_new_tokens,
-                             model_context=model.config.max_position_embeddings, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed, eos_ids=model.config.eos_token_ids)
+        result, dense = generate_and_compare(
+            model, prompts, attention=args.attention, gather=not args.no_gather, block_budget=budget,
+            compare=not args.no_compare, max_new_tokens=args.max_new_tokens,
+            model_context=model.config.max_position_embeddings, temperature=args.temperature, top_k=args.top_k,
+            seed=args.seed, eos_ids=model.config.eos_token_ids)
     except (CheckpointError, ConfigError, ContextError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
-    print(f"model: {described}; prefill attention: {result.attention}; "
-          f"decode: {'masked over the cache' if args.no_gather else f'gather (budget {result.decode_budget})'}")
+    print(f"model: {described}; prefill attention: {result.attention}; decode: {result.decode}")
     for prompt, text in zip(args.prompt, result.texts, strict=True):
         print(f"--- {prompt!r}\n{prompt}{text}")
     print(f"prefill {result.prompt_tokens} tokens: {result.prefill_tokens_per_s:.1f} tokens/s; decode "
@@ -79,8 +98,25 @@ def main(argv: list[str] | None = None) -> int:
         if dense is not None:
             speeds["dense"] = {"prefill_tokens_per_s": dense.prefill_tokens_per_s,
                                "decode_tokens_per_s": dense.decode_tokens_per_s, "tokens": dense.tokens}
+        if budget is not None:
+            speeds |= {"budget": budget.name, "requested_block_density": budget.requested,
+                       "block_density": np.asarray(budget.densities).tolist()}
         write_json_atomic(args.json, asdict(result) | {"model": described} | speeds)
     return 0
+
+
+def block_budget(model, args: argparse.Namespace):
+    """A block-mode model's budget as `evaluate` reads it (`inference.budget.run_budget`); None for other models,
+    which refuse --block-density and --budget."""
+    from llama_surgery_jax.inference.budget import run_budget
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+    layers = routed_layers(model)
+    if layers and layers[0].config.mode == "block":
+        return run_budget(layers[0].config, args.surgery, block_density=args.block_density, budget=args.budget)
+    if args.block_density is not None or args.budget:
+        raise CheckpointError("--block-density and --budget need --surgery RUN of a block-mode run")
+    return None
 
 
 def speed_table(dense, surgery) -> str:

@@ -37,13 +37,14 @@ import argparse
 import sys
 
 from llama_surgery_jax import data
-from llama_surgery_jax.evaluation.quality import float_list, int_list
+from llama_surgery_jax.arguments import density, integer, listed, output_folder, real
 from llama_surgery_jax.evaluation.quality_report import run_quality
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, each checked (a bad one exits with status 2 and a message that names it)."""
     parser = argparse.ArgumentParser(description="Quality against density of a trained surgery run "
                                                  "(perplexity, curve, NIAH, speed, p ablation).")
     parser.add_argument("--run", required=True, help="training run folder (its router checkpoints)")
@@ -53,38 +54,48 @@ def main(argv: list[str] | None = None) -> int:
                         help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
                              "(not sub-folders') are read in name order; the NIAH filler stays WikiText-2 valid "
                              "(without WikiText-2, skip it: --niah-lengths '')")
-    parser.add_argument("--out", help="output folder (default: RUN/quality)")
-    parser.add_argument("--contexts", type=int_list, default=[1024, 4096, 8192])
-    parser.add_argument("--windows", type=int, default=8, help="windows per context of the perplexity table")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--curve-context", type=int, default=1024)
-    parser.add_argument("--curve-windows", type=int, default=8)
-    parser.add_argument("--d-max", type=int_list, default=[2, 3, 4, 5, 6, 7], help="evaluation-time d_max sweep")
-    parser.add_argument("--window-sweep", type=int_list, default=[0, 32, 64, 256], help="evaluation-time W sweep")
-    parser.add_argument("--baseline-extra", type=int_list, default=[0, 1, 2, 3, 4, 5, 6],
+    parser.add_argument("--out", type=output_folder, help="output folder (default: RUN/quality)")
+    parser.add_argument("--contexts", type=listed(integer(2)), default=[1024, 4096, 8192])
+    parser.add_argument("--windows", type=integer(1), default=8, help="windows per context of the perplexity table")
+    parser.add_argument("--batch-size", type=integer(1), default=1)
+    parser.add_argument("--curve-context", type=integer(2), default=1024)
+    parser.add_argument("--curve-windows", type=integer(0), default=8)
+    parser.add_argument("--d-max", type=listed(integer(1)), default=[2, 3, 4, 5, 6, 7],
+                        help="evaluation-time d_max sweep")
+    parser.add_argument("--window-sweep", type=listed(integer(0)), default=[0, 32, 64, 256],
+                        help="evaluation-time W sweep")
+    parser.add_argument("--baseline-extra", type=listed(integer(0)), default=[0, 1, 2, 3, 4, 5, 6],
                         help="extra blocks of the baselines on the curve")
-    parser.add_argument("--niah-lengths", type=int_list, default=[2048, 4096, 8192])
-    parser.add_argument("--niah-depths", type=float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--niah-trials", type=int, default=2)
-    parser.add_argument("--speed-contexts", type=int_list, default=[1024, 4096, 8192])
-    parser.add_argument("--speed-new-tokens", type=int, default=64)
+    parser.add_argument("--niah-lengths", type=listed(integer(2)), default=[2048, 4096, 8192])
+    parser.add_argument("--niah-depths", type=listed(real(0.0, 1.0)), default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--niah-trials", type=integer(1), default=2)
+    parser.add_argument("--speed-contexts", type=listed(integer(2)), default=[1024, 4096, 8192])
+    parser.add_argument("--speed-new-tokens", type=integer(1), default=64)
     parser.add_argument("--speed-dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--ablate-p", type=int_list, default=[], help="e.g. 2,3,5,7: train routers per p")
-    parser.add_argument("--ablate-steps", type=int, help="training steps per p (default: the preset's)")
+    parser.add_argument("--ablate-p", type=listed(integer(2)), default=[], help="e.g. 2,3,5,7: train routers per p")
+    parser.add_argument("--ablate-steps", type=integer(1), help="training steps per p (default: the preset's)")
     parser.add_argument("--ablate-preset", default="default")
     parser.add_argument("--ablate-override", action="append", default=[], help="key=value for each p's training")
-    parser.add_argument("--route-token", type=int, default=512, help="the token whose tree path is drawn")
-    parser.add_argument("--densities", type=float_list, default=[0.1, 0.2, 0.3],
+    parser.add_argument("--route-token", type=integer(0), default=512, help="the token whose tree path is drawn")
+    parser.add_argument("--densities", type=listed(density), default=[0.1, 0.2, 0.3],
                         help="block-mode runs: the executed block densities of the table")
     parser.add_argument("--windows-at", type=context_counts, default=[],
                         help="block-mode runs: windows per context, e.g. 8192:all,1024:8 (else --windows)")
-    parser.add_argument("--router-cost", type=float, default=0.0,
+    parser.add_argument("--router-cost", type=real(0.0, 1.0), default=0.0,
                         help="block-mode runs: time the router's share of a forward at this ρ (0: skip)")
-    parser.add_argument("--niah-oracle-density", type=float, default=0.2,
+    parser.add_argument("--niah-oracle-density", type=real(0.0, 1.0), default=0.2,
                         help="block-mode runs: the uniform oracle's needle row at this ρ (0: none)")
-    parser.add_argument("--niah-densities", type=float_list, default=[0.2, 0.3],
+    parser.add_argument("--niah-densities", type=listed(density), default=[0.2, 0.3],
                         help="block-mode runs: the densities of the needle rows")
     args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
+        return stop.code or 0
     try:
         run_quality(args)
     except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:

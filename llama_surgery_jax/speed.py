@@ -34,7 +34,9 @@ from pathlib import Path
 
 import jax
 
-from llama_surgery_jax.evaluation.speed_report import SpeedSettingError, run_speed
+from llama_surgery_jax.arguments import density, integer, listed, names, output_folder
+from llama_surgery_jax.evaluation.decode_speed import DENSE_ATTENTIONS
+from llama_surgery_jax.evaluation.speed_report import SECTIONS, SpeedSettingError, run_speed
 
 
 def per_model(text: str, cast) -> dict:
@@ -51,38 +53,48 @@ def decode_settings(text: str) -> dict:
     return per_model(text, lambda value: tuple(int(v) for v in value.split("x")))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, each checked (a bad one exits with status 2 and a message that names it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--models", default="smollm2,llama-3.1-8b")
-    parser.add_argument("--lengths", type=lambda s: per_model(s, int),
+    parser.add_argument("--lengths", type=lambda s: per_model(s, integer(1)),
                         default=per_model("smollm2:8192,llama-3.1-8b:32768+131072", int))
-    parser.add_argument("--tiles", type=lambda s: per_model(s, int), default=per_model("smollm2:64+128", int),
+    parser.add_argument("--tiles", type=lambda s: per_model(s, integer(1)), default=per_model("smollm2:64+128", int),
                         help="router tiles per model (default: SmolLM2 at the preset's 64 and at 128; 8B at 128)")
-    parser.add_argument("--densities", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.2])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--check-length", type=int, default=8192, help="0: no logits check")
+    parser.add_argument("--densities", type=listed(density), default=[0.1, 0.2])
+    parser.add_argument("--reps", type=integer(1), default=3)
+    parser.add_argument("--check-length", type=integer(0), default=8192, help="0: no logits check")
     parser.add_argument("--decode", type=decode_settings, default=decode_settings("smollm2:8192x1,"
                                                                                   "llama-3.1-8b:131072x1+32768x8"),
                         help="decode settings per model, context x batch")
-    parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--decode-dense", default="kernel,cudnn,masked",
+    parser.add_argument("--decode-steps", type=integer(1), default=32)
+    parser.add_argument("--decode-dense", type=names(tuple(DENSE_ATTENTIONS)), default="kernel,cudnn,masked",
                         help="dense decode attentions to time: kernel (flash-decoding), cudnn, masked (XLA)")
     parser.add_argument("--decode-loop", action="store_true",
                         help="also time the steps as one program (greedy_decode), without the host between steps")
-    parser.add_argument("--profile-steps", type=int, default=0, help="trace this many decode steps per row")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: prefill, layer, check, decode")
+    parser.add_argument("--profile-steps", type=integer(0), default=0, help="trace this many decode steps per row")
+    parser.add_argument("--skip", type=names(SECTIONS), default="",
+                        help="comma list of sections to skip: " + ", ".join(SECTIONS))
     parser.add_argument("--run", help="a trained block run: SmolLM2 with its routers instead of random ones")
-    parser.add_argument("--out", default="speed")
+    parser.add_argument("--out", type=output_folder, default="speed")
     args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
+        return stop.code or 0
     if jax.default_backend() != "gpu":
         print("warning: no GPU; the kernels run in interpret mode and the numbers mean nothing", file=sys.stderr)
     try:
         text = run_speed(Path(args.out), models=list(filter(None, args.models.split(","))), lengths=args.lengths,
                          tiles=args.tiles, densities=args.densities, reps=args.reps, check_length=args.check_length,
                          decode=args.decode, decode_steps=args.decode_steps,
-                         decode_dense=args.decode_dense.split(","), decode_loop=args.decode_loop,
-                         profile_steps=args.profile_steps, skip=set(filter(None, args.skip.split(","))),
+                         decode_dense=args.decode_dense, decode_loop=args.decode_loop,
+                         profile_steps=args.profile_steps, skip=set(args.skip),
                          run=args.run)
     except SpeedSettingError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -63,6 +63,10 @@ class Reprefill:
 
         self.last_logits = last_logits
 
+    @staticmethod
+    def describe() -> str:
+        return "re-prefill of the whole sequence per token"
+
     def prefill(self, tokens, lengths, slots: int):
         buffer = jnp.zeros((tokens.shape[0], slots), jnp.int32).at[:, :tokens.shape[1]].set(tokens)
         return self.last_logits(self.state, buffer, lengths), (buffer, lengths)  # [b, vocab]: the last position

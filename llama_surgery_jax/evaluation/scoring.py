@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import niah, perplexity, protocol, transformers_perplexity
 from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
@@ -31,7 +33,7 @@ class Evaluation:
         from llama_surgery_jax.training.checkpoints import prepare_for_evaluation, trained_base
 
         self.args = args
-        self.contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else [args.context]
+        self.contexts = list(args.contexts) if args.contexts else [args.context]
         model_dir = args.model
         if not model_dir and args.surgery and args.surgery != "init":
             model_dir = trained_base(args.surgery)  # the run's own base model, when it is here
@@ -50,8 +52,18 @@ class Evaluation:
                 block_density=args.block_density, budget=args.budget, selection=args.selection)
         elif args.block_density is not None or args.budget or args.selection:
             raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
-        if "block_density" in self.attention_kwargs and not args.allow_floor:
-            check_above_floor(self.model, self.attention_kwargs, self.contexts)
+        self.budget = {}  # what a block run executes: named in the result and the printed label
+        if "block_density" in self.attention_kwargs:
+            from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+            requested = args.block_density
+            if requested is None:
+                requested = routed_layers(self.model)[0].config.block_density
+            self.budget = {"selection": self.attention_kwargs["selection"],
+                           "budget": "adaptive" if np.ndim(self.attention_kwargs["block_density"]) else "uniform",
+                           "requested_block_density": requested}
+            if not args.allow_floor:
+                check_above_floor(self.model, requested, self.contexts)
 
     def score(self) -> dict:
         """Every context's perplexity (and the rest the settings ask for) → the result dict; `notes` lists the lines
@@ -70,7 +82,7 @@ class Evaluation:
                 scored["baseline"] = describe(args.baseline, extra, args.baseline_tile, context)
             by_context.append(scored)
         result = dict(by_context[0])
-        result.update(model=str(self.model_dir), dtype=args.dtype, surgery=args.surgery or "none")
+        result.update(model=str(self.model_dir), dtype=args.dtype, surgery=args.surgery or "none", **self.budget)
         if args.contexts:
             result["by_context"] = by_context
         notes = []
@@ -96,6 +108,11 @@ class Evaluation:
         scored_text = f"text {data.describe(self.corpus.source)}" if args.text else "wikitext-2 test"
         for row in by_context:
             label = f"baseline={args.baseline}" if args.baseline else f"surgery={result['surgery']}"
+            if args.baseline:
+                label += f", block density {row['baseline']['block_density']:.3f}"
+            elif self.budget:
+                label += (f", selection {self.budget['selection']}, {self.budget['budget']} budget, ρ requested "
+                          f"{self.budget['requested_block_density']:g}, executed {row['block_density']['mean']:.3f}")
             notes.append(f"{scored_text} perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
                          f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
         if args.niah:
@@ -107,20 +124,21 @@ class Evaluation:
         return result
 
 
-def check_above_floor(model, attention_kwargs: dict, contexts: list[int]) -> None:
-    """A block density below what the sink and window tiles alone execute is refused (it cannot be honoured)."""
-    import numpy as np
-
+def check_above_floor(model, rho: float, contexts: list[int]) -> None:
+    """A requested block density ρ below what the sink and window tiles alone execute is refused (it cannot be
+    honoured). The request is compared, not the densities it became: calibrated per-head densities are float32 and
+    never below the floor (a head at the floor reads a hair below the float64 floor), so their mean would refuse a
+    request at the floor and accept one below it."""
     from llama_surgery_jax.surgery.block_routing import floor_density
     from llama_surgery_jax.surgery.routed_attention import routed_layers
 
     config = routed_layers(model)[0].config
-    rho = float(np.mean(attention_kwargs["block_density"]))
     for context in contexts:
         n = -(-context // config.block_size)
         floor = floor_density(n, tile=config.block_size, window=config.window, sink=config.sink)
         if rho < floor:
             raise CheckpointError(
-                f"block density {rho:.3f} is below the floor {floor:.3f} at context {context} (tile "
+                f"block density {rho:g} (--block-density, else the run's router.block_density) is below the floor "
+                f"{floor:.3f} at context {context} (tile "
                 f"{config.block_size}, window {config.window}: the sink, own and window tiles alone execute that "
                 "much): raise --block-density, use a longer context, or pass --allow-floor to run the floor")

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama_surgery_jax.inference.budget import Budget
+from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.model.llama import DECODE_BLOCK, LayerCache, LlamaForCausalLM
 from llama_surgery_jax.surgery.config import RouterConfig
 from llama_surgery_jax.surgery.kernel_attention import resolve_backend
@@ -68,6 +70,21 @@ def resolve_attention(attention: str, model: LlamaForCausalLM) -> str:
     config = router_config(model)
     return resolve_backend(attention, model.precision.compute, model.config.head_dim,
                            config.block_size if config is not None else 128)
+
+
+def check_kernel(attention: str, model: LlamaForCausalLM) -> None:
+    """Raises ConfigError when `attention` asks for the kernels and a routed model's activations are not theirs
+    (`kernel_attention.kernel_applies`: bf16 or fp16, head dim 64 or 128, a kernel tile)."""
+    from llama_surgery_jax.surgery.kernel_attention import KERNEL_HEAD_DIMS, kernel_applies
+
+    config = router_config(model)
+    if attention != "kernel" or config is None:
+        return
+    dtype, head_dim = jnp.dtype(model.precision.compute), model.config.head_dim
+    if not kernel_applies(dtype, head_dim, config.block_size):
+        raise ConfigError(f"--attention kernel: the kernels take bfloat16 or float16 activations, head dim "
+                          f"{' or '.join(map(str, KERNEL_HEAD_DIMS))} and a kernel tile; this model runs {dtype.name}, "
+                          f"head dim {head_dim}, tile {config.block_size}: use --attention reference (or auto)")
 
 
 def check_context(lengths, max_new_tokens: int, context: int) -> int:
@@ -234,7 +251,9 @@ class Decoder:
     """
 
     def __init__(self, model: LlamaForCausalLM, *, attention: str = "auto", gather: bool = True,
-                 budget_step: int = 128, initial_budget: int | None = None):
+                 budget_step: int = 128, initial_budget: int | None = None, block_budget: Budget | None = None):
+        """block_budget (block mode): the densities prefill and decode run at (`inference.budget.run_budget`); None:
+        the router config's ρ for every head."""
         self.graphdef, self.state = nnx.split(model)
         self.attention = resolve_attention(attention, model)
         self.routed = router_config(model) is not None
@@ -243,29 +262,48 @@ class Decoder:
         self.budget = initial_budget
         self.compile_s = 0.0
         graphdef = self.graphdef
-
-        def prefill_fn(state, tokens, lengths, max_len):
-            return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len=max_len, attention=self.attention)
-
-        def decode_fn(state, cache, tokens, budget, route):
-            return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget, attention=self.attention,
-                               route=route)
-
-        def greedy_fn(state, cache, tokens, steps, route):
-            return greedy_decode(nnx.merge(graphdef, state), cache, tokens, steps, attention=self.attention,
-                                 route=route)
-
-        self._prefill = jax.jit(prefill_fn, static_argnums=(3,))
-        self._decode = jax.jit(decode_fn, static_argnums=(3, 4), donate_argnums=(1,))
-        self._greedy = jax.jit(greedy_fn, static_argnums=(3, 4), donate_argnums=(1,))
         config = router_config(model)
         self.block_size = config.block_size if config is not None and config.mode == "block" else None
+        if block_budget is None and self.block_size is not None:
+            block_budget = Budget(config.block_density, "uniform", config.block_density)
+        self.block_budget = block_budget if self.block_size is not None else None
+        # A traced argument (one program for every ρ or table), and only for block mode, whose layers take it.
+        self.density = None if self.block_budget is None else jnp.asarray(self.block_budget.densities, jnp.float32)
+
+        def densities(density):
+            return {} if density is None else {"block_density": density}
+
+        def prefill_fn(state, density, tokens, lengths, max_len):
+            return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len=max_len, attention=self.attention,
+                           **densities(density))
+
+        def decode_fn(state, density, cache, tokens, budget, route):
+            return decode_step(nnx.merge(graphdef, state), cache, tokens, budget=budget, attention=self.attention,
+                               route=route, **densities(density))
+
+        def greedy_fn(state, density, cache, tokens, steps, route):
+            return greedy_decode(nnx.merge(graphdef, state), cache, tokens, steps, attention=self.attention,
+                                 route=route, **densities(density))
+
+        self._prefill = jax.jit(prefill_fn, static_argnums=(4,))
+        self._decode = jax.jit(decode_fn, static_argnums=(4, 5), donate_argnums=(2,))
+        self._greedy = jax.jit(greedy_fn, static_argnums=(4, 5), donate_argnums=(2,))
         # Greedy tokens in device loops: dense and block-mode models (a token-mode gather budget needs the host).
         self.loops = self.block_size is not None or not self.routed or not self.gather
 
+    def describe(self) -> str:
+        """What the decode runs (after a generation, the token-mode gather budget it grew to)."""
+        if self.block_budget is not None:
+            return f"block-sparse, router selection, {self.block_budget.describe()}"
+        if not self.routed:
+            return f"dense ({self.attention} attention over the cache)"
+        if self.gather:
+            return f"token routes, gather (budget {self.budget or self.budget_step} keys per head)"
+        return "token routes, masked over the cache"
+
     def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int) -> tuple[jax.Array, KVCache]:
         """tokens: [b, t], lengths: [b] → logits [b, t, vocab], cache of max_len slots."""
-        return self._prefill(self.state, tokens, lengths, max_len)
+        return self._prefill(self.state, self.density, tokens, lengths, max_len)
 
     def greedy(self, cache: KVCache, tokens: jax.Array, steps: int) -> tuple[jax.Array, KVCache]:
         """tokens: [b] → (the next `steps` greedy tokens [b, steps], cache), in device loops without the host between
@@ -281,7 +319,7 @@ class Decoder:
             plan = [(None, n) for n in _split(steps)]
         new = []
         for route, n in plan:
-            chunk, cache = self._greedy(self.state, cache, tokens, n, route)
+            chunk, cache = self._greedy(self.state, self.density, cache, tokens, n, route)
             new.append(chunk)
             tokens = chunk[:, -1]
         return jnp.concatenate(new, axis=1), cache
@@ -301,15 +339,15 @@ class Decoder:
         if self.block_size is not None:  # block mode: the host says whether the step routes (no cond on the device)
             rows = kept_rows(cache)
             route = bool(np.any(routing_due(np.asarray(cache.lengths), np.asarray(rows), self.block_size)))
-            logits, cache, _ = self._decode(self.state, cache, tokens, None, route)
+            logits, cache, _ = self._decode(self.state, self.density, cache, tokens, None, route)
             return logits, cache
         if not self.gather or not self.routed:  # dense decode sees the whole causal prefix: no gather
-            logits, cache, _ = self._decode(self.state, cache, tokens, None, None)
+            logits, cache, _ = self._decode(self.state, self.density, cache, tokens, None, None)
             return logits, cache
         if self.budget is None:
             self.budget = min(slots, self.budget_step)
         while True:
-            logits, new_cache, overflow = self._decode(self.state, cache, tokens, self.budget, None)
+            logits, new_cache, overflow = self._decode(self.state, self.density, cache, tokens, self.budget, None)
             if not bool(overflow):
                 return logits, new_cache
             # Slots before the new token are intact (it wrote only its own slot, which the repeat

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_surgery_jax.inference.cache import Decoder, check_context
+from llama_surgery_jax.inference.cache import Decoder, check_context, check_kernel
 from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
 from llama_surgery_jax.model.config import Precision
 
@@ -32,6 +32,7 @@ class Generation:
     attention: str
     decode_budget: int | None
     texts: list[str] = field(default_factory=list)
+    decode: str = ""  # what the decode ran (`Decoder.describe`)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -139,7 +140,22 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
         ends = [i for i, token in enumerate(row) if token in eos_ids]
         out.append(row[:ends[0] + 1] if ends else row)
     return Generation(out, int(lengths.sum()), prefill_s, decode_s, steps, compile_s, decoder.attention,
-                      decoder.budget)
+                      decoder.budget, decode=decoder.describe())
+
+
+def generate_and_compare(model, prompts: list[list[int]], *, attention: str = "auto", gather: bool = True,
+                         block_budget=None, compare: bool = True, **sampling) -> tuple[Generation, Generation | None]:
+    """(the model's generation, the same prompts on the model without its routers when it has any and `compare`).
+    block_budget: the block run's budget (`inference.budget.run_budget`); sampling: `generate`'s keywords."""
+    from llama_surgery_jax.surgery.routed_attention import remove_routers, routed_layers
+
+    check_kernel(attention, model)
+    result = generate(Decoder(model, attention=attention, gather=gather, block_budget=block_budget), prompts,
+                      **sampling)
+    dense = None
+    if routed_layers(model) and compare:
+        dense = generate(Decoder(remove_routers(model), attention=attention, gather=gather), prompts, **sampling)
+    return result, dense
 
 
 def load_for_inference(model_dir: Path | None, surgery: str | None, dtype: str = "float32"):
