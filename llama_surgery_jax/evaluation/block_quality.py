@@ -5,8 +5,11 @@ For each context and each ρ, one row per way of filling the same budget (`block
     surgery (adaptive)   the trained routers, per-head densities calibrated on training data (`calibration`)
     surgery (uniform)    the trained routers, ρ for every head
     uniform oracle       the heaviest tiles by the layer's true dense attention mass, per row, ρ for every head
+    per-row oracle       each query row's heaviest key blocks through the prefix-union rule (`select_rows`): the
+                         ceiling of row routing (router.query=row)
     global oracle        the same number of tiles per layer, the heaviest of any head and row (not causal: a bound)
     moba                 MoBA-style gate: the block's causal pooled query · each key block's mean key
+    moba per row         each row's own query · each key block's mean key, through the prefix-union rule
     streaming            StreamingLLM: the sink and the most recent blocks
 
 and the dense model. Every density is counted from the tiles the attention computed, per window; attention
@@ -33,7 +36,9 @@ ROWS = (  # (name, selection, budget)
     ("surgery (uniform)", "router", "uniform"),
     ("uniform oracle", "oracle", "uniform"),
     ("global oracle", "global_oracle", "uniform"),
+    ("per-row oracle", "row_oracle", "uniform"),
     ("moba", "moba", "uniform"),
+    ("moba per row", "row_moba", "uniform"),
     ("streaming", "recent", "uniform"),
 )
 
@@ -105,16 +110,23 @@ def markdown(rows: list[dict], dense: dict[int, dict]) -> str:
         here = [r for r in rows if r["context"] == context]
         windows = here[0]["windows"] if here else "?"
         lines += [f"### {context} tokens ({windows} windows): dense perplexity {base['ppl']:.4f}", "",
-                  "| row | ρ | perplexity | gap | executed block density (min–max) | attention recall |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| row | ρ | perplexity | gap | executed block density (min–max) | attention recall | tie-break "
+                  "share |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in here:
             d = r["block_density"]
             floor = " (floor)" if r["below_floor"] else ""
             lines.append(f"| {r['row']} | {r['target_density']}{floor} | {r['ppl']:.4f} | "
                          f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f} % | "
-                         f"{d['mean']:.4f} ({d['min']:.4f}–{d['max']:.4f}) | {r['attention_recall']['mean']:.4f} |")
+                         f"{d['mean']:.4f} ({d['min']:.4f}–{d['max']:.4f}) | {r['attention_recall']['mean']:.4f} | "
+                         f"{tie_share(r)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def tie_share(row: dict) -> str:
+    """The share of routed rows whose last pick tied with the best block left out (row routing), or "–"."""
+    share = row.get("tie_share")
+    return "–" if share is None else f"{share['mean']:.4f}"
 
 
 def niah_settings(densities: list[float], oracle_density: float = 0.2) -> list[tuple[str, str, str, float]]:

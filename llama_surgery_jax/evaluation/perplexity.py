@@ -19,7 +19,7 @@ from tqdm import tqdm
 from llama_surgery_jax import data
 
 # Per-sequence measures that routed layers may report in aux ([batch] arrays), collected per window.
-WINDOW_STATS = ("block_density", "token_density", "attention_recall")
+WINDOW_STATS = ("block_density", "token_density", "attention_recall", "tie_share")
 
 
 def window_nll(model, tokens: jax.Array, **attention_kwargs) -> jax.Array:

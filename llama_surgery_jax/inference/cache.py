@@ -120,6 +120,9 @@ def init_cache(model: LlamaForCausalLM, batch: int, slots: int) -> tuple[LayerCa
         if isinstance(impl, RoutedAttention) and impl.config.mode == "block":  # per block: query and key codes
             blocks = slots // impl.config.block_size
             codes = jnp.full((batch, impl.router.routing_heads, 2, blocks), -1, jnp.int32)
+            if impl.config.query == "row":  # row routing keeps each key block's soft routes
+                codes = jnp.zeros((batch, impl.router.routing_heads, blocks, impl.config.trees, impl.config.levels,
+                                   impl.config.p), jnp.float32)
             ring = jnp.zeros((batch, impl.config.block_size, config.hidden_size), dtype)
             selection = RowSelection.empty(batch, impl.router.routing_heads, blocks)
         elif isinstance(impl, RoutedAttention):

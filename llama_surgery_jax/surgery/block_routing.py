@@ -408,6 +408,22 @@ def row_attention_mass(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: 
     return mass.reshape(b, heads, t, n)
 
 
+def rows_ahead_mass(row_mass: jax.Array, tile: int) -> jax.Array:
+    """row_mass [b, h, t, n] → [b, h, t, n]: for row i, the mean mass of its block's rows from i to the block's end.
+
+    The row router's distillation target: under the union rule a tile that row r adds is seen by rows r … T − 1 of
+    its block, so its worth is their mass, not row r's alone (at row 0 it is the block's tile mass, which the
+    uniform oracle ranks by; measured on CPU, the union rule ranking by it loses what the uniform oracle loses,
+    by each row's own mass far more). Non-causal: a target, never a selection of the router."""
+    b, h, t, n = row_mass.shape
+    blocks = -(-t // tile)
+    padded = jnp.pad(row_mass, ((0, 0), (0, 0), (0, blocks * tile - t), (0, 0))).reshape(b, h, blocks, tile, n)
+    ahead = jnp.cumsum(padded[:, :, :, ::-1], axis=3)[:, :, :, ::-1]
+    real = jnp.clip(t - jnp.arange(blocks) * tile, 1, tile)[:, None] - jnp.arange(tile)[None, :]  # rows i … end
+    ahead = ahead / jnp.maximum(real, 1).astype(jnp.float32)[:, :, None]
+    return ahead.reshape(b, h, blocks * tile, n)[:, :, :t]
+
+
 def row_recall(first_rows: jax.Array, row_mass: jax.Array, tile: int) -> jax.Array:
     """first_rows [b, h, n, n], row_mass [b, h, t, n] → float32 [b]: the dense mass each row sees, mean over rows
     and heads (with every first row 0 it is `attention_recall` of the same tiles)."""
@@ -477,8 +493,8 @@ def row_tile_pairs(first_rows: jax.Array, t: int, tile: int) -> jax.Array:
 def tied_share(row_scores: jax.Array, first_rows: jax.Array, *, tile: int, window: int | None,
                sink: bool) -> jax.Array:
     """The share of the routed rows whose last pick ties (equal score) with the best candidate left out, so that
-    the recency tie-break decided it: row_scores [b, h, t, n], first_rows [b, h, n, n] → float32 scalar over
-    rows that added a tile."""
+    the recency tie-break decided it: row_scores [b, h, t, n], first_rows [b, h, n, n] → float32 [b], over the
+    rows (and heads) that added a tile."""
     b, h, t, n = row_scores.shape
     pos = jnp.arange(t)
     candidate = row_candidates(t, tile=tile, window=window, sink=sink)[None, None]
@@ -488,4 +504,4 @@ def tied_share(row_scores: jax.Array, first_rows: jax.Array, *, tile: int, windo
     low = jnp.min(jnp.where(picked, row_scores, jnp.inf), axis=-1)
     high = jnp.max(jnp.where(candidate & ~seen, row_scores, -jnp.inf), axis=-1)
     rows = jnp.any(picked, axis=-1) & jnp.any(candidate & ~seen, axis=-1)
-    return jnp.sum(rows & (low == high)) / jnp.maximum(jnp.sum(rows), 1)
+    return jnp.sum(rows & (low == high), axis=(1, 2)) / jnp.maximum(jnp.sum(rows, axis=(1, 2)), 1)

@@ -190,7 +190,7 @@ class RoutedAttention(nnx.Module):
             if by_rows:
                 routing = route_rows(self.router.parameters(), x, config=config, routing_heads=heads)
                 row_mass = br.row_attention_mass(q_sg, k_sg, tile=tile, routing_heads=heads)
-                loss = br.distillation_loss(self.row_router_scores(routing, t), row_mass,
+                loss = br.distillation_loss(self.row_router_scores(routing, t), br.rows_ahead_mass(row_mass, tile),
                                             br.row_candidates(t, **rule))
                 aux = {"distill_loss": loss, "load_balance_loss": routes_balance(routing.q_routes)}
                 if return_mass:
@@ -246,6 +246,8 @@ class RoutedAttention(nnx.Module):
         if return_codes:
             if not by_rows:
                 aux["codes"] = (routing.q_codes, routing.k_codes)
+            elif routing is not None:
+                aux["key_routes"] = routing.k_routes
             aux["tiles"] = tiles
             aux["first_rows"] = first_rows
         return out, aux
@@ -308,6 +310,8 @@ class RoutedAttention(nnx.Module):
         that holds padding keeps a key code that decode recomputes once the block is full."""
         out, aux = self.block_attention(q, k, v, x=x, train=False, tau=1.0, rng=None, attention=attention,
                                         return_codes=True, **block_kwargs)
+        if self.config.query == "row":
+            return self.row_prefill_cache(out, aux, x=x, cache=cache, lengths=lengths, return_tiles=return_tiles)
         q_codes, k_codes = aux.pop("codes")
         tiles = aux.pop("tiles")
         if return_tiles:
@@ -341,6 +345,9 @@ class RoutedAttention(nnx.Module):
         batch = jnp.arange(q.shape[0])
         ring = cache.router_inputs.at[batch, lengths % size].set(x[:, 0].astype(cache.router_inputs.dtype))
         cache = cache._replace(router_inputs=ring)
+        if config.query == "row":  # every row routes from its own query: no step may skip it
+            return self.attend_kept(q, k, v, self.route_own_row(x, cache, lengths, block_density), lengths,
+                                    attention)
         if isinstance(route, bool):
             routed = self.route_row(ring, cache.codes, lengths, block_density) if route else (cache.codes,
                                                                                               cache.selection)
@@ -348,6 +355,13 @@ class RoutedAttention(nnx.Module):
             routed = jax.lax.cond(route, lambda: self.route_row(ring, cache.codes, lengths, block_density),
                                   lambda: (cache.codes, cache.selection))
         cache = cache._replace(codes=routed[0], selection=routed[1])
+        return self.attend_kept(q, k, v, cache, lengths, attention)
+
+    def attend_kept(self, q, k, v, cache: LayerCache, lengths: jax.Array, attention: str | None):
+        """The attention half of `block_decode`: the new token (index lengths[b]) over the tiles its cache keeps
+        (`RowSelection`), masked to slots ≤ lengths[b] → (out [b, 1, heads, d], {}, cache)."""
+        size = self.config.block_size
+        batch = jnp.arange(q.shape[0])
         selection = cache.selection
         if attention is None:
             attention = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], size)
@@ -365,6 +379,66 @@ class RoutedAttention(nnx.Module):
         slots = jnp.arange(k.shape[1])
         visible = jnp.repeat(tiles, size, axis=-1)[..., :k.shape[1]] & (slots[None, None, :] <= lengths[:, None, None])
         return attend(q, k, v, visible[:, :, None, :]), {}, cache
+
+    def row_prefill_cache(self, out, aux, *, x, cache: LayerCache, lengths: jax.Array, return_tiles: bool):
+        """Row routing's prefill (`block_prefill` with router.query=row): the key blocks' routes go to the cache
+        (codes [b, r, blocks, f, l, c]), and so does each prompt's last row's view: its block's forced tiles and
+        the union of the choices of its rows up to the last, as `RowSelection`; decode extends that union one
+        row at a time (`route_own_row`), so prefill ≡ decode. A block that holds padding keeps key routes that
+        decode recomputes once the block is full."""
+        from pallas_kernels.block_sparse_attention.schedule import compact
+
+        size = self.config.block_size
+        first_rows = aux.pop("first_rows")
+        tiles = aux.pop("tiles")
+        key_routes = aux.pop("key_routes")
+        if return_tiles:
+            aux["tiles"] = tiles
+        n = first_rows.shape[-1]
+        last = lengths - 1
+        row = last // size
+        seen = first_rows[jnp.arange(lengths.shape[0]), :, row] <= (last % size)[:, None, None]  # [b, r, n]
+        listed = compact(jnp.pad(seen, ((0, 0), (0, 0), (0, cache.selection.blocks.shape[-1] - n))))
+        cache = cache._replace(codes=cache.codes.at[:, :, :n].set(key_routes.astype(cache.codes.dtype)),
+                               router_inputs=last_positions_ring(x, lengths, size),
+                               selection=RowSelection(row, listed.counts, listed.indices))
+        return out, aux, cache
+
+    def route_own_row(self, x: jax.Array, cache: LayerCache, lengths: jax.Array, block_density=None) -> LayerCache:
+        """Row routing's decode step, before attention (the ring already holds x): token i = lengths[b] is row
+        r = i % T of block m = i // T. Its query routes come from x, the key routes of a block it fills from the
+        ring (the block's own T tokens); it adds to block m's union (kept in `RowSelection`, empty when the kept
+        row is another block) its best candidates up to quota(r): the step of `block_routing.select_rows`."""
+        from llama_surgery_jax.surgery import block_routing as br
+        from llama_surgery_jax.surgery.router import role_routes
+        from pallas_kernels.block_sparse_attention.schedule import compact
+
+        config = self.config
+        size = config.block_size
+        heads = self.router.routing_heads
+        params = self.router.parameters()
+        batch = jnp.arange(lengths.shape[0])
+        block, local = lengths // size, lengths % size
+        key = role_routes(params, jnp.mean(cache.router_inputs.astype(jnp.float32), axis=1, keepdims=True),
+                          role=1, config=config, routing_heads=heads)[:, :, 0]  # [b, r, f, l, c]
+        fills = (local == size - 1)[:, None, None, None, None]
+        key_routes = cache.codes.at[batch, :, block].set(jnp.where(fills, key, cache.codes[batch, :, block]))
+        query = role_routes(params, x, role=0, config=config, routing_heads=heads)  # as prefill: x's dtype
+        n = key_routes.shape[2]
+        scores = br.soft_forest_depth(query, key_routes)[:, :, 0] + br.recency_prior(n)[block][:, None, :]
+        rule = dict(tile=size, window=config.window, sink=config.sink)
+        forced = mask.band_tiles(n, **rule)[block][:, None, :]  # [b, 1, n]
+        candidate = mask.causal_tiles(n, n)[block][:, None, :] & ~forced
+        kept = cache.selection
+        listed = jnp.arange(n) < kept.counts[..., None]
+        chosen = jnp.zeros(kept.blocks.shape, bool).at[batch[:, None, None], jnp.arange(heads)[None, :, None],
+                                                       jnp.where(listed, kept.blocks, n)].set(True, mode="drop")
+        chosen = chosen & (kept.row == block)[:, None, None] & candidate
+        extra = br.row_extra(self.row_budgets(n, block_density), n, **rule)[:, block].T  # [b, r]
+        quota = jnp.take_along_axis(br.row_quota(extra, size, config.row_front), local[:, None, None], axis=-1)[..., 0]
+        pick = br.union_step(scores, chosen, quota - jnp.sum(chosen, axis=-1, dtype=jnp.int32), candidate)
+        rows = compact(forced | chosen | pick)
+        return cache._replace(codes=key_routes, selection=RowSelection(block, rows.counts, rows.indices))
 
     def route_row(self, ring: jax.Array, codes: jax.Array, lengths: jax.Array, block_density=None):
         """The routing half of `block_decode` (ring [b, T, hidden] already holds the new token's input) → (codes,
