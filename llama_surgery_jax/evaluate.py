@@ -112,9 +112,10 @@ def check_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         blocks = -(-context // args.baseline_tile)
         executed = baseline_block_density(blocks, extra_blocks_for_density(blocks, args.baseline_density))
         if args.baseline_density < 1 and executed >= 1:
+            fix = "a smaller --baseline-tile (e.g. 32)" + (" or a lower --baseline-density" if blocks > 2 else "")
             parser.error(f"--baseline {args.baseline} at --baseline-density {args.baseline_density} runs dense at "
                          f"--context {context}: {blocks} block(s) of --baseline-tile {args.baseline_tile} tokens leave "
-                         "no tile to skip at that density; use a smaller --baseline-tile (e.g. 32) or a lower density")
+                         f"no tile to skip at that density; use {fix}")
 
 
 if __name__ == "__main__":

@@ -34,24 +34,18 @@ class Evaluation:
 
         self.args = args
         self.contexts = list(args.contexts) if args.contexts else [args.context]
+        if not args.surgery and (args.block_density is not None or args.budget or args.selection):
+            raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
         model_dir = args.model
         if not model_dir and args.surgery and args.surgery != "init":
             model_dir = trained_base(args.surgery)  # the run's own base model, when it is here
         self.model_dir = Path(model_dir) if model_dir else default_model_dir()
         self.model = load_model(self.model_dir, Precision(args.dtype, args.dtype))
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
-        ids = data.tokenize(self.tokenizer, self.corpus.text)
-        setting = "--contexts" if args.contexts else "--context"
-        self.windows = {c: data.windows(ids, c, args.max_windows, source=data.describe(self.corpus.source),
-                                        setting=setting) for c in self.contexts}
         self.attention_kwargs = {}
         if args.surgery:
             self.model, self.attention_kwargs = prepare_for_evaluation(
                 self.model, args.surgery, context=max(self.contexts), model_dir=self.model_dir,
                 block_density=args.block_density, budget=args.budget, selection=args.selection)
-        elif args.block_density is not None or args.budget or args.selection:
-            raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
         self.budget = {}  # what a block run executes: named in the result and the printed label
         if "block_density" in self.attention_kwargs:
             from llama_surgery_jax.surgery.routed_attention import routed_layers
@@ -64,6 +58,13 @@ class Evaluation:
                            "requested_block_density": requested}
             if not args.allow_floor:
                 check_above_floor(self.model, requested, self.contexts)
+        # The text last: what the settings refuse is refused before it is read and tokenized.
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
+        ids = data.tokenize(self.tokenizer, self.corpus.text)
+        setting = "--contexts" if args.contexts else "--context"
+        self.windows = {c: data.windows(ids, c, args.max_windows, source=data.describe(self.corpus.source),
+                                        setting=setting) for c in self.contexts}
 
     def score(self) -> dict:
         """Every context's perplexity (and the rest the settings ask for) → the result dict; `notes` lists the lines
