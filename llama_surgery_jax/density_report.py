@@ -27,6 +27,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from llama_surgery_jax.arguments import integer, output_file
 from llama_surgery_jax.evaluation.density import (
     HEADER,
     report,
@@ -34,16 +35,24 @@ from llama_surgery_jax.evaluation.density import (
 from llama_surgery_jax.surgery.config import RouterConfig
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, each checked (a bad one exits with status 2 and a message that names it)."""
     parser = argparse.ArgumentParser(description="Token and block density of the surgery's hard mask on "
                                      "WikiText-2 (wiki.valid.tokens) for p in {2,3,5,7} and every d_max.")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--data-dir", help="WikiText-2 folder (default: $WIKITEXT2_DIR, else datasets)")
-    parser.add_argument("--tokens", type=int, default=2048, help="sequence length (the first window)")
+    parser.add_argument("--tokens", type=integer(2), default=2048, help="sequence length (the first window)")
     parser.add_argument("--routing-heads", default="query", choices=["query", "kv"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the random router weights")
-    parser.add_argument("--json", help="write the rows here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", type=output_file, help="write the rows here (its path checked before the work)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
+        return stop.code or 0
 
     from llama_surgery_jax import data
     from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer

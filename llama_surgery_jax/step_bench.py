@@ -25,6 +25,7 @@ import sys
 
 import jax
 
+from llama_surgery_jax.arguments import integer, listed, names, output_file, real, unchanged
 from llama_surgery_jax.training.step_bench import (
     BACKENDS,
     LENGTHS,
@@ -41,15 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated presets (configs/models)")
-    parser.add_argument("--lengths", help=f"comma-separated token counts (default {LENGTHS}; tiny {TINY_LENGTHS})")
-    parser.add_argument("--backends", default=",".join(BACKENDS), help="any of " + ", ".join(BACKENDS))
+    parser.add_argument("--lengths", type=unchanged(listed(integer(2))),
+                        help=f"comma-separated token counts (default {LENGTHS}; tiny {TINY_LENGTHS})")
+    parser.add_argument("--backends", type=unchanged(names(BACKENDS)), default=",".join(BACKENDS),
+                        help="any of " + ", ".join(BACKENDS))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--init", default="random", choices=["random", "homotopy"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=integer(1), default=3)
     parser.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
-    parser.add_argument("--out", default="step_bench.json")
+    parser.add_argument("--out", type=output_file, default="step_bench.json")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer head-dim-64 model at 64/128 tokens (CPU)")
-    parser.add_argument("--row-timeout", type=float, default=540.0, help="seconds per row (own process)")
+    parser.add_argument("--row-timeout", type=real(0.0, low_open=True), default=540.0,
+                        help="seconds per row (own process)")
     parser.add_argument("--in-process", action="store_true", help="all rows in this process (peaks accumulate)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # MODEL:N:BACKEND, one row, JSON on stdout
     return parser.parse_args(argv)

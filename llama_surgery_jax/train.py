@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 
 from llama_surgery_jax import data
+from llama_surgery_jax.arguments import integer
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.training.config import TrainConfig
@@ -32,7 +33,8 @@ from llama_surgery_jax.training.loop import (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The settings, each checked (a bad one exits with status 2 and a message that names it)."""
     parser = argparse.ArgumentParser(
         description="Train the surgery's routers on a frozen Llama (only the routers learn).",
         epilog="Overrides: any TrainConfig field as key=value (router fields as router.KEY=value), "
@@ -43,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
                         "'default' on a GPU and 'cpu' (a few minutes on 2 cores) otherwise")
     parser.add_argument("--out", help="output folder (default runs/PRESET, the preset run); rerun on it to resume")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--num-processes", type=integer(1))
+    parser.add_argument("--process-id", type=integer(0))
     parser.add_argument("overrides", nargs="*", help="key=value")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
+        return stop.code or 0
 
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,

@@ -86,6 +86,21 @@ def test_speed_refuses_an_unknown_section_and_bad_ranges(capsys, tmp_path):
     refused(capsys, speed, ["--models", "", "--out", __file__], "--out")
 
 
+def test_the_other_command_lines_check_their_settings(capsys, tmp_path):
+    from llama_surgery_jax import step_bench
+    from llama_surgery_jax.density_report import main as density_report
+    from llama_surgery_jax.train import main as train
+
+    refused(capsys, density_report, ["--model", NOWHERE, "--tokens", "0"], "--tokens")
+    refused(capsys, density_report, ["--model", NOWHERE, "--json", str(tmp_path)], "--json")
+    refused(capsys, train, ["--num-processes", "0"], "--num-processes")
+    for argv, setting in ((["--repeats", "0"], "--repeats"), (["--backends", "kernal"], "--backends"),
+                          (["--lengths", "64,x"], "--lengths"), (["--out", str(tmp_path)], "--out")):
+        with pytest.raises(SystemExit) as stopped:  # its main returns the rows, so argparse's exit stands
+            step_bench.main(argv)
+        assert stopped.value.code == 2 and setting in capsys.readouterr().err
+
+
 def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()
