@@ -66,6 +66,28 @@ def test_evaluate_settings_are_checked_before_loading(capsys):
     refused(capsys, evaluate, [*common, "--niah-trials", "0"], "--niah-trials")
 
 
+def test_the_kernels_refuse_a_routed_model_they_cannot_run_by_name():
+    """bf16 passes the settings' check, but the tiny model's head dim 16 is not a kernel's: a ConfigError that names
+    --attention kernel before any program is traced (it was the Pallas ValueError's traceback)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from llama_surgery_jax.inference.cache import check_kernel
+    from llama_surgery_jax.model.config import ConfigError, ModelConfig, Precision
+    from llama_surgery_jax.model.llama import LlamaForCausalLM
+    from llama_surgery_jax.surgery.config import RouterConfig
+    from llama_surgery_jax.surgery.routed_attention import inject_routers
+
+    router = dataclasses.replace(RouterConfig(), mode="block", d_max=0, levels=2, block_size=32, window=16)
+    model = LlamaForCausalLM(ModelConfig.named("tiny"), precision=Precision("bfloat16", "bfloat16"),
+                             rngs=nnx.Rngs(0))
+    inject_routers(model, router, nnx.Rngs(1))
+    check_kernel("reference", model)
+    with pytest.raises(ConfigError, match="--attention kernel: .* head dim 16"):
+        check_kernel("kernel", model)
+
+
 def test_baseline_densities_that_cannot_run_are_refused(capsys):
     common = ["--model", NOWHERE, "--baseline", "streaming"]
     refused(capsys, evaluate, [*common, "--baseline-density", "5"], "--baseline-density")
