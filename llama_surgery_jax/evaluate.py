@@ -6,7 +6,7 @@ retrieval.
                                          [--contexts 1024,4096,8192] [--dense-too]
                                          [--baseline streaming|moba --baseline-density D]
                                          [--niah 2048,4096,8192 [--niah-trials N]] [--text FILE|DIR]
-                                         [--block-density RHO [--budget adaptive|uniform]
+                                         [--block-density RHO [--budget adaptive|sensitivity|uniform]
                                           [--selection router|recent|moba|oracle|global_oracle]]
 
 `--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-tile", type=integer(1), default=128, help="the baseline's block size in tokens")
     parser.add_argument("--block-density", type=density,
                         help="block-mode runs: the executed block density ρ (default: the run's router.block_density)")
-    parser.add_argument("--budget", choices=["adaptive", "uniform"],
+    parser.add_argument("--budget", choices=["adaptive", "sensitivity", "uniform"],
                         help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
                              "when the run has them) or ρ for every head")
     parser.add_argument("--selection", choices=["router", "recent", "moba", "oracle", "global_oracle"],

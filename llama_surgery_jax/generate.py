@@ -3,7 +3,7 @@
     python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
         [--attention auto|reference|kernel] [--no-gather] [--no-compare] [--json FILE]
-        [--block-density RHO] [--budget adaptive|uniform]
+        [--block-density RHO] [--budget adaptive|sensitivity|uniform]
 
 Several `--prompt`s make one batch (right-padded; prompts may differ in length). No `--model`: the
 embedded SmolLM2-135M-Instruct. `--surgery` loads the routers of a training run; a folder without
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --surgery: skip the dense model's run on the same prompts (its speeds)")
     parser.add_argument("--block-density", type=density,
                         help="block-mode runs: the block density ρ (default: the run's router.block_density)")
-    parser.add_argument("--budget", choices=["adaptive", "uniform"],
+    parser.add_argument("--budget", choices=["adaptive", "sensitivity", "uniform"],
                         help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
                              "when the run has them) or ρ for every head")
     args = parser.parse_args(argv)
@@ -113,7 +113,8 @@ def block_budget(model, args: argparse.Namespace):
 
     layers = routed_layers(model)
     if layers and layers[0].config.mode == "block":
-        return run_budget(layers[0].config, args.surgery, block_density=args.block_density, budget=args.budget)
+        return run_budget(layers[0].config, args.surgery, block_density=args.block_density, budget=args.budget,
+                          layers=len(layers), heads=layers[0].router.routing_heads)
     if args.block_density is not None or args.budget:
         raise CheckpointError("--block-density and --budget need --surgery RUN of a block-mode run")
     return None

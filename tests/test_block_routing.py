@@ -284,8 +284,30 @@ def test_block_run_reports_what_executed(tiny_block_run):
     assert report["context"] == 128 and report["mode"] == "block"
     assert abs(report["block_density"] - 0.5) <= 0.05, report["block_density"]
     assert 0 < report["attention_recall"] <= 1 + 1e-6
-    assert set(report["by_budget"]) == {"adaptive", "uniform"}
+    assert set(report["by_budget"]) == {"adaptive", "sensitivity", "uniform"}
     assert (out / "calibration.json").is_file() and (out / "report.md").is_file()
+    sensitivity = calibration.read(out)["layer_sensitivity"]
+    assert len(sensitivity) == TINY.num_hidden_layers and all(np.isfinite(sensitivity))
+
+
+@pytest.mark.parametrize("context,rho", [(256, 0.5), (512, 0.35)])
+def test_sensitivity_budget_means_rho_at_another_length(tiny_block_run, tmp_path, context, rho):
+    """Calibrated at 128 tokens, evaluated at a longer context: the per-layer shares are re-normalised to ρ above the
+    floor of that length, so the executed density is the ρ asked, up to the budget rule's rounding (each head's
+    cumulative target is a ceiling: at most one tile over, of n(n + 1)/2, per layer and head)."""
+    import json
+
+    from llama_surgery_jax.evaluate import main
+
+    _, out, _ = tiny_block_run
+    result_file = tmp_path / "eval.json"
+    code = main(["--surgery", str(out), "--block-density", str(rho), "--context", str(context), "--max-windows", "1",
+                 "--json", str(result_file), "--budget", "sensitivity"])
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    n = context // 8
+    assert result["budget"] == "sensitivity" and result["requested_block_density"] == rho
+    assert abs(result["block_density"]["mean"] - rho) <= 1.0 / (n * (n + 1) / 2) + 10 * F32_U, result["block_density"]
 
 
 def test_evaluate_at_a_block_density(tiny_block_run, tmp_path, capsys):

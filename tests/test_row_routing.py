@@ -271,3 +271,24 @@ def test_rows_ahead_mass_is_the_mean_over_the_rows_that_see_a_pick():
         # a float32 sum of ≤ 8 terms against float64
         np.testing.assert_allclose(ahead[0, :, i], mass[0, :, i:end].astype(np.float64).mean(1),
                                    rtol=float32_bound(tile), err_msg=f"seed {seed}, row {i}")
+
+
+@pytest.mark.parametrize("rho", [0.15, 0.3, 0.6, 0.95])
+def test_sensitivity_budget_spends_rho_above_the_floor(rho):
+    """The per-layer densities of the sensitivity budget average exactly ρ (to float32), keep every layer within
+    [floor, 1], and rank the layers as their sensitivities do."""
+    from llama_surgery_jax.training.calibration import sensitivity_densities
+
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    sensitivity = rng.exponential(size=12) * rng.integers(0, 2, 12)  # some zero: they weigh as the least positive
+    floor = 0.12
+    table = sensitivity_densities(sensitivity, rho, floor, heads=3)
+    assert table.shape == (12, 3) and np.all(table == table[:, :1]), f"seed {seed}"
+    layer = table[:, 0].astype(np.float64)
+    assert abs(layer.mean() - rho) < 1e-6, f"seed {seed}: mean {layer.mean()} for ρ {rho}"
+    assert np.all(layer >= floor - 1e-7) and np.all(layer <= 1.0), f"seed {seed}"
+    order = np.argsort(np.maximum(sensitivity, sensitivity[sensitivity > 0].min()), kind="stable")
+    assert np.all(np.diff(layer[order]) >= -1e-7), f"seed {seed}: not monotone in the sensitivity"
+    below = sensitivity_densities(sensitivity, 0.05, floor, heads=3)
+    assert np.all(below == np.float32(floor)), f"seed {seed}: ρ below the floor runs the floor"

@@ -318,7 +318,7 @@ def test_cpu_preset_is_a_short_run_of_the_embedded_model():
     assert config.seq_len * config.batch_size < 1024 * 8
     assert config.eval_windows >= 8 and config.eval_windows % config.eval_batch == 0
     # Budgeted block routing places blocks on the tree: a leaf for each block of the evaluation context.
-    assert config.router.mode == "block" and config.router.budget == "adaptive"
+    assert config.router.mode == "block" and config.router.query == "row" and config.router.budget == "sensitivity"
     assert config.router.p ** config.router.levels >= config.eval_context // config.router.block_size
     assert config.router.block_density > 0.21  # above the sink-and-window floor at 1024 tokens, tile 32, W 32
     assert config.schedule.tau_steps <= config.steps and config.schedule.lambda_steps <= config.steps

@@ -4,6 +4,8 @@ For each context and each ρ, one row per way of filling the same budget (`block
 
     surgery (adaptive)   the trained routers, per-head densities calibrated on training data (`calibration`)
     surgery (uniform)    the trained routers, ρ for every head
+    surgery (sensitivity)  the trained routers, each layer's share of ρ by its measured perplexity sensitivity
+    streaming (sensitivity)  StreamingLLM under that same per-layer budget (what the allocation alone is worth)
     uniform oracle       the heaviest tiles by the layer's true dense attention mass, per row, ρ for every head
     per-row oracle       each query row's heaviest key blocks through the prefix-union rule (`select_rows`): the
                          ceiling of row routing (router.query=row)
@@ -34,6 +36,8 @@ from llama_surgery_jax.surgery.block_routing import floor_density
 ROWS = (  # (name, selection, budget)
     ("surgery (adaptive)", "router", "adaptive"),
     ("surgery (uniform)", "router", "uniform"),
+    ("surgery (sensitivity)", "router", "sensitivity"),
+    ("streaming (sensitivity)", "recent", "sensitivity"),
     ("uniform oracle", "oracle", "uniform"),
     ("global oracle", "global_oracle", "uniform"),
     ("per-row oracle", "row_oracle", "uniform"),
@@ -76,18 +80,15 @@ def quality_rows(model, router, calibrated: dict | None, windows_by_context: dic
                  densities: list[float], batch_size: int, rows=ROWS, on_row=None) -> list[dict]:
     """Every (context, ρ, row) of the table; the dense rows are the caller's (they need the routers removed).
     on_row(rows so far) after each row (a long measurement keeps what it has)."""
-    from llama_surgery_jax.training.calibration import densities_at
-
-    layers = model.config.num_hidden_layers
-    heads = model.config.num_key_value_heads if router.routing_heads == "kv" else model.config.num_attention_heads
     scorer = BudgetScorer(model)
     out = []
     plan = [(c, rho, row) for c in windows_by_context for rho in densities for row in rows
-            if row[2] == "uniform" or calibrated is not None]
+            if row[2] == "uniform" or (calibrated is not None and (row[2] == "adaptive"
+                                                                   or "layer_sensitivity" in calibrated))]
     for context, rho, (name, selection, budget) in tqdm(plan, desc="rows"):
         n = -(-context // router.block_size)
         floor = floor_density(n, tile=router.block_size, window=router.window, sink=router.sink)
-        table = densities_at(calibrated, rho) if budget == "adaptive" else np.full((layers, heads), rho, np.float32)
+        table = density_table(model, router, calibrated, rho, budget, context)
         started = time.perf_counter()
         scored = scorer(windows_by_context[context], table, selection, batch_size)
         scored["seconds"] = time.perf_counter() - started  # compilation of a new selection included
@@ -151,14 +152,18 @@ def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndar
     return rows
 
 
-def density_table(model, router, calibrated: dict | None, rho: float, budget: str) -> np.ndarray:
-    """Per-(layer, head) densities [layers, heads]: calibrated (adaptive) or ρ everywhere (uniform)."""
-    from llama_surgery_jax.training.calibration import densities_at
+def density_table(model, router, calibrated: dict | None, rho: float, budget: str,
+                  context: int | None = None) -> np.ndarray:
+    """Per-(layer, head) densities [layers, heads]: calibrated (adaptive, or sensitivity re-normalised to ρ above the
+    floor at `context`) or ρ everywhere (uniform)."""
+    from llama_surgery_jax.training.calibration import budget_densities
 
-    if budget == "adaptive":
-        return densities_at(calibrated, rho)
     heads = model.config.num_key_value_heads if router.routing_heads == "kv" else model.config.num_attention_heads
-    return np.full((model.config.num_hidden_layers, heads), rho, np.float32)
+    if budget == "uniform":
+        return np.full((model.config.num_hidden_layers, heads), rho, np.float32)
+    floor = 0.0 if context is None else floor_density(-(-context // router.block_size), tile=router.block_size,
+                                                      window=router.window, sink=router.sink)
+    return budget_densities(calibrated, budget, rho, floor=floor, heads=heads)
 
 
 def forward_seconds(model, tokens: np.ndarray, repeats: int = 5, **kwargs) -> float:

@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import niah, perplexity, protocol, transformers_perplexity
 from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
@@ -43,18 +41,13 @@ class Evaluation:
         self.model = load_model(self.model_dir, Precision(args.dtype, args.dtype))
         self.attention_kwargs = {}
         if args.surgery:
-            self.model, self.attention_kwargs = prepare_for_evaluation(
+            self.model, self.attention_kwargs, chosen = prepare_for_evaluation(
                 self.model, args.surgery, context=max(self.contexts), model_dir=self.model_dir,
                 block_density=args.block_density, budget=args.budget, selection=args.selection)
         self.budget = {}  # what a block run executes: named in the result and the printed label
         if "block_density" in self.attention_kwargs:
-            from llama_surgery_jax.surgery.routed_attention import routed_layers
-
-            requested = args.block_density
-            if requested is None:
-                requested = routed_layers(self.model)[0].config.block_density
-            self.budget = {"selection": self.attention_kwargs["selection"],
-                           "budget": "adaptive" if np.ndim(self.attention_kwargs["block_density"]) else "uniform",
+            requested = chosen.requested
+            self.budget = {"selection": self.attention_kwargs["selection"], "budget": chosen.name,
                            "requested_block_density": requested}
             if not args.allow_floor:
                 check_above_floor(self.model, requested, self.contexts)

@@ -1,7 +1,8 @@
 """The budget a block-mode run executes, read the way `evaluate` reads it (as
 `training.checkpoints.prepare_for_evaluation` does): ρ is the run's `router.block_density` unless asked; the budget is
 the run's (`router.budget`) when the run holds its calibration (RUN/calibration.json), else uniform; adaptive gives
-every (layer, head) its calibrated density at ρ, uniform gives every head ρ.
+every (layer, head) its calibrated density at ρ, sensitivity every layer its share of ρ by its measured perplexity
+sensitivity (re-normalised to ρ above the floor of the length evaluated), uniform gives every head ρ.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from llama_surgery_jax.surgery.config import RouterConfig
 
 
 class Budget(NamedTuple):
-    """requested: ρ; name: "adaptive" or "uniform"; densities: ρ, or float32 [layers, heads] (adaptive)."""
+    """requested: ρ; name: "adaptive", "sensitivity" or "uniform"; densities: ρ, or float32 [layers, heads]."""
 
     requested: float
     name: str
@@ -27,9 +28,12 @@ class Budget(NamedTuple):
 
 
 def run_budget(router: RouterConfig, run: str | Path | None, *, block_density: float | None = None,
-               budget: str | None = None) -> Budget:
-    """The budget of a block-mode router config trained in `run` (None or "init": no calibration). Raises
-    CheckpointError for an adaptive budget without its calibration, or a ρ outside (0, 1]."""
+               budget: str | None = None, layers: int | None = None, heads: int | None = None,
+               context: int | None = None) -> Budget:
+    """The budget of a block-mode router config trained in `run` (None or "init": no calibration). layers and heads
+    shape the sensitivity budget's table; context, the length evaluated, sets the floor its layers keep (None: no
+    floor; a layer below it runs at it). Raises CheckpointError for a calibrated budget without its calibration, or
+    a ρ outside (0, 1]."""
     from llama_surgery_jax.surgery.block_routing import check_density
     from llama_surgery_jax.training import calibration
 
@@ -43,6 +47,18 @@ def run_budget(router: RouterConfig, run: str | Path | None, *, block_density: f
     if name == "uniform":
         return Budget(rho, name, rho)
     if calibrated is None:
-        raise CheckpointError(f"{run} has no {calibration.FILE} (the adaptive budget's calibration): pass --budget "
+        raise CheckpointError(f"{run} has no {calibration.FILE} (the {name} budget's calibration): pass --budget "
                               "uniform, or retrain")
-    return Budget(rho, name, calibration.densities_at(calibrated, rho))
+    floor = 0.0
+    if context is not None:
+        from llama_surgery_jax.surgery.block_routing import floor_density
+
+        floor = floor_density(-(-context // router.block_size), tile=router.block_size, window=router.window,
+                              sink=router.sink)
+    try:
+        table = calibration.budget_densities(calibrated, name, rho, floor=floor, heads=heads or 1)
+    except KeyError as e:
+        raise CheckpointError(f"{run}: {e.args[0]}") from None
+    if name == "sensitivity" and layers is not None and table.shape[0] != layers:
+        raise CheckpointError(f"{run}'s calibration covers {table.shape[0]} layers, the model has {layers}")
+    return Budget(rho, name, table)

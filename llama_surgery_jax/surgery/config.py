@@ -39,7 +39,9 @@ class RouterConfig:
     trees: int = 1
     # Block mode only, read at evaluation (a run may be evaluated at any ρ): the executed block density ρ
     # of every layer, and how it is spread over the (layer, head) pairs: "adaptive" (per-head densities
-    # calibrated on the training data so that heads with spread attention take more) or "uniform".
+    # calibrated on the training data so that heads with spread attention take more), "sensitivity" (per-layer
+    # densities by each layer's measured perplexity sensitivity on training data, `training.calibration`) or
+    # "uniform".
     block_density: float = 0.2
     budget: str = "adaptive"
     # Row queries: the share of a query block's budget its first row may fill; later rows fill the rest evenly
@@ -56,7 +58,8 @@ class RouterConfig:
         if self.window is not None and self.window < 0:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block_prefix", "block"),
-                             "budget": ("adaptive", "uniform"), "query": ("block", "row")})
+                             "budget": ("adaptive", "uniform", "sensitivity"),
+                             "query": ("block", "row")})
         if self.trees < 1 or (self.trees > 1 and self.query != "row"):
             raise ConfigError(f"router.trees={self.trees}: must be >= 1, and more than one needs router.query=row")
         if self.query == "row" and self.mode != "block":

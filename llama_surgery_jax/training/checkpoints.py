@@ -174,10 +174,11 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None, mode
     At init the routed attention takes the whole window as one query chunk (`context`), so it runs the
     dense model's arithmetic and the perplexity is the dense one bit for bit.
 
-    A block-mode run (budgeted block routing) is evaluated at block_density ρ (default: the run's), with the
-    run's calibrated per-head densities (budget "adaptive", the default when the run has them) or ρ for every
-    head ("uniform"); selection replaces the router by a baseline under the same budget
-    (`block_routing.SELECTIONS`). Any of them on a token-mode run is an error.
+    A block-mode run (budgeted block routing) is evaluated at block_density ρ (default: the run's) under its budget
+    read by `inference.budget.run_budget` (the run's calibrated one by default: adaptive, or sensitivity, re-normalised
+    to ρ at `context`; or ρ for every head, "uniform"); selection replaces the router by a baseline under the same
+    budget (`block_routing.SELECTIONS`). Any of them on a token-mode run is an error. → (model, kwargs, the `Budget`
+    or None for a run without one).
     """
     from llama_surgery_jax.surgery.routed_attention import inject_routers
 
@@ -195,26 +196,17 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None, mode
         if given:
             raise CheckpointError(f"{', '.join(given)} need a block-mode run (router.mode=block); {surgery} routes "
                                   f"in {router_config.mode} mode, whose density comes from its codes")
-        return model, kwargs
-    from llama_surgery_jax.surgery.block_routing import SELECTIONS, check_density
-    from llama_surgery_jax.training import calibration
+        return model, kwargs, None
+    from llama_surgery_jax.inference.budget import run_budget
+    from llama_surgery_jax.surgery.block_routing import SELECTIONS
 
-    rho = router_config.block_density if block_density is None else block_density
-    try:
-        check_density(rho)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
     if selection is not None and selection not in SELECTIONS:
         raise CheckpointError(f"--selection {selection!r}: choose one of {list(SELECTIONS)}")
-    calibrated = None if surgery == "init" else calibration.read(Path(surgery))
-    budget = budget or (router_config.budget if calibrated is not None else "uniform")
-    if budget == "adaptive":
-        if calibrated is None:
-            raise CheckpointError(f"{surgery} has no {calibration.FILE} (the adaptive budget's calibration): "
-                                  "pass --budget uniform, or retrain")
-        kwargs["block_density"] = calibration.densities_at(calibrated, rho)
-    else:
-        kwargs["block_density"] = rho
+    config = model.config
+    heads = config.num_key_value_heads if router_config.routing_heads == "kv" else config.num_attention_heads
+    chosen = run_budget(router_config, surgery, block_density=block_density, budget=budget,
+                        layers=model.config.num_hidden_layers, heads=heads, context=context)
+    kwargs["block_density"] = chosen.densities
     kwargs.update(selection=selection or "router", measure_recall=True)
-    return model, kwargs
+    return model, kwargs, chosen
 

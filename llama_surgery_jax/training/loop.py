@@ -312,7 +312,8 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
 
 def calibrate_budgets(run: Run, out: Path, batches: PackedSequences) -> None:
     """Block mode: the adaptive budget's per-(layer, head) densities from the dense model's tile masses on
-    training sequences (`calibration`), written to RUN/calibration.json."""
+    training sequences, and each layer's perplexity sensitivity (the sensitivity budget; `calibration`), written to
+    RUN/calibration.json."""
     from llama_surgery_jax.training import calibration
 
     config = run.config
@@ -323,8 +324,11 @@ def calibrate_budgets(run: Run, out: Path, batches: PackedSequences) -> None:
     masses = calibration.dense_tile_masses(model, sequences, config.batch_size)
     densities = calibration.calibrate(masses, tile=config.router.block_size, window=config.router.window,
                                       sink=config.router.sink)
+    sensitivity = calibration.layer_sensitivity(model, sequences, density=config.router.block_density,
+                                                batch_size=config.batch_size)
     calibration.write(out, densities, context=config.seq_len, sequences=len(sequences),
-                      tile=config.router.block_size)
+                      tile=config.router.block_size, sensitivity=sensitivity,
+                      sensitivity_density=config.router.block_density)
     print(f"done in {time.perf_counter() - started:.1f} s", flush=True)
 
 

