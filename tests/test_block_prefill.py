@@ -309,12 +309,16 @@ def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
     greedy steps from a 200-token prompt (blocks open and fill during decode), KV-cache decode against a full
     re-prefill with the same hard mask, at ρ = 0.5.
 
-    float32: the greedy tokens are equal. bf16: decode and re-prefill round differently (a cache of bf16 K/V
-    against a whole forward), and random routers on real weights give near-uniform logits, so a greedy token can
-    flip where the top two logits lie within that rounding (seed 741990227: a margin of 0.011 at step 3, logits
-    0.34 apart of 30). So bf16 is checked teacher-forced on the re-prefill's 64 tokens: every step's logits
-    within the bf16 bound of the two paths (4 · 2 · √layers · u relative, as the kernel checks)."""
-    from llama_surgery_jax.evaluation.niah import Reprefill
+    The re-prefill of every step is one forward of the whole sequence: row i of the routed model depends on tokens
+    ≤ i only (tested on the tiny model, `test_block_routed_model_is_causal`), so position p's logits of one forward
+    of the 264 tokens are those a re-prefill of the first p + 1 tokens reads.
+
+    float32: decode's greedy tokens are the argmax of that forward at every step, so a greedy re-prefill would
+    choose them all (by induction over the steps). bf16: decode and re-prefill round differently (a cache of bf16
+    K/V against a whole forward), and random routers on real weights give near-uniform logits, so a greedy token
+    can flip where the top two logits lie within that rounding (seed 741990227: a margin of 0.011 at step 3,
+    logits 0.34 apart of 30). So bf16 is checked teacher-forced on 64 random tokens: every step's logits within the
+    bf16 bound of the two paths (4 · 2 · √layers · u relative, as the kernel checks)."""
     from llama_surgery_jax.inference.cache import Decoder
     from llama_surgery_jax.inference.generate import generate
     from llama_surgery_jax.model.checkpoint import load_model
@@ -322,24 +326,30 @@ def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
 
     seed = fresh_seed()
     model = load_model(smollm2_dir, Precision(dtype, dtype))
-    router = dataclasses.replace(TrainConfig.preset("default").router, block_size=16, window=16, block_density=0.5)
+    router = dataclasses.replace(TrainConfig.preset("default").router, query="block", trees=1, block_size=16,
+                                 window=16, block_density=0.5)
     inject_routers(model, router, nnx.Rngs(seed))
-    prompt = np.random.default_rng(seed).integers(3, model.config.vocab_size, 200).tolist()
-    kwargs = dict(max_new_tokens=64, model_context=model.config.max_position_embeddings)
-    again = generate(Reprefill(model, train=False), [prompt], **kwargs).tokens
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, model.config.vocab_size, 200).tolist()
+    steps = 64
+    whole = nnx.jit(lambda m, x: m(x, train=False)[0])
     if dtype == "float32":
-        decoded = generate(Decoder(model), [prompt], **kwargs).tokens
-        assert decoded == again, f"seed {seed}"
+        decoded = generate(Decoder(model), [prompt], max_new_tokens=steps,
+                           model_context=model.config.max_position_embeddings).tokens[0]
+        assert len(decoded) == steps, f"seed {seed}"
+        logits = whole(model, jnp.asarray([prompt + decoded[:-1]]))[0, len(prompt) - 1:]
+        again = np.argmax(np.asarray(logits), axis=-1).tolist()
+        parted = int(np.argmin(np.equal(decoded, again)))
+        assert decoded == again, f"seed {seed}: decode and re-prefill part at step {parted}"
         return
-    reference, decoder = Reprefill(model, train=False), Decoder(model)
-    tokens, lengths = jnp.asarray([prompt]), jnp.asarray([len(prompt)])
-    expected, reference_state = reference.prefill(tokens, lengths, len(prompt) + 64)
-    logits, cache = decoder.prefill(tokens, lengths, len(prompt) + 64)
+    following = rng.integers(3, model.config.vocab_size, steps).tolist()
+    reference = whole(model, jnp.asarray([prompt + following]))[0, len(prompt) - 1:]
+    decoder = Decoder(model)
+    logits, cache = decoder.prefill(jnp.asarray([prompt]), jnp.asarray([len(prompt)]), len(prompt) + steps)
     logits = logits[:, -1]
     bound = 4 * 2 * math.sqrt(model.config.num_hidden_layers) * BF16_U
-    for step, token in enumerate(again[0][:64]):
+    for step, token in enumerate(following):
+        expected = reference[step][None]
         error = float(jnp.linalg.norm(logits - expected) / jnp.linalg.norm(expected))
         assert error <= bound, f"seed {seed}, step {step}: relative logits error {error:.2e} > {bound:.2e}"
-        following = jnp.asarray([token], jnp.int32)
-        expected, reference_state = reference.step(reference_state, following)
-        logits, cache = decoder.step(cache, following)
+        logits, cache = decoder.step(cache, jnp.asarray([token], jnp.int32))

@@ -348,3 +348,24 @@ def test_adaptive_budget_needs_its_calibration(tiny_block_run, tmp_path, capsys)
     (copy / "calibration.json").unlink()
     assert main(["--surgery", str(copy), "--budget", "adaptive", "--context", "128"]) == 2
     assert "calibration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("context,rho", [(256, 0.55), (512, 0.2)])  # 0.2: below the floor at 128 tokens
+def test_adaptive_budget_means_rho_at_another_length(tiny_block_run, tmp_path, context, rho):
+    """The adaptive budget calibrated at 128 tokens, evaluated longer: its per-head shares are re-normalised to the ρ
+    asked above the floor of that length (`calibration.renormalised`), so the executed density is ρ up to the budget
+    rule's rounding, as for the sensitivity budget (issue: trained at 128 tokens with every head at the floor, a run
+    evaluated at 2048 executed 0.90 for a ρ of 0.25)."""
+    import json
+
+    from llama_surgery_jax.evaluate import main
+
+    _, out, _ = tiny_block_run
+    result_file = tmp_path / "eval.json"
+    code = main(["--surgery", str(out), "--block-density", str(rho), "--context", str(context), "--max-windows", "1",
+                 "--json", str(result_file), "--budget", "adaptive"])
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    n = context // 8
+    assert result["budget"] == "adaptive" and result["requested_block_density"] == rho
+    assert abs(result["block_density"]["mean"] - rho) <= 1.0 / (n * (n + 1) / 2) + 10 * F32_U, result["block_density"]

@@ -102,31 +102,38 @@ def layer_sensitivity(model, tokens: np.ndarray, *, density: float, batch_size: 
     return np.asarray(rises, np.float64)
 
 
-def sensitivity_densities(sensitivity: np.ndarray, rho: float, floor: float, heads: int,
-                          power: float = SENSITIVITY_POWER) -> np.ndarray:
-    """sensitivity [layers] → densities float32 [layers, heads]: ρ_l = clip(c · s_l^power, floor, 1), c found by
-    bisection so that the mean over layers is ρ (every layer at the floor when ρ ≤ floor, dense when ρ ≥ 1); a layer
-    whose sensitivity is not positive weighs as the least positive one."""
-    positive = np.asarray(sensitivity, np.float64)
-    smallest = positive[positive > 0].min() if np.any(positive > 0) else 1.0
-    weights = np.maximum(positive, smallest) ** power
+def renormalised(weights: np.ndarray, rho: float, floor: float) -> np.ndarray:
+    """weights [layers, heads] > 0 → float32 densities clip(c · weights, floor, 1), c found by bisection so that their
+    mean is ρ: a calibrated budget's shares, spent at the ρ asked above the floor of the length evaluated (the floor
+    differs from the calibration length's; every head at the floor when ρ ≤ floor, dense when ρ ≥ 1)."""
+    weights = np.asarray(weights, np.float64)
     if rho <= floor or rho >= 1.0:
-        flat = np.full(weights.shape, min(max(rho, floor), 1.0))
-        return np.repeat(flat[:, None], heads, 1).astype(np.float32)
-    low, high = 0.0, 1.0 / weights.min()  # at high every layer is dense: the mean is 1 > ρ
+        return np.full(weights.shape, min(max(rho, floor), 1.0), np.float32)
+    low, high = 0.0, 1.0 / weights.min()  # at high every head is dense: the mean is 1 > ρ
     for _ in range(100):
         middle = 0.5 * (low + high)
         if np.mean(np.clip(middle * weights, floor, 1.0)) < rho:
             low = middle
         else:
             high = middle
-    return np.repeat(np.clip(high * weights, floor, 1.0)[:, None], heads, 1).astype(np.float32)
+    return np.clip(high * weights, floor, 1.0).astype(np.float32)
+
+
+def sensitivity_densities(sensitivity: np.ndarray, rho: float, floor: float, heads: int,
+                          power: float = SENSITIVITY_POWER) -> np.ndarray:
+    """sensitivity [layers] → densities float32 [layers, heads]: ρ_l ∝ s_l^power, `renormalised` to ρ above the
+    floor, every head of a layer alike; a layer whose sensitivity is not positive weighs as the least positive one."""
+    positive = np.asarray(sensitivity, np.float64)
+    smallest = positive[positive > 0].min() if np.any(positive > 0) else 1.0
+    weights = np.maximum(positive, smallest) ** power
+    return renormalised(np.repeat(weights[:, None], heads, 1), rho, floor)
 
 
 def budget_densities(calibration: dict, budget: str, rho: float, *, floor: float, heads: int) -> np.ndarray:
-    """The per-(layer, head) densities [layers, heads] of a calibrated budget ("adaptive" or "sensitivity") at ρ."""
+    """The per-(layer, head) densities [layers, heads] of a calibrated budget at ρ and a length whose floor is
+    `floor`: "adaptive" (the calibrated per-head shares at ρ) or "sensitivity", both `renormalised` to ρ."""
     if budget == "adaptive":
-        return densities_at(calibration, rho)
+        return renormalised(np.maximum(densities_at(calibration, rho), 1e-6), rho, floor)
     if "layer_sensitivity" not in calibration:
         raise KeyError(f"{FILE} holds no layer sensitivity (a run calibrated before the sensitivity budget): "
                        "pass --budget uniform or adaptive, or retrain")

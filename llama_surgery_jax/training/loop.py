@@ -319,7 +319,8 @@ def calibrate_budgets(run: Run, out: Path, batches: PackedSequences) -> None:
     config = run.config
     sequences = batches.sequences[batches.order(0)[:config.calibration_sequences]]
     model = nnx.merge(run.graphdef, run.routers, run.frozen)
-    print(f"calibrating the adaptive budget on {len(sequences)} training sequences ...", end=" ", flush=True)
+    print(f"calibrating the budgets (tile mass, layer sensitivity) on {len(sequences)} training sequences ...", end=" ",
+          flush=True)
     started = time.perf_counter()
     masses = calibration.dense_tile_masses(model, sequences, config.batch_size)
     densities = calibration.calibrate(masses, tile=config.router.block_size, window=config.router.window,

@@ -176,24 +176,22 @@ def plot(out: Path, densities: dict, block_size: int) -> None:
 
 
 def block_report(model, model_dir, out: Path, config, timing, windows, source, train_source) -> dict:
-    """Block mode: dense against the surgery at the run's ρ, with the adaptive and the uniform budget, every
-    density counted from the tiles the attention was given, and attention recall."""
+    """Block mode: dense against the surgery at the run's ρ, with each budget the run has (uniform, adaptive,
+    sensitivity), every density counted from the tiles the attention was given, and attention recall."""
     from llama_surgery_jax.training import calibration
 
     rho = config.router.block_density
     calibrated = calibration.read(out)
     budgets = {"uniform": rho}
     if calibrated is not None:
-        budgets["adaptive"] = calibration.densities_at(calibrated, rho)
-        if "layer_sensitivity" in calibrated:
-            from llama_surgery_jax.surgery.block_routing import floor_density
+        from llama_surgery_jax.surgery.block_routing import floor_density
 
-            router = config.router
-            floor = floor_density(-(-config.eval_context // router.block_size), tile=router.block_size,
-                                  window=router.window, sink=router.sink)
-            heads = np.asarray(budgets["adaptive"]).shape[1]
-            budgets["sensitivity"] = calibration.budget_densities(calibrated, "sensitivity", rho, floor=floor,
-                                                                  heads=heads)
+        router = config.router
+        floor = floor_density(-(-config.eval_context // router.block_size), tile=router.block_size,
+                              window=router.window, sink=router.sink)
+        heads = len(calibrated["densities"][0][0])
+        for name in ("adaptive", "sensitivity") if "layer_sensitivity" in calibrated else ("adaptive",):
+            budgets[name] = calibration.budget_densities(calibrated, name, rho, floor=floor, heads=heads)
     scored = {name: perplexity(model, windows, batch_size=config.eval_batch, train=False, rng=None,
                                block_density=value, measure_recall=True) for name, value in budgets.items()}
     dense = perplexity(remove_routers(model), windows, batch_size=config.eval_batch)
