@@ -130,23 +130,33 @@ def tie_share(row: dict) -> str:
     return "–" if share is None else f"{share['mean']:.4f}"
 
 
-def niah_settings(densities: list[float], oracle_density: float = 0.2) -> list[tuple[str, str, str, float]]:
-    """(name, selection, budget, ρ) of the needle rows: the surgery at each ρ, the uniform oracle at one."""
-    return ([(f"surgery (adaptive) ρ={rho}", "router", "adaptive", rho) for rho in densities]
+def niah_settings(densities: list[float], oracle_density: float = 0.2,
+                  budget: str = "adaptive") -> list[tuple[str, str, str, float]]:
+    """(name, selection, budget, ρ) of the needle rows: the surgery at each ρ under the run's budget, the uniform
+    oracle at one."""
+    return ([(f"surgery ({budget}) ρ={rho}", "router", budget, rho) for rho in densities]
             + ([(f"uniform oracle ρ={oracle_density}", "oracle", "uniform", oracle_density)] if oracle_density else []))
 
 
 def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndarray, *, lengths, depths, trials: int,
               settings, model_context: int) -> dict[str, list[dict]]:
-    """Needle-in-a-haystack rows of the routed model under each setting, by re-prefill (`niah.Reprefill`)."""
+    """Needle-in-a-haystack rows of the routed model under each setting. The router's rows run as they are used:
+    a prefill (on the kernels where they apply) and KV-cache decode (`inference.cache.Decoder`), whose routing is
+    the prefill's exactly (decode ≡ re-prefill). The oracles need every row's dense attention, which a cache does
+    not keep: they run by re-prefill (`niah.Reprefill`), the reference path."""
     from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
+    from llama_surgery_jax.inference.budget import Budget
+    from llama_surgery_jax.inference.cache import Decoder
 
     rows = {}
     for name, selection, budget, rho in settings:
-        if budget == "adaptive" and calibrated is None:
+        if budget != "uniform" and calibrated is None:
             budget = "uniform"
-        decoder = Reprefill(model, train=False, rng=None, selection=selection,
-                            block_density=jnp.asarray(density_table(model, router, calibrated, rho, budget)))
+        table = density_table(model, router, calibrated, rho, budget)
+        if selection == "router":
+            decoder = Decoder(model, block_budget=Budget(rho, budget, table))
+        else:
+            decoder = Reprefill(model, train=False, rng=None, selection=selection, block_density=jnp.asarray(table))
         rows[name] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths, trials=trials,
                               model_context=model_context)
     return rows

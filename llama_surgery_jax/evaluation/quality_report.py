@@ -103,7 +103,8 @@ def run_quality(args: argparse.Namespace) -> Path:
 
 def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, out: Path, started: float) -> Path:
     """A block-mode run: the table of `evaluation.block_quality` (every context × ρ × row, with dense), attention
-    recall per layer, and needles by re-prefill; OUT/block_quality.json and .md."""
+    recall per layer, and needles (the router's by KV-cache decode, the oracle's by re-prefill);
+    OUT/block_quality.json and .md."""
     from llama_surgery_jax.evaluation import block_quality as bq
     from llama_surgery_jax.evaluation.niah import run_niah
     from llama_surgery_jax.inference.cache import Decoder
@@ -121,7 +122,8 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
         filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
         niah = bq.niah_rows(model, router, calibrated, tokenizer, filler, lengths=args.niah_lengths,
                             depths=args.niah_depths, trials=args.niah_trials,
-                            settings=bq.niah_settings(args.niah_densities, args.niah_oracle_density),
+                            settings=bq.niah_settings(args.niah_densities, args.niah_oracle_density,
+                                                     router.budget if calibrated else "uniform"),
                             model_context=model.config.max_position_embeddings)
     cost = None
     if args.router_cost:
@@ -145,7 +147,8 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     if niah:
         from llama_surgery_jax.evaluation.niah import table
 
-        text += "\n### Needle in a haystack (exact match; re-prefill for the sparse rows)\n\n" + table(niah) + "\n"
+        text += ("\n### Needle in a haystack (exact match; KV-cache decode for dense and surgery, re-prefill for the "
+                 "oracle)\n\n" + table(niah) + "\n")
     if cost:
         ms = {k: 1e3 * cost[f"{k}_forward_s"] for k in ("router", "streaming", "dense")}
         text += (f"\nRouter cost at {cost['context']} tokens, batch {cost['batch']}, ρ = {cost['rho']} (hidden states, "

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 
 from llama_surgery_jax.surgery.mask import band_tiles, causal_pairs, causal_tiles
 
-SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle", "row_oracle", "row_moba")
-ROW_SELECTIONS = ("row_oracle", "row_moba")  # rank per query row, through `select_rows` (the router too, in row mode)
+SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle", "row_oracle", "row_moba", "row_bound")
+# Ranked per query row, through `select_rows` (the router too, in row mode).
+ROW_SELECTIONS = ("row_oracle", "row_moba", "row_bound")
 
 
 def candidate_tiles(n: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
@@ -466,6 +467,40 @@ def row_moba_score(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int)
     if routing_heads == kv:
         return jnp.sum(gate, axis=2)
     return gate.reshape(b, heads, t, -1)
+
+
+def block_extremes(k: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
+    """k: [b, t, kv, d] → (min, max) [b, n, kv, d] float32 over each block's own keys (the last block's padding
+    left out)."""
+    b, t, kv, d = k.shape
+    n = -(-t // tile)
+    padded = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, n * tile - t), (0, 0), (0, 0)), mode="edge")
+    blocks = padded.reshape(b, n, tile, kv, d)
+    return jnp.min(blocks, axis=2), jnp.max(blocks, axis=2)
+
+
+def row_bound_score(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int) -> jax.Array:
+    """q: [b, t, heads, d], k: [b, t, kv, d] → [b, h, t, n]: each row's estimated mass on each key block before its
+    own, from an upper bound of its logits there (Quest's: Σ_d max(q_d · min_d, q_d · max_d) over the block's keys),
+    as a softmax over those blocks, mean over the query heads of a routing head. The own and later blocks score 0:
+    the own block is forced, and leaving it out of the softmax keeps row i's scores a function of keys < its block,
+    so the score is exactly causal. Training-free."""
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    low, high = block_extremes(k, tile)
+    qf = q.reshape(b, t, kv, heads // kv, d).astype(jnp.float32)
+    # max(q·lo, q·hi) per dimension is q·hi where q ≥ 0, q·lo where q < 0: two matmuls.
+    bound = (jnp.einsum("btkgd,bmkd->bkgtm", jnp.maximum(qf, 0.0), high)
+             + jnp.einsum("btkgd,bmkd->bkgtm", jnp.minimum(qf, 0.0), low)) / math.sqrt(d)  # [b, kv, g, t, n]
+    n = bound.shape[-1]
+    earlier = jnp.arange(n)[None, :] < (jnp.arange(t) // tile)[:, None]  # [t, n]
+    top = jnp.max(jnp.where(earlier, bound, -jnp.inf), axis=-1, keepdims=True)
+    weight = jnp.where(earlier, jnp.exp(bound - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    total = jnp.sum(weight, axis=-1, keepdims=True)
+    mass = weight / jnp.where(total > 0, total, 1.0)  # rows of the first block: no earlier block, all 0
+    if routing_heads == kv:
+        return jnp.mean(mass, axis=2)
+    return mass.reshape(b, heads, t, n)
 
 
 def tile_mass_of_rows(row_mass: jax.Array, tile: int) -> jax.Array:

@@ -222,7 +222,8 @@ class RoutedAttention(nnx.Module):
         elif row_wise:
             scores = {"router": lambda: self.row_router_scores(routing, t),
                       "row_oracle": lambda: row_mass,
-                      "row_moba": lambda: br.row_moba_score(q, k, tile=tile, routing_heads=heads)}[selection]()
+                      "row_moba": lambda: br.row_moba_score(q, k, tile=tile, routing_heads=heads),
+                      "row_bound": lambda: br.row_bound_score(q, k, tile=tile, routing_heads=heads)}[selection]()
             first_rows = br.select_rows(scores, budgets, t=t, front=config.row_front, **rule)
         else:
             first_rows = br.first_rows_of(self.select(selection, routing, q, k, mass, budgets, n), tile)
