@@ -38,6 +38,7 @@ import sys
 
 from llama_surgery_jax import data
 from llama_surgery_jax.arguments import density, integer, listed, output_folder, real
+from llama_surgery_jax.evaluation.block_quality import ROWS, pick_row
 from llama_surgery_jax.evaluation.quality_report import run_quality
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ablate-preset", default="default")
     parser.add_argument("--ablate-override", action="append", default=[], help="key=value for each p's training")
     parser.add_argument("--route-token", type=integer(0), default=512, help="the token whose tree path is drawn")
+    parser.add_argument("--rows", type=listed(block_row), default=list(ROWS),
+                        help="block-mode runs: the table's rows as selection/budget, e.g. router/sensitivity,"
+                             "recent/sensitivity (default: every row)")
     parser.add_argument("--densities", type=listed(density), default=[0.1, 0.2, 0.3],
                         help="block-mode runs: the executed block densities of the table")
     parser.add_argument("--windows-at", type=context_counts, default=[],
@@ -89,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="block-mode runs: the densities of the needle rows")
     args = parser.parse_args(argv)
     return args
+
+
+def block_row(text: str) -> tuple[str, str, str]:
+    try:
+        return pick_row(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

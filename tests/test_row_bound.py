@@ -3,13 +3,15 @@ and the whole model's logits causal under it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import fresh_seed
 from flax import nnx
-from test_row_routing import TINY, row_model
+from test_row_routing import ROWS, TINY, row_model
 
 from llama_surgery_jax.surgery import block_routing as br
 
@@ -85,3 +87,34 @@ def test_row_bound_model_is_causal():
     before, after = run(model, tokens), run(model, changed)
     np.testing.assert_array_equal(before[:, :i + 1], after[:, :i + 1], err_msg=f"seed {seed}: not causal")
     assert float(jnp.max(jnp.abs(before[:, i + 1:] - after[:, i + 1:]))) > 0, f"seed {seed}: nothing changed"
+
+
+def test_quality_table_rows_are_picked_by_selection_and_budget(capsys):
+    from llama_surgery_jax.quality import main, parse_args
+
+    args = parse_args(["--run", "RUN", "--rows", "row_bound/uniform,recent/sensitivity"])
+    assert args.rows == [("quest per row", "row_bound", "uniform"),
+                         ("streaming (sensitivity)", "recent", "sensitivity")]
+    assert main(["--run", "RUN", "--rows", "row_bound/adaptive"]) == 2
+    assert "no row 'row_bound/adaptive': the rows are router/adaptive" in capsys.readouterr().err
+
+
+def test_lagged_oracle_model_is_causal():
+    """The previous query block's mass ranks a block's key blocks: perturbing the tokens after i leaves the logits
+    at positions ≤ i unchanged, bit for bit."""
+    seed = fresh_seed()
+    model = row_model(seed, dataclasses.replace(ROWS, query="block", trees=1))
+    t, i = 120, 70
+    tokens = jax.random.randint(jax.random.key(seed), (2, t), 0, TINY.vocab_size)
+    changed = tokens.at[:, i + 1:].set((tokens[:, i + 1:] + 7) % TINY.vocab_size)
+    run = nnx.jit(lambda m, x: m(x, train=False, selection="lagged_oracle")[0])
+    before, after = run(model, tokens), run(model, changed)
+    np.testing.assert_array_equal(before[:, :i + 1], after[:, :i + 1], err_msg=f"seed {seed}: not causal")
+    assert float(jnp.max(jnp.abs(before[:, i + 1:] - after[:, i + 1:]))) > 0, f"seed {seed}: nothing changed"
+
+
+def test_lagged_mass_is_the_previous_blocks_row():
+    mass = jax.random.uniform(jax.random.key(fresh_seed()), (2, 3, 5, 5))
+    lagged = br.lagged_mass(mass)
+    np.testing.assert_array_equal(lagged[:, :, 1:], mass[:, :, :-1])
+    assert not np.any(np.asarray(lagged[:, :, 0]))

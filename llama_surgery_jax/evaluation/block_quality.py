@@ -7,11 +7,15 @@ For each context and each ρ, one row per way of filling the same budget (`block
     surgery (sensitivity)  the trained routers, each layer's share of ρ by its measured perplexity sensitivity
     streaming (sensitivity)  StreamingLLM under that same per-layer budget (what the allocation alone is worth)
     uniform oracle       the heaviest tiles by the layer's true dense attention mass, per row, ρ for every head
+    lagged oracle        each query block ranks the key blocks by the previous query block's true mass: exactly
+                         causal, the ceiling of routing a block from what came before it
     per-row oracle       each query row's heaviest key blocks through the prefix-union rule (`select_rows`): the
                          ceiling of row routing (router.query=row)
     global oracle        the same number of tiles per layer, the heaviest of any head and row (not causal: a bound)
     moba                 MoBA-style gate: the block's causal pooled query · each key block's mean key
     moba per row         each row's own query · each key block's mean key, through the prefix-union rule
+    quest per row        each row's own query against the bound of each key block's logits (Quest's per-dimension
+                         min and max keys), through the prefix-union rule
     streaming            StreamingLLM: the sink and the most recent blocks
 
 and the dense model. Every density is counted from the tiles the attention computed, per window; attention
@@ -40,11 +44,26 @@ ROWS = (  # (name, selection, budget)
     ("streaming (sensitivity)", "recent", "sensitivity"),
     ("uniform oracle", "oracle", "uniform"),
     ("global oracle", "global_oracle", "uniform"),
+    ("lagged oracle", "lagged_oracle", "uniform"),
     ("per-row oracle", "row_oracle", "uniform"),
     ("moba", "moba", "uniform"),
     ("moba per row", "row_moba", "uniform"),
     ("streaming", "recent", "uniform"),
+    ("quest per row", "row_bound", "uniform"),
 )
+
+
+def row_key(row: tuple[str, str, str]) -> str:
+    """A row's name on the command line: selection/budget, e.g. recent/sensitivity."""
+    return f"{row[1]}/{row[2]}"
+
+
+def pick_row(key: str) -> tuple[str, str, str]:
+    """The row named `key` (`row_key`); ValueError names the rows there are."""
+    for row in ROWS:
+        if row_key(row) == key:
+            return row
+    raise ValueError(f"no row {key!r}: the rows are {', '.join(map(row_key, ROWS))}")
 
 
 class BudgetScorer:

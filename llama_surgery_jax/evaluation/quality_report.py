@@ -115,7 +115,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     counts = dict(args.windows_at)
     windows = {c: data.windows(ids, c, counts.get(c, args.windows), source=data.describe(corpus.source),
                                setting="--contexts") for c in args.contexts}
-    rows = bq.quality_rows(model, router, calibrated, windows, args.densities, args.batch_size,
+    rows = bq.quality_rows(model, router, calibrated, windows, args.densities, args.batch_size, rows=args.rows,
                            on_row=lambda rows: write_json_atomic(out / "block_quality.partial.json", rows))
     niah = {}
     if args.niah_lengths:

@@ -33,7 +33,8 @@ import jax.numpy as jnp
 
 from llama_surgery_jax.surgery.mask import band_tiles, causal_pairs, causal_tiles
 
-SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle", "row_oracle", "row_moba", "row_bound")
+SELECTIONS = ("router", "recent", "moba", "oracle", "global_oracle", "lagged_oracle", "row_oracle", "row_moba",
+              "row_bound")
 # Ranked per query row, through `select_rows` (the router too, in row mode).
 ROW_SELECTIONS = ("row_oracle", "row_moba", "row_bound")
 
@@ -467,6 +468,13 @@ def row_moba_score(q: jax.Array, k: jax.Array, *, tile: int, routing_heads: int)
     if routing_heads == kv:
         return jnp.sum(gate, axis=2)
     return gate.reshape(b, heads, t, -1)
+
+
+def lagged_mass(mass: jax.Array) -> jax.Array:
+    """Tile mass [b, h, n, n] → the previous query block's row for each query block (zeros for the first): query
+    block qb ranks key blocks by where block qb − 1's queries put their attention. Exactly causal (those queries
+    and their keys all precede block qb), the ceiling of routing a block from what came before it."""
+    return jnp.pad(mass[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
 
 
 def block_extremes(k: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:

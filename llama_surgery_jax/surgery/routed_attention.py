@@ -213,7 +213,7 @@ class RoutedAttention(nnx.Module):
             routing = (route_rows(self.router.parameters(), x, config=config, routing_heads=heads) if by_rows
                        else route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau,
                                          rng=rng, hard=False))
-        if measure_recall or selection in ("oracle", "global_oracle", "row_oracle"):
+        if measure_recall or selection in ("oracle", "global_oracle", "lagged_oracle", "row_oracle"):
             row_mass = br.row_attention_mass(q, k, tile=tile, routing_heads=heads)
             mass = br.tile_mass_of_rows(row_mass, tile)
         if selection == "given":
@@ -297,6 +297,8 @@ class RoutedAttention(nnx.Module):
             score = br.moba_score(q, k, tile=config.block_size, routing_heads=self.router.routing_heads)
         elif selection == "oracle":
             score = mass
+        elif selection == "lagged_oracle":
+            score = br.lagged_mass(mass)
         else:
             raise ValueError(f"unknown selection {selection!r}; choose one of {br.SELECTIONS}")
         return br.select_tiles(score, budgets, **rule)
