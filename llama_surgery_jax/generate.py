@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def block_budget(model, args: argparse.Namespace):
-    """A block-mode model's budget as `evaluate` reads it (`inference.budget.run_budget`); None for other models,
+    """A block-mode model's budget as `evaluate` reads it (`training.budget.run_budget`); None for other models,
     which refuse --block-density and --budget."""
-    from llama_surgery_jax.inference.budget import run_budget
     from llama_surgery_jax.surgery.routed_attention import routed_layers
+    from llama_surgery_jax.training.budget import run_budget
 
     layers = routed_layers(model)
     if layers and layers[0].config.mode == "block":

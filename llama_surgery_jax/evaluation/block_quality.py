@@ -164,8 +164,8 @@ def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndar
     the prefill's exactly (decode ≡ re-prefill). The oracles need every row's dense attention, which a cache does
     not keep: they run by re-prefill (`niah.Reprefill`), the reference path."""
     from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
-    from llama_surgery_jax.inference.budget import Budget
     from llama_surgery_jax.inference.cache import Decoder
+    from llama_surgery_jax.training.budget import Budget
 
     rows = {}
     for name, selection, budget, rho in settings:

@@ -35,12 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_surgery_jax.inference.budget import Budget
 from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.model.llama import DECODE_BLOCK, LayerCache, LlamaForCausalLM
 from llama_surgery_jax.surgery.config import RouterConfig
 from llama_surgery_jax.surgery.kernel_attention import resolve_backend
 from llama_surgery_jax.surgery.routed_attention import RoutedAttention, RowSelection, routed_layers
+from llama_surgery_jax.training.budget import Budget
 
 ATTENTION_CHOICES = ("auto", "reference", "kernel")
 
@@ -255,7 +255,7 @@ class Decoder:
 
     def __init__(self, model: LlamaForCausalLM, *, attention: str = "auto", gather: bool = True,
                  budget_step: int = 128, initial_budget: int | None = None, block_budget: Budget | None = None):
-        """block_budget (block mode): the densities prefill and decode run at (`inference.budget.run_budget`); None:
+        """block_budget (block mode): the densities prefill and decode run at (`training.budget.run_budget`); None:
         the router config's ρ for every head."""
         self.graphdef, self.state = nnx.split(model)
         self.attention = resolve_attention(attention, model)

@@ -146,7 +146,7 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
 def generate_and_compare(model, prompts: list[list[int]], *, attention: str = "auto", gather: bool = True,
                          block_budget=None, compare: bool = True, **sampling) -> tuple[Generation, Generation | None]:
     """(the model's generation, the same prompts on the model without its routers when it has any and `compare`).
-    block_budget: the block run's budget (`inference.budget.run_budget`); sampling: `generate`'s keywords."""
+    block_budget: the block run's budget (`training.budget.run_budget`); sampling: `generate`'s keywords."""
     from llama_surgery_jax.surgery.routed_attention import remove_routers, routed_layers
 
     check_kernel(attention, model)

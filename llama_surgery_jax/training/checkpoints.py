@@ -175,7 +175,7 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None, mode
     dense model's arithmetic and the perplexity is the dense one bit for bit.
 
     A block-mode run (budgeted block routing) is evaluated at block_density ρ (default: the run's) under its budget
-    read by `inference.budget.run_budget` (the run's calibrated one by default: adaptive, or sensitivity, re-normalised
+    read by `training.budget.run_budget` (the run's calibrated one by default: adaptive, or sensitivity, re-normalised
     to ρ at `context`; or ρ for every head, "uniform"); selection replaces the router by a baseline under the same
     budget (`block_routing.SELECTIONS`). Any of them on a token-mode run is an error. → (model, kwargs, the `Budget`
     or None for a run without one).
@@ -197,8 +197,8 @@ def prepare_for_evaluation(model, surgery: str, context: int | None = None, mode
             raise CheckpointError(f"{', '.join(given)} need a block-mode run (router.mode=block); {surgery} routes "
                                   f"in {router_config.mode} mode, whose density comes from its codes")
         return model, kwargs, None
-    from llama_surgery_jax.inference.budget import run_budget
     from llama_surgery_jax.surgery.block_routing import SELECTIONS
+    from llama_surgery_jax.training.budget import run_budget
 
     if selection is not None and selection not in SELECTIONS:
         raise CheckpointError(f"--selection {selection!r}: choose one of {list(SELECTIONS)}")
