@@ -286,8 +286,9 @@ def test_block_run_reports_what_executed(tiny_block_run):
     assert 0 < report["attention_recall"] <= 1 + 1e-6
     assert set(report["by_budget"]) == {"adaptive", "sensitivity", "uniform"}
     assert (out / "calibration.json").is_file() and (out / "report.md").is_file()
-    sensitivity = calibration.read(out)["layer_sensitivity"]
-    assert len(sensitivity) == TINY.num_hidden_layers and all(np.isfinite(sensitivity))
+    sensitivity = np.asarray(calibration.read(out)["head_sensitivity"])
+    assert sensitivity.shape == (TINY.num_hidden_layers, TINY.num_key_value_heads), sensitivity.shape
+    assert np.all(np.isfinite(sensitivity))
 
 
 def test_evaluate_at_a_block_density(tiny_block_run, tmp_path, capsys):

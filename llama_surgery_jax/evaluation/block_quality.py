@@ -4,8 +4,8 @@ For each context and each ρ, one row per way of filling the same budget (`block
 
     surgery (adaptive)   the trained routers, per-head densities calibrated on training data (`calibration`)
     surgery (uniform)    the trained routers, ρ for every head
-    surgery (sensitivity)  the trained routers, each layer's share of ρ by its measured perplexity sensitivity
-    streaming (sensitivity)  StreamingLLM under that same per-layer budget (what the allocation alone is worth)
+    surgery (sensitivity)  the trained routers, each routing head's share of ρ by its measured perplexity sensitivity
+    streaming (sensitivity)  StreamingLLM under that same budget (what the allocation alone is worth)
     uniform oracle       the heaviest tiles by the layer's true dense attention mass, per row, ρ for every head
     lagged oracle        each query block ranks the key blocks by the previous query block's true mass: exactly
                          causal, the ceiling of routing a block from what came before it
@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from llama_surgery_jax.evaluation.perplexity import perplexity, summarize, window_nll_and_stats
 from llama_surgery_jax.surgery.block_routing import floor_density
+from llama_surgery_jax.training import calibration
 
 ROWS = (  # (name, selection, budget)
     ("surgery (adaptive)", "router", "adaptive"),
@@ -103,7 +104,7 @@ def quality_rows(model, router, calibrated: dict | None, windows_by_context: dic
     out = []
     plan = [(c, rho, row) for c in windows_by_context for rho in densities for row in rows
             if row[2] == "uniform" or (calibrated is not None and (row[2] == "adaptive"
-                                                                   or "layer_sensitivity" in calibrated))]
+                                                                   or calibration.has_sensitivity(calibrated)))]
     for context, rho, (name, selection, budget) in tqdm(plan, desc="rows"):
         n = -(-context // router.block_size)
         floor = floor_density(n, tile=router.block_size, window=router.window, sink=router.sink)
@@ -185,14 +186,12 @@ def density_table(model, router, calibrated: dict | None, rho: float, budget: st
                   context: int | None = None) -> np.ndarray:
     """Per-(layer, head) densities [layers, heads]: calibrated (adaptive, or sensitivity re-normalised to ρ above the
     floor at `context`) or ρ everywhere (uniform)."""
-    from llama_surgery_jax.training.calibration import budget_densities
-
     heads = model.config.num_key_value_heads if router.routing_heads == "kv" else model.config.num_attention_heads
     if budget == "uniform":
         return np.full((model.config.num_hidden_layers, heads), rho, np.float32)
     floor = 0.0 if context is None else floor_density(-(-context // router.block_size), tile=router.block_size,
                                                       window=router.window, sink=router.sink)
-    return budget_densities(calibrated, budget, rho, floor=floor, heads=heads)
+    return calibration.budget_densities(calibrated, budget, rho, floor=floor, heads=heads)
 
 
 def forward_seconds(model, tokens: np.ndarray, repeats: int = 5, **kwargs) -> float:

@@ -1,4 +1,4 @@
-"""Per-(layer, head) block densities calibrated on training data: the adaptive budget of block mode.
+"""Per-(layer, head) block densities calibrated on training data: the adaptive and sensitivity budgets of block mode.
 
 One global ρ, spread where the attention is (METHOD.md §11). On training sequences, the frozen model's dense
 attention gives the mass of every tile (`block_routing.tile_attention_mass`). Pooled over all layers, heads,
@@ -9,17 +9,19 @@ runs the cumulative row budget (`block_routing.row_budgets`) at ρ_(l,h). The sh
 the rule stays causal (no ranking over the rows of the sequence being scored); the ranking over rows is
 done once, on training data.
 
-The sensitivity budget (METHOD.md §12, "layer shares by measured perplexity sensitivity") spreads ρ over the
-layers by what their misses cost instead: on training sequences, each layer alone runs StreamingLLM's tiles at
-the run's ρ (every other layer dense), and the rise of the log perplexity is that layer's sensitivity s_l. At
-evaluation layer l runs at ρ_l = clip(c · √s_l, floor, 1), with c set so that the mean over layers is the ρ
-asked at the length evaluated (`sensitivity_densities`), every head of a layer alike. The square root measured
-best on CPU (SmolLM2, 1024 tokens, ρ 0.3, WikiText-2 test: StreamingLLM 38.14 uniform, 35.62 with √s, 36.05 with
-s itself; the uniform oracle 34.13). The ranking by mass (adaptive) moved tiles to early layers whose misses cost
-least (+18.7 % against +16.8 % uniform at 8192 tokens).
+The sensitivity budget (METHOD.md §12, "per-head shares, layer shares set by measured perplexity sensitivity")
+spreads ρ by what misses cost instead: on training sequences, each routing head alone runs StreamingLLM's tiles
+at the run's ρ (every other head dense), and the rise of the log perplexity is its sensitivity s_(l,h). At
+evaluation head (l, h) runs at ρ_(l,h) = clip(c · s_(l,h), floor, 1), with c set so that the mean is the ρ asked
+at the length evaluated (`sensitivity_densities`). Measured on CPU (SmolLM2, 1024 tokens, ρ 0.3, 8 windows of
+WikiText-2 test, dense 29.19; sensitivities from 2 training sequences), StreamingLLM's tiles under each budget:
+uniform 38.14; per layer (s_l, every head of a layer alike) 35.71 with √s_l; per head 34.16 with √s_(l,h) and
+33.88 with s_(l,h), below the uniform oracle's 34.13. Runs calibrated before the per-head form hold per-layer
+sensitivities; they keep their √s_l rule. The ranking by mass (adaptive) moved tiles to early layers whose misses
+cost least (+18.7 % against +16.8 % uniform at 8192 tokens).
 
     RUN/calibration.json: {"grid": [G], "densities": [G][layers][heads], "context", "sequences", "tile",
-                           "layer_sensitivity": [layers], "sensitivity_density": ρ}
+                           "head_sensitivity": [layers][heads], "sensitivity_density": ρ}
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from llama_surgery_jax.surgery.mask import band_tiles, causal_pairs, causal_tile
 
 GRID = tuple(round(0.02 * i, 2) for i in range(1, 51))  # ρ = 0.02 … 1.0
 FILE = "calibration.json"
-SENSITIVITY_POWER = 0.5  # ρ_l ∝ s_l^power (measured: see the module docstring)
+SENSITIVITY_POWER = {"head": 1.0, "layer": 0.5}  # ρ ∝ s^power, by the table's kind (measured: module docstring)
 
 
 def dense_tile_masses(model, tokens: np.ndarray, batch_size: int) -> np.ndarray:
@@ -75,10 +77,11 @@ def calibrate(masses: np.ndarray, *, tile: int, window: int | None, sink: bool, 
     return out
 
 
-def layer_sensitivity(model, tokens: np.ndarray, *, density: float, batch_size: int) -> np.ndarray:
-    """tokens [s, t] of training text → float64 [layers]: the rise in mean log-likelihood loss when layer l alone runs
-    StreamingLLM's tiles (selection "recent") at `density`, every other layer dense (density 1 computes every tile).
-    One compiled program: the per-(layer, head) densities are its argument."""
+def head_sensitivity(model, tokens: np.ndarray, *, density: float, batch_size: int) -> np.ndarray:
+    """tokens [s, t] of training text → float64 [layers, heads]: the rise in mean log-likelihood loss when routing head
+    h of layer l alone runs StreamingLLM's tiles (selection "recent") at `density`, every other head dense (density 1
+    computes every tile). One compiled program: the per-(layer, head) densities are its argument; layers · heads + 1
+    forwards."""
     graphdef, state = nnx.split(model)
     layers = len(model.model.layers)
     heads = next(layer.self_attn.attention_impl.router.routing_heads for layer in model.model.layers)
@@ -94,12 +97,13 @@ def layer_sensitivity(model, tokens: np.ndarray, *, density: float, batch_size: 
         return total / (tokens.shape[0] * (tokens.shape[1] - 1))
 
     dense = loss(np.ones((layers, heads), np.float32))
-    rises = []
+    rises = np.zeros((layers, heads))
     for layer in range(layers):
-        table = np.ones((layers, heads), np.float32)
-        table[layer] = density
-        rises.append(loss(table) - dense)
-    return np.asarray(rises, np.float64)
+        for head in range(heads):
+            table = np.ones((layers, heads), np.float32)
+            table[layer, head] = density
+            rises[layer, head] = loss(table) - dense
+    return rises
 
 
 def renormalised(weights: np.ndarray, rho: float, floor: float) -> np.ndarray:
@@ -119,14 +123,22 @@ def renormalised(weights: np.ndarray, rho: float, floor: float) -> np.ndarray:
     return np.clip(high * weights, floor, 1.0).astype(np.float32)
 
 
-def sensitivity_densities(sensitivity: np.ndarray, rho: float, floor: float, heads: int,
-                          power: float = SENSITIVITY_POWER) -> np.ndarray:
-    """sensitivity [layers] → densities float32 [layers, heads]: ρ_l ∝ s_l^power, `renormalised` to ρ above the
-    floor, every head of a layer alike; a layer whose sensitivity is not positive weighs as the least positive one."""
-    positive = np.asarray(sensitivity, np.float64)
-    smallest = positive[positive > 0].min() if np.any(positive > 0) else 1.0
-    weights = np.maximum(positive, smallest) ** power
-    return renormalised(np.repeat(weights[:, None], heads, 1), rho, floor)
+def sensitivity_densities(sensitivity: np.ndarray, rho: float, floor: float, heads: int) -> np.ndarray:
+    """sensitivity [layers, heads] (or [layers]: every head of a layer alike) → densities float32 [layers, heads]:
+    ρ_(l,h) ∝ s^power (`SENSITIVITY_POWER` by the table's kind), `renormalised` to ρ above the floor; a head or layer
+    whose sensitivity is not positive weighs as the least positive one."""
+    values = np.asarray(sensitivity, np.float64)
+    power = SENSITIVITY_POWER["head" if values.ndim == 2 else "layer"]
+    smallest = values[values > 0].min() if np.any(values > 0) else 1.0
+    weights = np.maximum(values, smallest) ** power
+    if weights.ndim == 1:
+        weights = np.repeat(weights[:, None], heads, 1)
+    return renormalised(weights, rho, floor)
+
+
+def has_sensitivity(calibration: dict) -> bool:
+    """Whether a calibration holds what the sensitivity budget needs (per head; per layer in runs before it)."""
+    return "head_sensitivity" in calibration or "layer_sensitivity" in calibration
 
 
 def budget_densities(calibration: dict, budget: str, rho: float, *, floor: float, heads: int) -> np.ndarray:
@@ -134,16 +146,18 @@ def budget_densities(calibration: dict, budget: str, rho: float, *, floor: float
     `floor`: "adaptive" (the calibrated per-head shares at ρ) or "sensitivity", both `renormalised` to ρ."""
     if budget == "adaptive":
         return renormalised(np.maximum(densities_at(calibration, rho), 1e-6), rho, floor)
-    if "layer_sensitivity" not in calibration:
-        raise KeyError(f"{FILE} holds no layer sensitivity (a run calibrated before the sensitivity budget): "
+    if not has_sensitivity(calibration):
+        raise KeyError(f"{FILE} holds no sensitivity (a run calibrated before the sensitivity budget): "
                        "pass --budget uniform or adaptive, or retrain")
-    return sensitivity_densities(np.asarray(calibration["layer_sensitivity"]), rho, floor, heads)
+    measured = calibration.get("head_sensitivity", calibration.get("layer_sensitivity"))
+    return sensitivity_densities(np.asarray(measured), rho, floor, heads)
 
 
 def write(out: Path, densities: np.ndarray, *, context: int, sequences: int, tile: int, grid=GRID,
           sensitivity: np.ndarray | None = None, sensitivity_density: float | None = None) -> None:
-    extra = {} if sensitivity is None else {"layer_sensitivity": np.asarray(sensitivity).tolist(),
-                                            "sensitivity_density": sensitivity_density}
+    extra = {} if sensitivity is None else {
+        "head_sensitivity" if np.ndim(sensitivity) == 2 else "layer_sensitivity": np.asarray(sensitivity).tolist(),
+        "sensitivity_density": sensitivity_density}
     write_json_atomic(out / FILE, {"grid": list(grid), "densities": densities.tolist(), "context": context,
                                    "sequences": sequences, "tile": tile, **extra})
 

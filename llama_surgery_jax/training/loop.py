@@ -319,15 +319,15 @@ def calibrate_budgets(run: Run, out: Path, batches: PackedSequences) -> None:
     config = run.config
     sequences = batches.sequences[batches.order(0)[:config.calibration_sequences]]
     model = nnx.merge(run.graphdef, run.routers, run.frozen)
-    print(f"calibrating the budgets (tile mass, layer sensitivity) on {len(sequences)} training sequences ...", end=" ",
+    print(f"calibrating the budgets (tile mass, head sensitivity) on {len(sequences)} training sequences ...", end=" ",
           flush=True)
     started = time.perf_counter()
     masses = calibration.dense_tile_masses(model, sequences, config.batch_size)
     densities = calibration.calibrate(masses, tile=config.router.block_size, window=config.router.window,
                                       sink=config.router.sink)
-    # One forward per layer and one dense: a batch of sequences is enough to rank the layers (2 on the cpu preset,
-    # where all 4 took 11 minutes of a make train on 2 busy cores).
-    sensitivity = calibration.layer_sensitivity(model, sequences[:config.batch_size],
+    # One forward per routing head and one dense: a batch of sequences is enough to rank the heads (2 on the cpu
+    # preset, where 4 sequences per layer took 11 minutes of a make train on 2 busy cores).
+    sensitivity = calibration.head_sensitivity(model, sequences[:config.batch_size],
                                                 density=config.router.block_density, batch_size=config.batch_size)
     calibration.write(out, densities, context=config.seq_len, sequences=len(sequences),
                       tile=config.router.block_size, sensitivity=sensitivity,

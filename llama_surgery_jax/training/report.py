@@ -190,7 +190,7 @@ def block_report(model, model_dir, out: Path, config, timing, windows, source, t
         floor = floor_density(-(-config.eval_context // router.block_size), tile=router.block_size,
                               window=router.window, sink=router.sink)
         heads = len(calibrated["densities"][0][0])
-        for name in ("adaptive", "sensitivity") if "layer_sensitivity" in calibrated else ("adaptive",):
+        for name in ("adaptive", "sensitivity") if calibration.has_sensitivity(calibrated) else ("adaptive",):
             budgets[name] = calibration.budget_densities(calibrated, name, rho, floor=floor, heads=heads)
     scored = {name: perplexity(model, windows, batch_size=config.eval_batch, train=False, rng=None,
                                block_density=value, measure_recall=True) for name, value in budgets.items()}
