@@ -121,11 +121,14 @@ def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, de
         cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
                  for d in depths for _ in range(trials)]
         completions = []
-        for start in range(0, len(cases), batch_size):
-            batch = cases[start:start + batch_size]
-            result = generate(decoder, [c.prompt for c in batch], max_new_tokens=max_new,
-                              model_context=model_context, warmup=False)
-            completions += [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+        rows_per_batch = min(batch_size, len(cases))
+        for start in range(0, len(cases), rows_per_batch):
+            batch = cases[start:start + rows_per_batch]
+            # The last batch is filled with copies of its last case (their answers dropped): one batch shape per
+            # length, so one compiled prefill and decode (minutes on a GPU at 8k) instead of two.
+            prompts = [c.prompt for c in batch] + [batch[-1].prompt] * (rows_per_batch - len(batch))
+            result = generate(decoder, prompts, max_new_tokens=max_new, model_context=model_context, warmup=False)
+            completions += [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens[:len(batch)]]
         for depth in depths:
             picked = [(c, text) for c, text in zip(cases, completions, strict=True) if c.depth == depth]
             correct = sum(first_number(text) == c.answer for c, text in picked)
