@@ -6,6 +6,7 @@ For each context and each ρ, one row per way of filling the same budget (`block
     surgery (uniform)    the trained routers, ρ for every head
     surgery (sensitivity)  the trained routers, each routing head's share of ρ by its measured perplexity sensitivity
     streaming (sensitivity)  StreamingLLM under that same budget (what the allocation alone is worth)
+    oracle (sensitivity) the heaviest tiles by true mass under that budget (what ranking could add to it)
     uniform oracle       the heaviest tiles by the layer's true dense attention mass, per row, ρ for every head
     lagged oracle        each query block ranks the key blocks by the previous query block's true mass: exactly
                          causal, the ceiling of routing a block from what came before it
@@ -43,6 +44,7 @@ ROWS = (  # (name, selection, budget)
     ("surgery (uniform)", "router", "uniform"),
     ("surgery (sensitivity)", "router", "sensitivity"),
     ("streaming (sensitivity)", "recent", "sensitivity"),
+    ("oracle (sensitivity)", "oracle", "sensitivity"),
     ("uniform oracle", "oracle", "uniform"),
     ("global oracle", "global_oracle", "uniform"),
     ("lagged oracle", "lagged_oracle", "uniform"),
