@@ -1,16 +1,55 @@
-"""Shared fixtures: tiny HF Llama checkpoints made with transformers, the embedded SmolLM2, WikiText-2."""
+"""Shared fixtures: tiny HF Llama checkpoints made with transformers, the embedded SmolLM2, the tests' own prose
+(tests/data/prose: enough text to train and score the tiny model, in every clone), WikiText-2 (the real-weights
+checks on real text, and the WikiText-2 loader's own test); one compilation cache for the session."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Original prose written for the tests (tests/data/make_prose.py), in the file layout the data loader reads from a
+# --data-dir folder: wiki.valid.tokens is the training text, wiki.test.raw the evaluation text.
+PROSE_DIR = REPO / "tests" / "data" / "prose"
+
+
+# ---------------------------------------------------------------------------- one compilation cache per session
+# Many tests compile the same program again (the tiny model's train step in every resumed run, the same forward of
+# fresh random weights of one shape, one reference attention for two kernel settings): JAX's persistent compilation
+# cache, in a folder that lives for this session only, compiles each such program once. A compiled program is a
+# deterministic function of the program, so a cached one computes exactly what a fresh compile would. Programs
+# that compile in under half a second are not worth a file. The session's first process makes the folder and
+# removes it at the end; pytest-xdist's workers inherit it through the environment and share it.
+# LLAMA_SURGERY_TEST_JIT_CACHE=off compiles every program afresh.
+JIT_CACHE_VARIABLE = "LLAMA_SURGERY_TEST_JIT_CACHE"
+
+
+def pytest_configure(config):
+    import jax
+
+    folder = os.environ.get(JIT_CACHE_VARIABLE)
+    if folder == "off":
+        return
+    if not folder:
+        folder = config._jit_cache_to_remove = tempfile.mkdtemp(prefix="llama-surgery-jit-")
+        os.environ[JIT_CACHE_VARIABLE] = folder
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_jit_cache_to_remove", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop(JIT_CACHE_VARIABLE, None)
 
 # ---------------------------------------------------------------------------- tolerances
 # Unit roundoff u = 2^-p of a binary floating type with p significand bits (the implicit bit counted):
@@ -132,6 +171,13 @@ def smollm2_dir(tmp_path_factory) -> Path:
     return embedded.default_model_dir()
 
 
+@pytest.fixture(scope="session")
+def prose_dir() -> Path:
+    """The tests' own prose (tests/data/prose), for every test that needs some text but not WikiText-2's: the tiny
+    model's tokenizer, training runs and evaluations. Read it as a --data-dir / data_dir folder."""
+    return PROSE_DIR
+
+
 def wikitext_missing() -> str | None:
     """Why WikiText-2 cannot be read, or None when it can."""
     path = Path(os.environ.get("WIKITEXT2_DIR", REPO.parent / "shared" / "data" / "wikitext-2"))
@@ -142,8 +188,8 @@ def wikitext_missing() -> str | None:
 
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
-    """WikiText-2. Missing in CI (CI=true): every test that needs it fails. Elsewhere they skip, and the end of
-    the run says loudly that they did not run."""
+    """WikiText-2, for the tests of its loader and the real-weights checks on real text. Missing in CI (CI=true):
+    every test that needs it fails. Elsewhere they skip, and the end of the run says loudly that they did not run."""
     missing = wikitext_missing()
     if missing and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(missing + "; CI runs every test", pytrace=False)
@@ -156,8 +202,9 @@ def pytest_terminal_summary(terminalreporter):
     missing = wikitext_missing()  # checked here too: under xdist the fixtures ran in the workers
     if missing:
         terminalreporter.section("WIKITEXT-2 MISSING", sep="!")
-        terminalreporter.write_line(f"{missing}: the training, evaluation and NIAH tests were SKIPPED, "
-                                    "so this run does not cover them")
+        terminalreporter.write_line(f"{missing}: the WikiText-2 loader's test and SmolLM2's checks on real text "
+                                    "(perplexity against transformers, NIAH at 1k) were SKIPPED, so this run does "
+                                    "not cover them")
 
 
 @pytest.fixture(scope="session")
@@ -173,8 +220,9 @@ def smollm2_transformers(smollm2_dir):
     return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 
-def train_tiny_tokenizer(folder: Path, wikitext: Path, vocab_size: int = 512) -> None:
-    """A byte-level BPE of the tiny model's vocabulary size, trained on a slice of WikiText-2 valid."""
+def train_tiny_tokenizer(folder: Path, text_dir: Path, vocab_size: int = 512) -> None:
+    """A byte-level BPE of the tiny model's vocabulary size, trained on the training text of a data folder
+    (`prose_dir`: all of it, 37 KB)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -183,43 +231,43 @@ def train_tiny_tokenizer(folder: Path, wikitext: Path, vocab_size: int = 512) ->
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = (wikitext / "wiki.valid.tokens").read_text()[:200_000]
+    text = (text_dir / "wiki.valid.tokens").read_text()[:200_000]
     tokenizer.train_from_iterator([text], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tiny_hf_dir, wikitext_dir, tmp_path_factory) -> Path:
+def tiny_model_dir(tiny_hf_dir, prose_dir, tmp_path_factory) -> Path:
     """The tiny Llama converted, with a 512-token BPE tokenizer: the whole training path in seconds."""
     from llama_surgery_jax.model.conversion import convert
 
     out = convert(tiny_hf_dir, tmp_path_factory.mktemp("converted") / "tiny", progress=False)
-    train_tiny_tokenizer(out, wikitext_dir)
+    train_tiny_tokenizer(out, prose_dir)
     return out
 
 
-def tiny_train_overrides(model_dir, wikitext_dir) -> list[str]:
+def tiny_train_overrides(model_dir, data_dir) -> list[str]:
     """The smoke preset's overrides for the tiny model: 6 steps of 4 × 64 tokens, a checkpoint after every step,
     a small evaluation (2 windows of 64). A small homotopy margin and a large rate, so routes move within a few
     steps. Also the command line of the multi-device runs, whose first step is then `tiny_run`'s."""
-    return [f"model={model_dir}", f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=4", "steps=6",
+    return [f"model={model_dir}", f"data_dir={data_dir}", "seq_len=64", "batch_size=4", "steps=6",
             "checkpoint_every=1", "eval_context=64", "eval_windows=2", "eval_batch=2",
             "router.init_bias=1.0", "learning_rate=0.05"]
 
 
-def tiny_train_config(model_dir, wikitext_dir, *extra):
+def tiny_train_config(model_dir, data_dir, *extra):
     """The smoke preset with `tiny_train_overrides` (and `extra` key=value overrides)."""
     from llama_surgery_jax.training.config import TrainConfig
 
-    return TrainConfig.preset("smoke").override([*tiny_train_overrides(model_dir, wikitext_dir), *extra])
+    return TrainConfig.preset("smoke").override([*tiny_train_overrides(model_dir, data_dir), *extra])
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_model_dir, wikitext_dir, tmp_path_factory):
+def tiny_run(tiny_model_dir, prose_dir, tmp_path_factory):
     """One run of `tiny_train_config` with its report, trained once per session and shared: (config, run folder,
     train's result). Tests only read the folder; one that changes a run works on a copy (shutil.copytree)."""
     from llama_surgery_jax.training.loop import train
 
-    config = tiny_train_config(tiny_model_dir, wikitext_dir)
+    config = tiny_train_config(tiny_model_dir, prose_dir)
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     return config, out, train(config, out, progress=False)

@@ -175,7 +175,7 @@ def test_distillation_gradients_reach_every_router_parameter():
                                                                        rng=jax.random.key(seed))
         return jnp.mean(jnp.stack([a["distill_loss"] for a in aux]))
 
-    value, grads = jax.value_and_grad(loss)(routers)
+    value, grads = jax.jit(jax.value_and_grad(loss))(routers)  # one program, not op by op
     assert np.isfinite(float(value)) and float(value) > 0, f"seed {seed}"
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         leaf = np.asarray(leaf)
@@ -264,11 +264,11 @@ def test_a_density_outside_0_1_is_refused(value):
 
 
 @pytest.fixture(scope="module")
-def tiny_block_run(tiny_model_dir, wikitext_dir, tmp_path_factory):
+def tiny_block_run(tiny_model_dir, prose_dir, tmp_path_factory):
     """A 3-step block-mode run of the tiny model with its calibration and report."""
     from llama_surgery_jax.training.loop import train
 
-    config = tiny_train_config(tiny_model_dir, wikitext_dir, "router.mode=block", "router.d_max=0",
+    config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.d_max=0",
                                "router.levels=3", "router.block_size=8", "router.window=8", "router.routing_heads=kv",
                                "router.block_density=0.5", "seq_len=128", "batch_size=2", "steps=3",
                                "checkpoint_every=3", "eval_context=128", "eval_windows=2", "calibration_sequences=2",
@@ -291,13 +291,13 @@ def test_block_run_reports_what_executed(tiny_block_run):
     assert np.all(np.isfinite(sensitivity))
 
 
-def test_evaluate_at_a_block_density(tiny_block_run, tmp_path, capsys):
+def test_evaluate_at_a_block_density(tiny_block_run, prose_dir, tmp_path, capsys):
     from llama_surgery_jax.evaluate import main
 
     _, out, _ = tiny_block_run
     result_file = tmp_path / "eval.json"
     code = main(["--surgery", str(out), "--block-density", "0.6", "--context", "128", "--max-windows", "2",
-                 "--json", str(result_file), "--budget", "uniform"])
+                 "--json", str(result_file), "--budget", "uniform", "--data-dir", str(prose_dir)])
     assert code == 0
     import json
 
@@ -333,7 +333,7 @@ def test_adaptive_budget_needs_its_calibration(tiny_block_run, tmp_path, capsys)
 
 @pytest.mark.parametrize("budget,context,rho", [("adaptive", 256, 0.55), ("adaptive", 512, 0.2),
                                                 ("sensitivity", 256, 0.5), ("sensitivity", 512, 0.35)])
-def test_calibrated_budget_means_rho_at_another_length(tiny_block_run, tmp_path, budget, context, rho):
+def test_calibrated_budget_means_rho_at_another_length(tiny_block_run, prose_dir, tmp_path, budget, context, rho):
     """Calibrated at 128 tokens, evaluated longer: the adaptive per-head shares and the sensitivity per-layer shares are
     re-normalised to the ρ asked above the floor of that length (`calibration.renormalised`), so the executed density
     is ρ up to the budget rule's rounding (each head's cumulative target is a ceiling: at most one tile over, of
@@ -346,7 +346,7 @@ def test_calibrated_budget_means_rho_at_another_length(tiny_block_run, tmp_path,
     _, out, _ = tiny_block_run
     result_file = tmp_path / "eval.json"
     code = main(["--surgery", str(out), "--block-density", str(rho), "--context", str(context), "--max-windows", "1",
-                 "--json", str(result_file), "--budget", budget])
+                 "--json", str(result_file), "--budget", budget, "--data-dir", str(prose_dir)])
     assert code == 0
     result = json.loads(result_file.read_text())
     n = context // 8

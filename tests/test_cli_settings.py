@@ -22,10 +22,10 @@ NOWHERE = "/nonexistent/model"
 
 
 @pytest.fixture(scope="module")
-def block_run(tiny_model_dir, wikitext_dir, tmp_path_factory):
+def block_run(tiny_model_dir, prose_dir, tmp_path_factory):
     from llama_surgery_jax.training.loop import train
 
-    config = tiny_train_config(tiny_model_dir, wikitext_dir, "router.mode=block", "router.d_max=0", "router.levels=2",
+    config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.d_max=0", "router.levels=2",
                                "router.block_size=32", "router.window=16", "router.routing_heads=kv",
                                "router.block_density=0.3", "router.budget=adaptive", "seq_len=128", "batch_size=2",
                                "steps=1", "checkpoint_every=1", "eval_context=128", "eval_windows=1",
@@ -146,14 +146,14 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-folder"]
 
 
-def test_a_budget_at_the_floor_runs_and_one_below_it_is_refused_by_its_request(block_run, wikitext_dir, capsys):
+def test_a_budget_at_the_floor_runs_and_one_below_it_is_refused_by_its_request(block_run, prose_dir, capsys):
     """At 128 tokens the floor is 0.9 (float64); the adaptive densities at ρ 0.9 are float32, at the floor (0.9 rounded
     down): a request at the floor runs (it was refused: `block density 0.900 is below the floor 0.900`), and the
     run's own ρ 0.3 is refused by name, not by the densities it became."""
     from llama_surgery_jax.surgery.block_routing import floor_density
 
     assert floor_density(4, tile=32, window=16, sink=True) == 0.9 > float(np.float32(0.9)), "the precondition"
-    common = ["--surgery", str(block_run), "--data-dir", str(wikitext_dir), "--context", "128", "--max-windows", "1"]
+    common = ["--surgery", str(block_run), "--data-dir", str(prose_dir), "--context", "128", "--max-windows", "1"]
     assert evaluate([*common, "--block-density", "0.9"]) == 0
     assert "adaptive budget, ρ requested 0.9, executed 0.900" in capsys.readouterr().out
     assert evaluate(common) == 2
@@ -161,9 +161,9 @@ def test_a_budget_at_the_floor_runs_and_one_below_it_is_refused_by_its_request(b
         capsys.readouterr().err)
 
 
-def test_evaluate_names_selection_budget_and_both_densities(block_run, wikitext_dir, tmp_path, capsys):
+def test_evaluate_names_selection_budget_and_both_densities(block_run, prose_dir, tmp_path, capsys):
     out = tmp_path / "r.json"
-    common = ["--surgery", str(block_run), "--data-dir", str(wikitext_dir), "--context", "128", "--max-windows", "1"]
+    common = ["--surgery", str(block_run), "--data-dir", str(prose_dir), "--context", "128", "--max-windows", "1"]
     # The run's own ρ 0.3 and adaptive budget (--allow-floor: every head at the floor 0.9 at 128 tokens).
     assert evaluate([*common, "--allow-floor", "--json", str(out)]) == 0
     result = json.loads(out.read_text())

@@ -65,7 +65,7 @@ def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir, smol
     assert abs(math.log(ours["ppl"]) - nll.item()) <= bound, (ours["ppl"], theirs, bound)
 
 
-def test_cli_writes_json_with_the_protocol(tiny_hf_dir, tmp_path, wikitext_dir, capsys):
+def test_cli_writes_json_with_the_protocol(tiny_hf_dir, tmp_path, prose_dir, capsys):
     from llama_surgery_jax.model.conversion import convert
 
     model_dir = convert(tiny_hf_dir, tmp_path / "tiny", progress=False)
@@ -79,7 +79,7 @@ def test_cli_writes_json_with_the_protocol(tiny_hf_dir, tmp_path, wikitext_dir, 
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(model_dir)
 
     out = tmp_path / "ppl.json"
-    rc = main(["--model", str(model_dir), "--data-dir", str(wikitext_dir), "--context", "64",
+    rc = main(["--model", str(model_dir), "--data-dir", str(prose_dir), "--context", "64",
                "--max-windows", "2", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
@@ -105,42 +105,42 @@ def test_dense_logits_are_float32_and_causal(tiny_hf_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(a[0, :20]), np.asarray(b[0, :20]))
 
 
-def test_surgery_init_prints_the_dense_perplexity_exactly(tiny_model_dir, wikitext_dir, tmp_path):
+def test_surgery_init_prints_the_dense_perplexity_exactly(tiny_model_dir, prose_dir, tmp_path):
     """Homotopy routers with one query chunk do dense attention's arithmetic op for op (test_surgery's step-0
     tests), through the same scorer: the perplexities are equal bit for bit by construction."""
-    args = ["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--context", "64", "--max-windows", "2"]
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(prose_dir), "--context", "64", "--max-windows", "2"]
     assert main([*args, "--json", str(tmp_path / "dense.json")]) == 0
     assert main([*args, "--surgery", "init", "--json", str(tmp_path / "init.json")]) == 0
     dense, init = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("dense", "init"))
     assert init["surgery"] == "init" and init["ppl"] == dense["ppl"]
 
 
-def test_surgery_from_a_training_run(tiny_run, tiny_model_dir, wikitext_dir, tmp_path, capsys):
+def test_surgery_from_a_training_run(tiny_run, tiny_model_dir, prose_dir, tmp_path, capsys):
     config, run_dir, trained = tiny_run
     assert (config.eval_context, config.eval_windows, config.eval_batch) == (64, 2, 2)  # as the CLI below
-    assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--context", "64",
+    assert main(["--model", str(tiny_model_dir), "--data-dir", str(prose_dir), "--context", "64",
                  "--max-windows", "2", "--batch-size", "2", "--surgery", str(run_dir),
                  "--json", str(tmp_path / "s.json")]) == 0
     # The same routers (restored bit for bit), windows and scorer as the run's own report, but another compiled
     # program (the run's arrays are placed on its mesh): the tiny model's float32 bound on log perplexity.
     ppl = json.loads((tmp_path / "s.json").read_text())["ppl"]
     assert abs(math.log(ppl) - math.log(trained["surgery_ppl"])) <= TINY_NLL_BOUND, (ppl, trained["surgery_ppl"])
-    assert main(["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--surgery",
+    assert main(["--model", str(tiny_model_dir), "--data-dir", str(prose_dir), "--surgery",
                  str(tmp_path / "nowhere")]) == 2
     assert "holds no router checkpoints" in capsys.readouterr().err
 
 
-def test_quality_script_end_to_end_on_tiny(tiny_run, tiny_model_dir, wikitext_dir, tmp_path):
+def test_quality_script_end_to_end_on_tiny(tiny_run, tiny_model_dir, prose_dir, tmp_path):
     """Every section of `quality` (perplexity table, curve, NIAH, speed, p ablation, plots) on the tiny model,
     from the shared tiny run."""
     from llama_surgery_jax.quality import main as quality_main
 
     run_dir = tiny_run[1]
-    tiny = [f"data_dir={wikitext_dir}", "seq_len=64", "batch_size=2", "steps=2", "eval_context=64",
+    tiny = [f"data_dir={prose_dir}", "seq_len=64", "batch_size=2", "steps=2", "eval_context=64",
             "eval_windows=2", "eval_batch=2"]
     out = tmp_path / "quality"
     assert quality_main([
-        "--run", str(run_dir), "--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir),
+        "--run", str(run_dir), "--model", str(tiny_model_dir), "--data-dir", str(prose_dir),
         "--out", str(out), "--contexts", "64,128", "--windows", "2", "--curve-context", "64", "--curve-windows", "2",
         "--d-max", "2", "--window-sweep", "4", "--baseline-extra", "0", "--niah-lengths", "96", "--niah-depths", "0,1",
         "--niah-trials", "1", "--speed-contexts", "64", "--speed-new-tokens", "4", "--speed-dtype", "float32",
@@ -159,7 +159,7 @@ def test_quality_script_end_to_end_on_tiny(tiny_run, tiny_model_dir, wikitext_di
         assert (out / name).is_file(), name
     # A second, shorter invocation replaces the sections it runs and keeps the others.
     assert quality_main(["--run", str(run_dir), "--model", str(tiny_model_dir), "--data-dir",
-                         str(wikitext_dir), "--out", str(out), "--contexts", "64", "--windows", "1",
+                         str(prose_dir), "--out", str(out), "--contexts", "64", "--windows", "1",
                          "--curve-context", "64", "--curve-windows", "0", "--niah-lengths", "", "--speed-contexts",
                          ""]) == 0
     again = json.loads((out / "quality.json").read_text())
@@ -167,8 +167,8 @@ def test_quality_script_end_to_end_on_tiny(tiny_run, tiny_model_dir, wikitext_di
     assert all(again[k] == result[k] for k in ("curve", "niah", "speed", "ablation"))
 
 
-def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, wikitext_dir, tmp_path, capsys):
-    args = ["--model", str(tiny_model_dir), "--data-dir", str(wikitext_dir), "--max-windows", "2"]
+def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, prose_dir, tmp_path, capsys):
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(prose_dir), "--max-windows", "2"]
     out = tmp_path / "r.json"
     assert main([*args, "--contexts", "64,128", "--surgery", "init", "--dense-too", "--niah", "96",
                  "--niah-trials", "1", "--json", str(out)]) == 0
@@ -187,7 +187,7 @@ def test_cli_contexts_dense_too_baseline_and_niah(tiny_model_dir, wikitext_dir, 
     assert "not with --surgery" in capsys.readouterr().err
 
 
-def test_a_run_evaluates_on_its_own_base_model_and_refuses_another(tiny_run, tiny_model_dir, smollm2_dir, wikitext_dir,
+def test_a_run_evaluates_on_its_own_base_model_and_refuses_another(tiny_run, tiny_model_dir, smollm2_dir, prose_dir,
                                                                    capsys):
     """No --model: the base the run was trained on (not the embedded default). Another --model: refused by
     its fingerprint with a clear message, not an orbax traceback."""
@@ -195,7 +195,7 @@ def test_a_run_evaluates_on_its_own_base_model_and_refuses_another(tiny_run, tin
 
     _, run_dir, _ = tiny_run
     assert trained_base(run_dir) == tiny_model_dir.absolute()
-    common = ["--context", "64", "--max-windows", "1", "--data-dir", str(wikitext_dir)]
+    common = ["--context", "64", "--max-windows", "1", "--data-dir", str(prose_dir)]
     assert main(["--surgery", str(run_dir), *common]) == 0
     assert main(["--surgery", str(run_dir), "--model", str(smollm2_dir), *common]) == 2
     err = capsys.readouterr().err

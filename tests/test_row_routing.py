@@ -191,7 +191,7 @@ def test_row_router_gradients_reach_every_parameter():
         _, aux, _ = nnx.merge(graphdef, routers, frozen).hidden_states(tokens, train=True)
         return jnp.mean(jnp.stack([a["distill_loss"] for a in aux]))
 
-    value, grads = jax.value_and_grad(loss)(routers)
+    value, grads = jax.jit(jax.value_and_grad(loss))(routers)  # one program, not op by op
     assert np.isfinite(float(value)) and float(value) > 0, f"seed {seed}"
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         leaf = np.asarray(leaf)
@@ -246,9 +246,10 @@ def test_row_decode_keeps_the_prefill_union():
     model = row_model(seed)
     t = 77
     tokens = jax.random.randint(jax.random.key(seed), (2, t + 1), 0, TINY.vocab_size)
-    _, cache = prefill(model, tokens[:, :t], jnp.full((2,), t), max_len=t + 8)
-    _, cache, _ = decode_step(model, cache, tokens[:, t])
-    _, aux = model(tokens, train=False, return_codes=True)
+    # Each under one jit (as the decoder and evaluation run them), not op by op.
+    _, cache = nnx.jit(lambda m, x: prefill(m, x, jnp.full((2,), t), max_len=t + 8))(model, tokens[:, :t])
+    _, cache, _ = nnx.jit(decode_step)(model, cache, tokens[:, t])
+    _, aux = nnx.jit(lambda m, x: m(x, train=False, return_codes=True))(model, tokens)
     tile = ROWS.block_size
     for layer, kept in zip(aux, cache.layers, strict=True):
         seen = np.asarray(layer["first_rows"])[:, :, t // tile] <= t % tile  # [b, h, n]
