@@ -161,26 +161,31 @@ def niah_settings(densities: list[float], oracle_density: float = 0.2,
 
 
 def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndarray, *, lengths, depths, trials: int,
-              settings, model_context: int) -> dict[str, list[dict]]:
+              settings, model_context: int, log=None) -> dict[str, list[dict]]:
     """Needle-in-a-haystack rows of the routed model under each setting. The router's rows run as they are used:
     a prefill (on the kernels where they apply) and KV-cache decode (`inference.cache.Decoder`), whose routing is
-    the prefill's exactly (decode ≡ re-prefill). The oracles need every row's dense attention, which a cache does
-    not keep: they run by re-prefill (`niah.Reprefill`), the reference path."""
+    the prefill's exactly (decode ≡ re-prefill); one decoder serves every ρ (its programs take the densities as
+    an argument). The oracles need every row's dense attention, which a cache does not keep: they run by
+    re-prefill (`niah.Reprefill`), the reference path. log: `run_niah`'s, plus a line per row."""
     from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
     from llama_surgery_jax.inference.cache import Decoder
     from llama_surgery_jax.training.budget import Budget
 
-    rows = {}
+    rows, router_decoder = {}, None
     for name, selection, budget, rho in settings:
         if budget != "uniform" and calibrated is None:
             budget = "uniform"
         table = density_table(model, router, calibrated, rho, budget)
         if selection == "router":
-            decoder = Decoder(model, block_budget=Budget(rho, budget, table))
+            router_decoder = router_decoder or Decoder(model, block_budget=Budget(rho, budget, table))
+            decoder = router_decoder.with_budget(Budget(rho, budget, table))
         else:
             decoder = Reprefill(model, train=False, rng=None, selection=selection, block_density=jnp.asarray(table))
+        started = time.perf_counter()
         rows[name] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths, trials=trials,
-                              model_context=model_context)
+                              model_context=model_context, log=log)
+        if log is not None:
+            log(f"needles: {name} in {time.perf_counter() - started:.1f} s")
     return rows
 
 

@@ -17,6 +17,7 @@ taken at a different offset for every case; numbers and cities come from a seede
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import jax
@@ -107,30 +108,40 @@ def first_number(text: str) -> str | None:
 
 
 def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, depths=DEFAULT_DEPTHS,
-             trials: int = 1, seed: int = 0, model_context: int, batch_size: int = 8) -> list[dict]:
+             trials: int = 1, seed: int = 0, model_context: int, batch_size: int = 8, log=None) -> list[dict]:
     """Exact-match accuracy per (length, depth) over `trials` cases each.
+
+    Every case of every length runs in batches of one shape: prompts padded to the longest length, the last batch
+    filled with copies of its last case (their answers dropped). So the decoder compiles one prefill and one set
+    of decode programs for the whole table (minutes each on a GPU at 8k), not one per length and batch size.
+    log(text): a line per batch with its wall time (compilation included), e.g. `print`.
 
     Returns rows {length, depth, correct, cases, accuracy, completions (the first few)}.
     """
     rng = np.random.default_rng(seed)
     max_new = ANSWER_DIGITS + 3  # a leading space and a token or two of slack
+    # A case at the model's full context leaves no room for the answer: it is cut to context − answer.
+    lengths = [min(length, model_context - max_new) for length in lengths]
+    cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
+             for length in lengths for d in depths for _ in range(trials)]
+    width = max(lengths)
+    rows_per_batch = min(batch_size, len(cases))
+    completions = []
+    for start in range(0, len(cases), rows_per_batch):
+        batch = cases[start:start + rows_per_batch]
+        prompts = [c.prompt for c in batch] + [batch[-1].prompt] * (rows_per_batch - len(batch))
+        began = time.perf_counter()
+        result = generate(decoder, prompts, max_new_tokens=max_new, model_context=model_context, warmup=False,
+                          width=width)
+        completions += [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens[:len(batch)]]
+        if log is not None:
+            log(f"needles: cases {start + 1}–{start + len(batch)} of {len(cases)} in "
+                f"{time.perf_counter() - began:.1f} s")
     rows = []
     for length in lengths:
-        # A case at the model's full context leaves no room for the answer: it is cut to context − answer.
-        length = min(length, model_context - max_new)
-        cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
-                 for d in depths for _ in range(trials)]
-        completions = []
-        rows_per_batch = min(batch_size, len(cases))
-        for start in range(0, len(cases), rows_per_batch):
-            batch = cases[start:start + rows_per_batch]
-            # The last batch is filled with copies of its last case (their answers dropped): one batch shape per
-            # length, so one compiled prefill and decode (minutes on a GPU at 8k) instead of two.
-            prompts = [c.prompt for c in batch] + [batch[-1].prompt] * (rows_per_batch - len(batch))
-            result = generate(decoder, prompts, max_new_tokens=max_new, model_context=model_context, warmup=False)
-            completions += [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens[:len(batch)]]
         for depth in depths:
-            picked = [(c, text) for c, text in zip(cases, completions, strict=True) if c.depth == depth]
+            picked = [(c, text) for c, text in zip(cases, completions, strict=True)
+                      if c.length == length and c.depth == depth]
             correct = sum(first_number(text) == c.answer for c, text in picked)
             rows.append({"length": length, "depth": depth, "correct": correct, "cases": len(picked),
                          "accuracy": correct / len(picked),

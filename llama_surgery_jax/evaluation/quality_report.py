@@ -35,6 +35,11 @@ from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.model.config import ConfigError
 
 
+def progress(line: str) -> None:
+    """A line of progress at once, even through a pipe (a long device run that is cut off keeps what it printed)."""
+    print(line, flush=True)
+
+
 def run_quality(args: argparse.Namespace) -> Path:
     """args: the quality CLI's settings (its `--help` names them) → the markdown file written. Raises
     CheckpointError, ConfigError, DataError or FileNotFoundError for what cannot run, before any section."""
@@ -124,7 +129,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
                             depths=args.niah_depths, trials=args.niah_trials,
                             settings=bq.niah_settings(args.niah_densities, args.niah_oracle_density,
                                                      router.budget if calibrated else "uniform"),
-                            model_context=model.config.max_position_embeddings)
+                            model_context=model.config.max_position_embeddings, log=progress)
     cost = None
     if args.router_cost:
         longest = max(args.contexts)
@@ -134,8 +139,11 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     remove_routers(model)
     dense = bq.dense_rows(model, windows, args.batch_size)
     if args.niah_lengths:
+        started_dense = time.perf_counter()
         niah = {"dense": run_niah(Decoder(model), tokenizer, filler, lengths=args.niah_lengths, depths=args.niah_depths,
-                                  trials=args.niah_trials, model_context=model.config.max_position_embeddings)} | niah
+                                  trials=args.niah_trials, model_context=model.config.max_position_embeddings,
+                                  log=progress)} | niah
+        progress(f"needles: dense in {time.perf_counter() - started_dense:.1f} s")
     result = {"run": str(args.run), "step": step, "model": str(model_dir), "router": dataclasses.asdict(router),
               "calibration": {k: v for k, v in (calibrated or {}).items() if k != "densities"},
               "protocol": {**corpus.source, "stride": "context", "bos": False,

@@ -28,6 +28,7 @@ Shapes: b batch, t tokens, S cache slots, h query heads, k KV heads, r routing h
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import jax
@@ -293,6 +294,15 @@ class Decoder:
         self._greedy = jax.jit(greedy_fn, static_argnums=(4, 5), donate_argnums=(2,))
         # Greedy tokens in device loops: dense and block-mode models (a token-mode gather budget needs the host).
         self.loops = self.block_size is not None or not self.routed or not self.gather
+
+    def with_budget(self, block_budget: Budget) -> Decoder:
+        """This block-mode decoder under other densities, sharing its compiled programs (ρ is an argument)."""
+        if self.block_budget is None:
+            raise ValueError("with_budget needs a block-mode routed model")
+        other = copy.copy(self)
+        other.block_budget = block_budget
+        other.density = jnp.asarray(block_budget.densities, jnp.float32)
+        return other
 
     def describe(self) -> str:
         """What the decode runs (after a generation, the token-mode gather budget it grew to)."""

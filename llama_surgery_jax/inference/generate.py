@@ -73,8 +73,11 @@ def last_logits(logits: jax.Array, lengths: jax.Array) -> jax.Array:
 
 def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int, model_context: int,
              temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-             eos_ids: tuple[int, ...] = (), warmup: bool = True) -> Generation:
+             eos_ids: tuple[int, ...] = (), warmup: bool = True, width: int | None = None) -> Generation:
     """prompts: token ids per prompt → Generation. Raises ContextError for empty or too long prompts.
+
+    width: pad the prompts to this many tokens (at least the longest) and size the cache for it, so that calls
+    with prompts of several lengths share one compiled prefill and decode (the padding is never seen: causal).
 
     eos_ids: end-of-sequence ids (`ModelConfig.eos_token_ids`): a row stops at the first of any of them (kept).
 
@@ -84,9 +87,11 @@ def generate(decoder: Decoder, prompts: list[list[int]], *, max_new_tokens: int,
     end-of-sequence check between calls (the tokens after an EOS are dropped); its warm-up runs the whole decode
     once, so every program the chunks need is compiled before the timed run.
     """
-    slots = check_context([len(p) for p in prompts], max_new_tokens, model_context)
+    check_context([len(p) for p in prompts], max_new_tokens, model_context)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    width = max(int(lengths.max()), width or 0)
+    slots = check_context([width], max_new_tokens, model_context)
+    tokens = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt
     tokens, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths)
