@@ -58,3 +58,20 @@ def test_a_short_last_batch_is_filled_and_its_copies_dropped(tiny_model_dir, pro
     whole = run_niah(decoder, tokenizer, filler, batch_size=6, **kwargs)
     assert [r["cases"] for r in batched] == [2, 2, 2]
     assert [r["completions"] for r in batched] == [r["completions"] for r in whole]
+
+
+def test_needles_of_several_lengths_answer_alike_in_one_shape_or_one_per_length(tiny_model_dir, prose_dir):
+    """Padding every length to the longest (one compiled shape) changes no answer: the padding is causal."""
+    from llama_surgery_jax.inference.cache import Decoder
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    filler = data.tokenize(tokenizer, data.load_text("valid", prose_dir, "tokens")[:50_000])
+    model = load_model(tiny_model_dir)
+    decoder = Decoder(model, attention="reference")
+    kwargs = dict(lengths=[80, 112], depths=[0.0, 1.0], trials=2, batch_size=3,
+                  model_context=model.config.max_position_embeddings)
+    padded = run_niah(decoder, tokenizer, filler, one_shape=True, **kwargs)
+    apart = run_niah(decoder, tokenizer, filler, one_shape=False, **kwargs)
+    assert [(r["length"], r["depth"], r["cases"]) for r in padded] == [(80, 0.0, 2), (80, 1.0, 2), (112, 0.0, 2),
+                                                                         (112, 1.0, 2)]
+    assert [r["completions"] for r in padded] == [r["completions"] for r in apart]

@@ -167,7 +167,7 @@ def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndar
     the prefill's exactly (decode ≡ re-prefill); one decoder serves every ρ (its programs take the densities as
     an argument). The oracles need every row's dense attention, which a cache does not keep: they run by
     re-prefill (`niah.Reprefill`), the reference path. log: `run_niah`'s, plus a line per row."""
-    from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
+    from llama_surgery_jax.evaluation.niah import Reprefill, run_niah, summary
     from llama_surgery_jax.inference.cache import Decoder
     from llama_surgery_jax.training.budget import Budget
 
@@ -183,9 +183,9 @@ def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndar
             decoder = Reprefill(model, train=False, rng=None, selection=selection, block_density=jnp.asarray(table))
         started = time.perf_counter()
         rows[name] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths, trials=trials,
-                              model_context=model_context, log=log)
+                              model_context=model_context, one_shape=selection == "router", log=log)
         if log is not None:
-            log(f"needles: {name} in {time.perf_counter() - started:.1f} s")
+            log(f"needles: {name}: {summary(rows[name])} ({time.perf_counter() - started:.1f} s)")
     return rows
 
 

@@ -108,12 +108,14 @@ def first_number(text: str) -> str | None:
 
 
 def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, depths=DEFAULT_DEPTHS,
-             trials: int = 1, seed: int = 0, model_context: int, batch_size: int = 8, log=None) -> list[dict]:
+             trials: int = 1, seed: int = 0, model_context: int, batch_size: int = 8, one_shape: bool = True,
+             log=None) -> list[dict]:
     """Exact-match accuracy per (length, depth) over `trials` cases each.
 
-    Every case of every length runs in batches of one shape: prompts padded to the longest length, the last batch
-    filled with copies of its last case (their answers dropped). So the decoder compiles one prefill and one set
-    of decode programs for the whole table (minutes each on a GPU at 8k), not one per length and batch size.
+    Batches have one size: the last one is filled with copies of its last case (their answers dropped).
+    one_shape: every length's prompts padded to the longest, so the decoder compiles one prefill and one set of
+    decode programs for the whole table (minutes each on a GPU at 8k), not one per length; False: each length
+    its own shape, for a decoder whose run time outweighs its compilation (`Reprefill`: a whole forward a token).
     log(text): a line per batch with its wall time (compilation included), e.g. `print`.
 
     Returns rows {length, depth, correct, cases, accuracy, completions (the first few)}.
@@ -124,29 +126,43 @@ def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, de
     lengths = [min(length, model_context - max_new) for length in lengths]
     cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
              for length in lengths for d in depths for _ in range(trials)]
-    width = max(lengths)
     rows_per_batch = min(batch_size, len(cases))
-    completions = []
-    for start in range(0, len(cases), rows_per_batch):
-        batch = cases[start:start + rows_per_batch]
+    groups = [cases] if one_shape else [[c for c in cases if c.length == n] for n in dict.fromkeys(lengths)]
+    batches = [group[start:start + rows_per_batch] for group in groups
+               for start in range(0, len(group), rows_per_batch)]
+    completions, done = {}, 0
+    for batch in batches:
         prompts = [c.prompt for c in batch] + [batch[-1].prompt] * (rows_per_batch - len(batch))
         began = time.perf_counter()
         result = generate(decoder, prompts, max_new_tokens=max_new, model_context=model_context, warmup=False,
-                          width=width)
-        completions += [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens[:len(batch)]]
+                          width=max(lengths) if one_shape else None)
+        completions |= {id(c): tokenizer.decode(t, skip_special_tokens=True) for c, t in zip(batch, result.tokens)}
+        done += len(batch)
         if log is not None:
-            log(f"needles: cases {start + 1}–{start + len(batch)} of {len(cases)} in "
+            shape = f"padded to {max(lengths)}" if one_shape else f"{batch[0].length}"
+            log(f"needles: {done} of {len(cases)} cases ({shape} tokens) in "
                 f"{time.perf_counter() - began:.1f} s")
     rows = []
-    for length in lengths:
+    for length in dict.fromkeys(lengths):
         for depth in depths:
-            picked = [(c, text) for c, text in zip(cases, completions, strict=True)
-                      if c.length == length and c.depth == depth]
+            picked = [(c, completions[id(c)]) for c in cases if c.length == length and c.depth == depth]
             correct = sum(first_number(text) == c.answer for c, text in picked)
             rows.append({"length": length, "depth": depth, "correct": correct, "cases": len(picked),
                          "accuracy": correct / len(picked),
                          "completions": [{"answer": c.answer, "completion": text} for c, text in picked[:2]]})
     return rows
+
+
+def by_length(rows: list[dict]) -> dict[int, float]:
+    """Accuracy per length over all its depths."""
+    lengths = dict.fromkeys(r["length"] for r in rows)
+    return {n: sum(r["correct"] for r in rows if r["length"] == n) / sum(r["cases"] for r in rows if r["length"] == n)
+            for n in lengths}
+
+
+def summary(rows: list[dict]) -> str:
+    """One line: the accuracy at each length, e.g. `2048: 0.95, 4096: 0.90`."""
+    return ", ".join(f"{n}: {accuracy:.2f}" for n, accuracy in by_length(rows).items())
 
 
 def table(rows_by_model: dict[str, list[dict]]) -> str:
@@ -158,10 +174,7 @@ def table(rows_by_model: dict[str, list[dict]]) -> str:
     for i, row in enumerate(first):
         accs = " | ".join(f"{rows_by_model[n][i]['accuracy']:.2f}" for n in names)
         lines.append(f"| {row['length']} | {row['depth']:.2f} | {accs} |")
-    for length in dict.fromkeys(r["length"] for r in first):
-        means = []
-        for n in names:
-            sel = [r for r in rows_by_model[n] if r["length"] == length]
-            means.append(f"{sum(r['correct'] for r in sel) / sum(r['cases'] for r in sel):.2f}")
-        lines.append(f"| {length} | all | " + " | ".join(means) + " |")
+    accuracies = {n: by_length(rows_by_model[n]) for n in names}
+    for length in accuracies[names[0]]:
+        lines.append(f"| {length} | all | " + " | ".join(f"{accuracies[n][length]:.2f}" for n in names) + " |")
     return "\n".join(lines)

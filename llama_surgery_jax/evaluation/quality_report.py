@@ -111,7 +111,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     recall per layer, and needles (the router's by KV-cache decode, the oracle's by re-prefill);
     OUT/block_quality.json and .md."""
     from llama_surgery_jax.evaluation import block_quality as bq
-    from llama_surgery_jax.evaluation.niah import run_niah
+    from llama_surgery_jax.evaluation.niah import run_niah, summary
     from llama_surgery_jax.inference.cache import Decoder
     from llama_surgery_jax.surgery.routed_attention import remove_routers
     from llama_surgery_jax.training import calibration
@@ -143,7 +143,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
         niah = {"dense": run_niah(Decoder(model), tokenizer, filler, lengths=args.niah_lengths, depths=args.niah_depths,
                                   trials=args.niah_trials, model_context=model.config.max_position_embeddings,
                                   log=progress)} | niah
-        progress(f"needles: dense in {time.perf_counter() - started_dense:.1f} s")
+        progress(f"needles: dense: {summary(niah['dense'])} ({time.perf_counter() - started_dense:.1f} s)")
     result = {"run": str(args.run), "step": step, "model": str(model_dir), "router": dataclasses.asdict(router),
               "calibration": {k: v for k, v in (calibrated or {}).items() if k != "densities"},
               "protocol": {**corpus.source, "stride": "context", "bos": False,
