@@ -131,7 +131,9 @@ def markdown(rows: list[dict], dense: dict[int, dict]) -> str:
     lines = []
     for context, base in dense.items():
         here = [r for r in rows if r["context"] == context]
-        windows = here[0]["windows"] if here else "?"
+        if not here:  # no rows asked (`--rows ""`, e.g. needles alone)
+            continue
+        windows = here[0]["windows"]
         lines += [f"### {context} tokens ({windows} windows): dense perplexity {base['ppl']:.4f}", "",
                   "| row | ρ | perplexity | gap | executed block density (min–max) | attention recall | tie-break "
                   "share |", "| --- | --- | --- | --- | --- | --- | --- |"]
