@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from llama_surgery_jax.arguments import density, integer, output_file, real
+from llama_surgery_jax.cli.arguments import density, integer, output_file, real
 from llama_surgery_jax.inference.cache import ContextError
 from llama_surgery_jax.inference.generate import generate_and_compare, load_for_inference
 from llama_surgery_jax.model.checkpoint import CheckpointError
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if dense is not None:
         print(speed_table(dense, result))
     if args.json:
-        from llama_surgery_jax.files import write_json_atomic
+        from llama_surgery_jax.io.files import write_json_atomic
 
         speeds = {"prefill_tokens_per_s": result.prefill_tokens_per_s,
                   "decode_tokens_per_s": result.decode_tokens_per_s}

@@ -36,10 +36,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_surgery_jax import data
-from llama_surgery_jax.arguments import density, integer, listed, output_folder, real
+from llama_surgery_jax.cli.arguments import density, integer, listed, output_folder, real
 from llama_surgery_jax.evaluation.block_quality import ROWS, pick_row
 from llama_surgery_jax.evaluation.quality_report import run_quality
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "(perplexity, curve, NIAH, speed, p ablation).")
     parser.add_argument("--run", required=True, help="training run folder (its router checkpoints)")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${data.DATA_DIR_ENV})")
+    parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${corpora.DATA_DIR_ENV})")
     parser.add_argument("--text", metavar="FILE|DIR",
                         help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
                              "(not sub-folders') are read in name order; the NIAH filler stays WikiText-2 valid "
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code or 0
     try:
         run_quality(args)
-    except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, corpora.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jax
 
-from llama_surgery_jax.arguments import density, integer, listed, names, output_folder
+from llama_surgery_jax.cli.arguments import density, integer, listed, names, output_folder
 from llama_surgery_jax.evaluation.decode_speed import DENSE_ATTENTIONS
 from llama_surgery_jax.evaluation.speed_report import SECTIONS, SpeedSettingError, run_speed
 

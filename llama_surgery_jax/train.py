@@ -21,8 +21,8 @@ from pathlib import Path
 
 import jax
 
-from llama_surgery_jax import data
-from llama_surgery_jax.arguments import integer
+from llama_surgery_jax.cli.arguments import integer
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.training.config import TrainConfig
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                               "3.1 8B folder> (convert/hf_to_flax.py); it would otherwise train the embedded SmolLM2")
         out = Path(args.out or f"runs/{preset}")
         result = train(config, out)
-    except (ConfigError, CheckpointError, data.DataError, FileNotFoundError, TrainingError) as e:
+    except (ConfigError, CheckpointError, corpora.DataError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0 and "dense_ppl" in result:

@@ -135,7 +135,7 @@ def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
-    from llama_surgery_jax.files import write_json_atomic
+    from llama_surgery_jax.io.files import write_json_atomic
 
     folder = tmp_path / "a-folder"
     folder.mkdir()

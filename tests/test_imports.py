@@ -1,6 +1,7 @@
 """The import graph of both packages, read from the source (ast, nothing imported): no circle, `pallas_kernels`
-stands alone (nothing from `llama_surgery_jax`), and no module imports a command line of `llama_surgery_jax`'s top
-(a module there with a `__main__` block: a CLI parses arguments and makes one call; what it calls is library).
+stands alone (nothing from `llama_surgery_jax`), and `llama_surgery_jax`'s top holds command lines only (a module
+there with a `__main__` block: a CLI parses arguments and makes one call; what it calls is library), which no module
+imports.
 
     python tests/test_imports.py        # the graph, a line per module with what it imports
 """
@@ -111,6 +112,20 @@ def test_no_module_imports_a_command_line():
     assert {"llama_surgery_jax.speed", "llama_surgery_jax.evaluate", "llama_surgery_jax.generate"} <= clis
     edges = [f"{module} → {target}" for module, targets in sorted(import_graph().items()) for target in sorted(targets)
              if target in clis]
+    assert edges == []
+
+
+def top_level_modules() -> set[str]:
+    """Every module at `llama_surgery_jax`'s top but its `__init__`."""
+    return {f"llama_surgery_jax.{path.stem}" for path in (ROOT / "llama_surgery_jax").glob("*.py")
+            if path.stem != "__init__"}
+
+
+def test_the_package_top_holds_only_command_lines():
+    """A helper that two modules share lives in a subpackage (`io/`, `cli/`, ...), never beside the CLIs."""
+    assert top_level_modules() - top_level_clis() == set()
+    edges = [f"{module} → {target}" for module, targets in sorted(import_graph().items()) for target in sorted(targets)
+             if target in top_level_modules()]
     assert edges == []
 
 

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from llama_surgery_jax import data
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model import sharding
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer, read_config
 from llama_surgery_jax.model.config import ConfigError
@@ -61,9 +61,9 @@ class PackedSequences:
 
     def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
                  source: str = "the training text"):
-        self.sequences = data.windows(ids, seq_len, source=source, setting="seq_len")
+        self.sequences = corpora.windows(ids, seq_len, source=source, setting="seq_len")
         if len(self.sequences) < batch_size:
-            raise data.DataError(f"{source} makes {len(self.sequences)} sequences of {seq_len} tokens, fewer "
+            raise corpora.DataError(f"{source} makes {len(self.sequences)} sequences of {seq_len} tokens, fewer "
                                  f"than one batch of {batch_size}: give more text or a smaller seq_len or batch_size")
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.cursor = 0, 0
@@ -88,10 +88,10 @@ class PackedSequences:
 
 
 def load_training_tokens(config: TrainConfig, model_dir: Path) -> tuple[np.ndarray, dict]:
-    """The training text as one token stream [tokens] int32, and its source (`data.Corpus.source`):
+    """The training text as one token stream [tokens] int32, and its source (`corpora.Corpus.source`):
     `config.data` when set, else the WikiText-2 split (never test)."""
-    corpus = data.load_corpus(config.data or None, config.train_split, config.data_dir or None, config.train_release)
-    return data.tokenize(load_tokenizer(model_dir), corpus.text), corpus.source
+    corpus = corpora.load_corpus(config.data or None, config.train_split, config.data_dir or None, config.train_release)
+    return corpora.tokenize(load_tokenizer(model_dir), corpus.text), corpus.source
 
 
 # ---------------------------------------------------------------------------- the step
@@ -226,12 +226,12 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     fingerprint = model_fingerprint(model_dir)
     checkpoints = RouterCheckpoints(out / "checkpoints", keep=config.keep_checkpoints)
     tokens, train_source = load_training_tokens(config, model_dir)
-    data_source = {"source": data.describe(train_source), "tokens": int(len(tokens)),
+    data_source = {"source": corpora.describe(train_source), "tokens": int(len(tokens)),
                    "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
     checkpoints.check_compatible(fingerprint, config.router, data_source)
 
     batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed,
-                              source=data.describe(train_source))
+                              source=corpora.describe(train_source))
     # Read and window the report's text now, so that a missing or too short one fails before training, not after.
     evaluation = report.evaluation_windows(config, load_tokenizer(model_dir)) if config.report else None
     run = build_run(config, model_dir)

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import perplexity, protocol
-from llama_surgery_jax.files import write_json_atomic
+from llama_surgery_jax.io import corpora
+from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import load_tokenizer
 from llama_surgery_jax.surgery.mask import causal_pairs, executed_tiles, token_density
 from llama_surgery_jax.surgery.routed_attention import hard_topology, remove_routers
@@ -81,9 +81,9 @@ def topology_densities(model, tokens: jax.Array, config) -> dict:
 def evaluation_windows(config, tokenizer) -> tuple[np.ndarray, dict]:
     """The report's windows [eval_windows, eval_context] int32 and their source: `config.eval_data` when set,
     else WikiText-2 wiki.test.raw."""
-    corpus = data.load_corpus(config.eval_data or None, "test", config.data_dir or None, "raw")
-    ids = data.tokenize(tokenizer, corpus.text)
-    windows = data.windows(ids, config.eval_context, config.eval_windows, source=data.describe(corpus.source),
+    corpus = corpora.load_corpus(config.eval_data or None, "test", config.data_dir or None, "raw")
+    ids = corpora.tokenize(tokenizer, corpus.text)
+    windows = corpora.windows(ids, config.eval_context, config.eval_windows, source=corpora.describe(corpus.source),
                            setting="eval_context")
     return windows, corpus.source
 
@@ -127,9 +127,9 @@ def markdown(r: dict) -> str:
     lines = [
         "# Llama Surgery run report", "",
         f"Model: `{r['model']}`; {r['steps']} router-training steps.", "",
-        f"Perplexity on `{data.describe(p)}`: {p['windows']} windows of {p['context']} tokens, "
+        f"Perplexity on `{corpora.describe(p)}`: {p['windows']} windows of {p['context']} tokens, "
         f"no BOS, every token after a window's first scored ({r['tokens_scored']} tokens), same pipeline for both.",
-        *([f"Routers trained on `{data.describe(p['train_data'])}`."] if "train_data" in p else []),
+        *([f"Routers trained on `{corpora.describe(p['train_data'])}`."] if "train_data" in p else []),
         "", "| | perplexity |", "| --- | --- |",
         f"| dense baseline | {r['dense_ppl']:.4f} |",
         f"| surgery (hard mask, argmax routes) | {r['surgery_ppl']:.4f} |",
@@ -224,9 +224,9 @@ def block_markdown(r: dict) -> str:
         "# Llama Surgery run report (budgeted block routing, self-distilled)", "",
         f"Model: `{r['model']}`; {r['steps']} router-training steps; tile {r['block_size']}; target block density "
         f"ρ = {r['target_block_density']}.", "",
-        f"Perplexity on `{data.describe(p)}`: {p['windows']} windows of {p['context']} tokens, no BOS, every token "
+        f"Perplexity on `{corpora.describe(p)}`: {p['windows']} windows of {p['context']} tokens, no BOS, every token "
         f"after a window's first scored ({r['tokens_scored']} tokens), same pipeline for all rows.",
-        *([f"Routers trained on `{data.describe(p['train_data'])}`."] if "train_data" in p else []), "",
+        *([f"Routers trained on `{corpora.describe(p['train_data'])}`."] if "train_data" in p else []), "",
         "| | perplexity | gap | executed block density (min–max over windows) | token density | attention recall |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| dense baseline | {r['dense_ppl']:.4f} | | 1 | 1 | 1 |",
