@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from llama_surgery_jax.cli.arguments import integer, output_file
+from llama_surgery_jax.cli.arguments import command, integer, output_file
 from llama_surgery_jax.evaluation.density import (
     HEADER,
     report,
@@ -48,12 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
-
+def run(args: argparse.Namespace) -> int:
     from llama_surgery_jax.io import corpora
     from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
     from llama_surgery_jax.model.embedded import default_model_dir
@@ -78,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "sink": sink, "rows": rows}, indent=1))
     return 0
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

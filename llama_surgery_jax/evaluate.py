@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_surgery_jax.cli.arguments import density, integer, listed, output_file, unchanged
+from llama_surgery_jax.cli.arguments import command, density, integer, listed, output_file, unchanged
 from llama_surgery_jax.evaluation.scoring import run_evaluation
 from llama_surgery_jax.io import corpora
 from llama_surgery_jax.io.files import write_json_atomic
@@ -83,11 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
+def run(args: argparse.Namespace) -> int:
     if args.baseline and (args.surgery or args.niah):
         print("error: --baseline replaces the routers and has no KV-cache decode: not with --surgery or --niah",
               file=sys.stderr)
@@ -117,6 +113,8 @@ def check_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                          f"--context {context}: {blocks} block(s) of --baseline-tile {args.baseline_tile} tokens leave "
                          f"no tile to skip at that density; use {fix}")
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

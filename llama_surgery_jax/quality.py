@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_surgery_jax.cli.arguments import density, integer, listed, output_folder, real
+from llama_surgery_jax.cli.arguments import command, density, integer, listed, output_folder, real
 from llama_surgery_jax.evaluation.block_quality import ROWS, pick_row
 from llama_surgery_jax.evaluation.quality_report import run_quality
 from llama_surgery_jax.io import corpora
@@ -102,11 +102,7 @@ def block_row(text: str) -> tuple[str, str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
+def run(args: argparse.Namespace) -> int:
     try:
         run_quality(args)
     except (CheckpointError, ConfigError, corpora.DataError, FileNotFoundError) as e:
@@ -123,6 +119,8 @@ def context_counts(text: str) -> list[tuple[int, int | None]]:
         pairs.append((int(context), None if count == "all" else int(count)))
     return pairs
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from llama_surgery_jax.cli.arguments import integer
+from llama_surgery_jax.cli.arguments import command, integer
 from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
@@ -51,12 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
-
+def run(args: argparse.Namespace) -> int:
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
@@ -79,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
               f"  → {out / 'report.md'}")
     return 0
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,6 +44,16 @@ def refused(capsys, call, argv: list[str], setting: str) -> str:
     return err
 
 
+@pytest.mark.parametrize("name", ["train", "evaluate", "generate", "quality", "speed", "density_report"])
+def test_help_is_returned_as_status_zero(capsys, name):
+    """argparse's own exits come back from `main` as a status (cli.arguments.command): 0 for --help, with the usage."""
+    import importlib
+
+    main = importlib.import_module(f"llama_surgery_jax.{name}").main
+    assert main(["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_generate_settings_are_checked_before_loading(capsys):
     prompt = ["--model", NOWHERE, "--prompt", "a"]
     refused(capsys, generate, [*prompt, "--top-k", "0"], "--top-k")
