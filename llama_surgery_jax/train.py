@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 
 from llama_surgery_jax.cli.arguments import command, integer
+from llama_surgery_jax.evaluation import training_report
 from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--preset paper is the preprint's run on Llama 3.1 8B: pass model=<converted Llama "
                               "3.1 8B folder> (convert/hf_to_flax.py); it would otherwise train the embedded SmolLM2")
         out = Path(args.out or f"runs/{preset}")
-        result = train(config, out)
+        result = train(config, out, report=training_report.prepare)
     except (ConfigError, CheckpointError, corpora.DataError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

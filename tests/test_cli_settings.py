@@ -23,6 +23,7 @@ NOWHERE = "/nonexistent/model"
 
 @pytest.fixture(scope="module")
 def block_run(tiny_model_dir, prose_dir, tmp_path_factory):
+    from llama_surgery_jax.evaluation import training_report
     from llama_surgery_jax.training.loop import train
 
     config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.d_max=0", "router.levels=2",
@@ -31,7 +32,7 @@ def block_run(tiny_model_dir, prose_dir, tmp_path_factory):
                                "steps=1", "checkpoint_every=1", "eval_context=128", "eval_windows=1",
                                "eval_batch=1", "calibration_sequences=2")
     out = tmp_path_factory.mktemp("block-run-32") / "run"
-    train(config, out, progress=False)
+    train(config, out, report=training_report.prepare, progress=False)
     assert (out / "calibration.json").is_file(), "the precondition: an adaptive run with its calibration"
     return out
 

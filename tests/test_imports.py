@@ -115,6 +115,24 @@ def test_no_module_imports_a_command_line():
     assert edges == []
 
 
+def folder_graph() -> dict[str, set[str]]:
+    """`llama_surgery_jax`'s folders (model, surgery, training, ...) → the other folders their modules import."""
+    folder = {module: path.relative_to(ROOT / "llama_surgery_jax").parts[0] for module, path in module_files().items()
+              if path.is_relative_to(ROOT / "llama_surgery_jax") and len(path.relative_to(ROOT).parts) > 2}
+    graph = {name: set() for name in folder.values()}
+    for module, targets in import_graph().items():
+        if module in folder:
+            graph[folder[module]].update(folder[t] for t in targets if t in folder and folder[t] != folder[module])
+    return graph
+
+
+def test_no_two_folders_import_each_other():
+    """Arrows between the package's folders run one way (evaluation → training, never back): no circle of folders."""
+    graph = folder_graph()
+    assert {"training", "inference", "evaluation"} <= graph.keys()
+    assert circles(graph) == []
+
+
 def top_level_modules() -> set[str]:
     """Every module at `llama_surgery_jax`'s top but its `__init__`."""
     return {f"llama_surgery_jax.{path.stem}" for path in (ROOT / "llama_surgery_jax").glob("*.py")

@@ -190,6 +190,7 @@ def levels_for(p: int, seq_len: int) -> int:
 
 def ablation(args, model_dir: Path, ids: np.ndarray, out: Path) -> list[dict]:
     """Routers trained per p with the preset's other settings; each evaluated at the curve's context."""
+    from llama_surgery_jax.evaluation import training_report
     from llama_surgery_jax.training.checkpoints import load_trained_routers
     from llama_surgery_jax.training.loop import train
 
@@ -202,7 +203,7 @@ def ablation(args, model_dir: Path, ids: np.ndarray, out: Path) -> list[dict]:
     for p in args.ablate_p:
         levels = levels_for(p, base.seq_len)
         config = base.override([f"router.p={p}", f"router.levels={levels}", f"router.d_max={levels // 2}"])
-        train(config, out / f"ablate-p{p}", progress=False)
+        train(config, out / f"ablate-p{p}", report=training_report.prepare, progress=False)
         model, router, _ = load_trained_routers(load_model(model_dir), out / f"ablate-p{p}")
         density = surgery_density(model, w[:1])
         rows.append({"p": p, "levels": levels, "d_max": levels // 2, "codes": router.num_codes,

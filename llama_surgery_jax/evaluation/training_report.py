@@ -1,12 +1,15 @@
-"""What a training run writes: metrics as it goes (JSONL, TensorBoard), and the final report.
+"""The report at the end of router training: report.json, report.md and PNG plots in the run folder.
 
-The report scores the dense baseline and the surgery through the same pipeline (evaluate.perplexity,
-same windows, same protocol), and measures the realised hard topology per layer and head.
+The report scores the dense baseline and the surgery through the same pipeline (evaluation.perplexity,
+same windows, same protocol), and measures the realised hard topology per layer and head. The training loop
+knows it only as the `report` it is given (`training.loop.train(report=prepare)`), so that training does not
+import evaluation, which imports training (router checkpoints, budgets, the loop for ablations).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -23,37 +26,6 @@ from llama_surgery_jax.surgery.routed_attention import hard_topology, remove_rou
 
 DENSITY_TILES = (64, 128)
 DENSITY_WINDOWS = 2  # evaluation windows over which densities are measured
-
-
-class MetricsLogger:
-    """One JSON line per step in DIR/metrics.jsonl and TensorBoard scalars in DIR/tensorboard."""
-
-    def __init__(self, out: Path, *, resume_step: int, is_primary: bool = True):
-        self.enabled = is_primary
-        if not self.enabled:
-            return
-        path = out / "metrics.jsonl"
-        # On resume, drop lines past the checkpoint: those steps are computed again.
-        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-                if json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.writer.close()
 
 
 def topology_densities(model, tokens: jax.Array, config) -> dict:
@@ -76,6 +48,18 @@ def topology_densities(model, tokens: jax.Array, config) -> dict:
                                  in_axes=1)(topo.codes)
                 per_layer["token"].append(np.asarray(heads))
     return {k: np.stack(v).tolist() for k, v in per_layer.items()}  # [layers][heads]
+
+
+def prepare(config, model_dir: Path) -> Callable[..., dict]:
+    """What `training.loop.train` is given as `report`: reads and windows the report's text now, before training,
+    so that a missing or too short text fails before the work, not after it; returns
+    finish(run, out, timing, train_source) → the report (`final_report` on those windows)."""
+    evaluation = evaluation_windows(config, load_tokenizer(model_dir))
+
+    def finish(run, out: Path, timing: dict, train_source: dict) -> dict:
+        return final_report(run, out, config, timing, evaluation=evaluation, train_source=train_source)
+
+    return finish
 
 
 def evaluation_windows(config, tokenizer) -> tuple[np.ndarray, dict]:
