@@ -48,7 +48,7 @@ def run_quality(args: argparse.Namespace) -> Path:
     ids = corpora.tokenize(tokenizer, corpus.text)
     # The longest window any section cuts from the text; the curve's context is always used (routing plots).
     corpora.windows(ids, max([*args.contexts, args.curve_context]), 1, source=corpora.describe(corpus.source),
-                 setting="--contexts / --curve-context")
+                    setting="--contexts / --curve-context")
     model, router, step = load_trained_routers(load_model(model_dir), args.run, model_dir=model_dir)
     longest = max([*args.contexts, args.curve_context, *args.niah_lengths, *args.speed_contexts])
     if longest > model.config.max_position_embeddings:
@@ -114,7 +114,7 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     calibrated = calibration.read(Path(args.run))
     counts = dict(args.windows_at)
     windows = {c: corpora.windows(ids, c, counts.get(c, args.windows), source=corpora.describe(corpus.source),
-                               setting="--contexts") for c in args.contexts}
+                                  setting="--contexts") for c in args.contexts}
     rows = bq.quality_rows(model, router, calibrated, windows, args.densities, args.batch_size, rows=args.rows,
                            on_row=lambda rows: write_json_atomic(out / "block_quality.partial.json", rows))
     niah = {}

@@ -57,7 +57,7 @@ class Evaluation:
         ids = corpora.tokenize(self.tokenizer, self.corpus.text)
         setting = "--contexts" if args.contexts else "--context"
         self.windows = {c: corpora.windows(ids, c, args.max_windows, source=corpora.describe(self.corpus.source),
-                                        setting=setting) for c in self.contexts}
+                                           setting=setting) for c in self.contexts}
 
     def score(self) -> dict:
         """Every context's perplexity (and the rest the settings ask for) → the result dict; `notes` lists the lines

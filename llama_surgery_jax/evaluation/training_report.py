@@ -68,7 +68,7 @@ def evaluation_windows(config, tokenizer) -> tuple[np.ndarray, dict]:
     corpus = corpora.load_corpus(config.eval_data or None, "test", config.data_dir or None, "raw")
     ids = corpora.tokenize(tokenizer, corpus.text)
     windows = corpora.windows(ids, config.eval_context, config.eval_windows, source=corpora.describe(corpus.source),
-                           setting="eval_context")
+                              setting="eval_context")
     return windows, corpus.source
 
 

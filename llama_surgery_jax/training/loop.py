@@ -66,7 +66,8 @@ class PackedSequences:
         self.sequences = corpora.windows(ids, seq_len, source=source, setting="seq_len")
         if len(self.sequences) < batch_size:
             raise corpora.DataError(f"{source} makes {len(self.sequences)} sequences of {seq_len} tokens, fewer "
-                                 f"than one batch of {batch_size}: give more text or a smaller seq_len or batch_size")
+                                    f"than one batch of {batch_size}: give more text or a smaller seq_len or "
+                                    "batch_size")
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.cursor = 0, 0
 
