@@ -27,7 +27,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from llama_surgery_jax.arguments import integer, output_file
+from llama_surgery_jax.cli.arguments import command, integer, output_file
 from llama_surgery_jax.evaluation.density import (
     HEADER,
     report,
@@ -48,22 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
-
-    from llama_surgery_jax import data
+def run(args: argparse.Namespace) -> int:
+    from llama_surgery_jax.io import corpora
     from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
     from llama_surgery_jax.model.embedded import default_model_dir
 
     try:
         model_dir = Path(args.model) if args.model else default_model_dir()
         model = load_model(model_dir)
-        ids = data.tokenize(load_tokenizer(model_dir), data.load_text("valid", args.data_dir, "tokens"))
-        tokens = jnp.asarray(data.windows(ids, args.tokens, 1))
-    except (CheckpointError, data.DataError, FileNotFoundError) as e:
+        ids = corpora.tokenize(load_tokenizer(model_dir), corpora.load_text("valid", args.data_dir, "tokens"))
+        tokens = jnp.asarray(corpora.windows(ids, args.tokens, 1))
+    except (CheckpointError, corpora.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     window, sink = RouterConfig().window, RouterConfig().sink
@@ -78,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                                "sink": sink, "rows": rows}, indent=1))
     return 0
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,10 +31,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_surgery_jax import data
-from llama_surgery_jax.arguments import density, integer, listed, output_file, unchanged
+from llama_surgery_jax.cli.arguments import command, density, integer, listed, output_file, unchanged
 from llama_surgery_jax.evaluation.scoring import run_evaluation
-from llama_surgery_jax.files import write_json_atomic
+from llama_surgery_jax.io import corpora
+from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="WikiText-2 test (or your own text) perplexity of a converted "
                                                  "Llama.")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${data.DATA_DIR_ENV}, else datasets)")
+    parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${corpora.DATA_DIR_ENV}, else datasets)")
     parser.add_argument("--text", metavar="FILE|DIR",
                         help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
                              "(not sub-folders') are read in name order, joined by a blank line")
@@ -83,18 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
+def run(args: argparse.Namespace) -> int:
     if args.baseline and (args.surgery or args.niah):
         print("error: --baseline replaces the routers and has no KV-cache decode: not with --surgery or --niah",
               file=sys.stderr)
         return 2
     try:
         result, notes = run_evaluation(args)
-    except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, corpora.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in notes:
@@ -117,6 +113,8 @@ def check_baseline(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
                          f"--context {context}: {blocks} block(s) of --baseline-tile {args.baseline_tile} tokens leave "
                          f"no tile to skip at that density; use {fix}")
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from llama_surgery_jax.arguments import density, integer, output_file, real
+from llama_surgery_jax.cli.arguments import command, density, integer, output_file, real
 from llama_surgery_jax.inference.cache import ContextError
 from llama_surgery_jax.inference.generate import generate_and_compare, load_for_inference
 from llama_surgery_jax.model.checkpoint import CheckpointError
@@ -63,12 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
-
+def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer, described = load_for_inference(args.model, args.surgery, args.dtype)
         budget = block_budget(model, args)
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if dense is not None:
         print(speed_table(dense, result))
     if args.json:
-        from llama_surgery_jax.files import write_json_atomic
+        from llama_surgery_jax.io.files import write_json_atomic
 
         speeds = {"prefill_tokens_per_s": result.prefill_tokens_per_s,
                   "decode_tokens_per_s": result.decode_tokens_per_s}
@@ -131,6 +126,8 @@ def speed_table(dense, surgery) -> str:
                  f"{surgery.decode_tokens_per_s / dense.decode_tokens_per_s:.2f}× |")
     return "\n".join(lines)
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

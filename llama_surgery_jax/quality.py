@@ -36,10 +36,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_surgery_jax import data
-from llama_surgery_jax.arguments import density, integer, listed, output_folder, real
+from llama_surgery_jax.cli.arguments import command, density, integer, listed, output_folder, real
 from llama_surgery_jax.evaluation.block_quality import ROWS, pick_row
 from llama_surgery_jax.evaluation.quality_report import run_quality
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "(perplexity, curve, NIAH, speed, p ablation).")
     parser.add_argument("--run", required=True, help="training run folder (its router checkpoints)")
     parser.add_argument("--model", help="converted model folder (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${data.DATA_DIR_ENV})")
+    parser.add_argument("--data-dir", help=f"WikiText-2 folder (default: ${corpora.DATA_DIR_ENV})")
     parser.add_argument("--text", metavar="FILE|DIR",
                         help="score this UTF-8 text instead of WikiText-2 test: a file, or a folder whose *.txt files "
                              "(not sub-folders') are read in name order; the NIAH filler stays WikiText-2 valid "
@@ -102,14 +102,10 @@ def block_row(text: str) -> tuple[str, str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
+def run(args: argparse.Namespace) -> int:
     try:
         run_quality(args)
-    except (CheckpointError, ConfigError, data.DataError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, corpora.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -123,6 +119,8 @@ def context_counts(text: str) -> list[tuple[int, int | None]]:
         pairs.append((int(context), None if count == "all" else int(count)))
     return pairs
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

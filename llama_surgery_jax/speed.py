@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jax
 
-from llama_surgery_jax.arguments import density, integer, listed, names, output_folder
+from llama_surgery_jax.cli.arguments import command, density, integer, listed, names, output_folder
 from llama_surgery_jax.evaluation.decode_speed import DENSE_ATTENTIONS
 from llama_surgery_jax.evaluation.speed_report import SECTIONS, SpeedSettingError, run_speed
 
@@ -82,11 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
+def run(args: argparse.Namespace) -> int:
     if jax.default_backend() != "gpu":
         print("warning: no GPU; the kernels run in interpret mode and the numbers mean nothing", file=sys.stderr)
     try:
@@ -102,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     return 0
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

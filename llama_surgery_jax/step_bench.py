@@ -25,7 +25,7 @@ import sys
 
 import jax
 
-from llama_surgery_jax.arguments import integer, listed, names, output_file, real, unchanged
+from llama_surgery_jax.cli.arguments import integer, listed, names, output_file, real, unchanged
 from llama_surgery_jax.training.step_bench import (
     BACKENDS,
     LENGTHS,

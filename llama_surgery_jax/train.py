@@ -21,8 +21,9 @@ from pathlib import Path
 
 import jax
 
-from llama_surgery_jax import data
-from llama_surgery_jax.arguments import integer
+from llama_surgery_jax.cli.arguments import command, integer
+from llama_surgery_jax.evaluation import training_report
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.training.config import TrainConfig
@@ -51,12 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as stop:  # argparse's exit (a bad setting: 2; --help: 0) is returned like the others
-        return stop.code or 0
-
+def run(args: argparse.Namespace) -> int:
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
@@ -69,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--preset paper is the preprint's run on Llama 3.1 8B: pass model=<converted Llama "
                               "3.1 8B folder> (convert/hf_to_flax.py); it would otherwise train the embedded SmolLM2")
         out = Path(args.out or f"runs/{preset}")
-        result = train(config, out)
-    except (ConfigError, CheckpointError, data.DataError, FileNotFoundError, TrainingError) as e:
+        result = train(config, out, report=training_report.prepare)
+    except (ConfigError, CheckpointError, corpora.DataError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0 and "dense_ppl" in result:
@@ -79,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
               f"  → {out / 'report.md'}")
     return 0
 
+
+main = command(parse_args, run)
 
 if __name__ == "__main__":
     sys.exit(main())

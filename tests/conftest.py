@@ -266,8 +266,9 @@ def tiny_train_config(model_dir, data_dir, *extra):
 def tiny_run(tiny_model_dir, prose_dir, tmp_path_factory):
     """One run of `tiny_train_config` with its report, trained once per session and shared: (config, run folder,
     train's result). Tests only read the folder; one that changes a run works on a copy (shutil.copytree)."""
+    from llama_surgery_jax.evaluation import training_report
     from llama_surgery_jax.training.loop import train
 
     config = tiny_train_config(tiny_model_dir, prose_dir)
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    return config, out, train(config, out, progress=False)
+    return config, out, train(config, out, report=training_report.prepare, progress=False)

@@ -8,9 +8,9 @@ from conftest import fresh_seed
 from flax import nnx
 from test_row_routing import ROWS
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation import block_quality as bq
 from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.surgery.routed_attention import inject_routers
 
@@ -23,7 +23,7 @@ def test_router_needles_by_kv_cache_answer_as_re_prefill_does(tiny_model_dir, pr
 
     seed = fresh_seed()
     tokenizer = load_tokenizer(tiny_model_dir)
-    filler = data.tokenize(tokenizer, data.load_text("valid", prose_dir, "tokens")[:50_000])
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", prose_dir, "tokens")[:50_000])
     model = inject_routers(load_model(tiny_model_dir), ROWS, nnx.Rngs(seed))
     context = model.config.max_position_embeddings
     assert [s[1] for s in bq.niah_settings([0.4], oracle_density=0.4, budget="uniform")] == ["router", "oracle"]
@@ -50,7 +50,7 @@ def test_a_short_last_batch_is_filled_and_its_copies_dropped(tiny_model_dir, pro
     from llama_surgery_jax.inference.cache import Decoder
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    filler = data.tokenize(tokenizer, data.load_text("valid", prose_dir, "tokens")[:50_000])
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", prose_dir, "tokens")[:50_000])
     model = load_model(tiny_model_dir)
     decoder = Decoder(model, attention="reference")
     kwargs = dict(lengths=[112], depths=[0.0, 0.5, 1.0], trials=2, model_context=model.config.max_position_embeddings)

@@ -266,6 +266,7 @@ def test_a_density_outside_0_1_is_refused(value):
 @pytest.fixture(scope="module")
 def tiny_block_run(tiny_model_dir, prose_dir, tmp_path_factory):
     """A 3-step block-mode run of the tiny model with its calibration and report."""
+    from llama_surgery_jax.evaluation import training_report
     from llama_surgery_jax.training.loop import train
 
     config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.d_max=0",
@@ -274,7 +275,7 @@ def tiny_block_run(tiny_model_dir, prose_dir, tmp_path_factory):
                                "checkpoint_every=3", "eval_context=128", "eval_windows=2", "calibration_sequences=2",
                                "learning_rate=0.003")
     out = tmp_path_factory.mktemp("tiny-block-run") / "run"
-    return config, out, train(config, out, progress=False)
+    return config, out, train(config, out, report=training_report.prepare, progress=False)
 
 
 def test_block_run_reports_what_executed(tiny_block_run):

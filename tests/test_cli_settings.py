@@ -23,6 +23,7 @@ NOWHERE = "/nonexistent/model"
 
 @pytest.fixture(scope="module")
 def block_run(tiny_model_dir, prose_dir, tmp_path_factory):
+    from llama_surgery_jax.evaluation import training_report
     from llama_surgery_jax.training.loop import train
 
     config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.d_max=0", "router.levels=2",
@@ -31,7 +32,7 @@ def block_run(tiny_model_dir, prose_dir, tmp_path_factory):
                                "steps=1", "checkpoint_every=1", "eval_context=128", "eval_windows=1",
                                "eval_batch=1", "calibration_sequences=2")
     out = tmp_path_factory.mktemp("block-run-32") / "run"
-    train(config, out, progress=False)
+    train(config, out, report=training_report.prepare, progress=False)
     assert (out / "calibration.json").is_file(), "the precondition: an adaptive run with its calibration"
     return out
 
@@ -42,6 +43,16 @@ def refused(capsys, call, argv: list[str], setting: str) -> str:
     err = capsys.readouterr().err
     assert setting in err, err
     return err
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate", "generate", "quality", "speed", "density_report"])
+def test_help_is_returned_as_status_zero(capsys, name):
+    """argparse's own exits come back from `main` as a status (cli.arguments.command): 0 for --help, with the usage."""
+    import importlib
+
+    main = importlib.import_module(f"llama_surgery_jax.{name}").main
+    assert main(["--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
 
 
 def test_generate_settings_are_checked_before_loading(capsys):
@@ -135,7 +146,7 @@ def test_output_paths_are_checked_before_the_work(capsys, tmp_path):
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
-    from llama_surgery_jax.files import write_json_atomic
+    from llama_surgery_jax.io.files import write_json_atomic
 
     folder = tmp_path / "a-folder"
     folder.mkdir()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import SMOLLM2_LOGITS_BOUND, TINY_NLL_BOUND
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluate import main
 from llama_surgery_jax.evaluation.perplexity import perplexity
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 
 # SmolLM2 through both stacks in float32 from the same dequantized GGUF weights: torch and XLA order every sum
@@ -25,33 +25,33 @@ from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 
 def test_detokenizer_undoes_the_tokenized_release():
     tokenized = 'He had a guest @-@ starring role , in 2 @,@ 000 ( 1 @.@ 5 % ) . " Teddy \'s Story " : it'
-    assert data.detokenize(tokenized) == 'He had a guest-starring role, in 2,000 (1.5%). "Teddy\'s Story": it'
+    assert corpora.detokenize(tokenized) == 'He had a guest-starring role, in 2,000 (1.5%). "Teddy\'s Story": it'
 
 
 def test_missing_and_empty_data_dirs(tmp_path, capsys):
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.load_text("test", tmp_path / "nowhere")
-    with pytest.raises(data.DataError, match="holds no wiki"):
-        data.load_text("test", tmp_path)
+    with pytest.raises(corpora.DataError, match="does not exist"):
+        corpora.load_text("test", tmp_path / "nowhere")
+    with pytest.raises(corpora.DataError, match="holds no wiki"):
+        corpora.load_text("test", tmp_path)
     (tmp_path / "wiki.test.raw").write_text("   \n")
-    with pytest.raises(data.DataError, match="is empty"):
-        data.load_text("test", tmp_path)
-    with pytest.raises(data.DataError, match="is missing"):
-        data.load_text("valid", tmp_path)
+    with pytest.raises(corpora.DataError, match="is empty"):
+        corpora.load_text("test", tmp_path)
+    with pytest.raises(corpora.DataError, match="is missing"):
+        corpora.load_text("valid", tmp_path)
 
 
 def test_windows_protocol():
     ids = np.arange(10, dtype=np.int32)
-    np.testing.assert_array_equal(data.windows(ids, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])
-    assert data.windows(ids, 4, count=1).shape == (1, 4)
-    with pytest.raises(data.DataError, match="make no window"):
-        data.windows(ids, 11)
+    np.testing.assert_array_equal(corpora.windows(ids, 4), [[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert corpora.windows(ids, 4, count=1).shape == (1, 4)
+    with pytest.raises(corpora.DataError, match="make no window"):
+        corpora.windows(ids, 11)
 
 
 @pytest.mark.slow
 def test_smollm2_perplexity_matches_transformers(smollm2_dir, wikitext_dir, smollm2_transformers):
-    ids = data.tokenize(load_tokenizer(smollm2_dir), data.load_text("test", wikitext_dir))
-    token_windows = data.windows(ids, 256, count=3)
+    ids = corpora.tokenize(load_tokenizer(smollm2_dir), corpora.load_text("test", wikitext_dir))
+    token_windows = corpora.windows(ids, 256, count=3)
     ours = perplexity(load_model(smollm2_dir), token_windows, batch_size=3, progress=False)
 
     hf = smollm2_transformers

@@ -1,6 +1,7 @@
 """The import graph of both packages, read from the source (ast, nothing imported): no circle, `pallas_kernels`
-stands alone (nothing from `llama_surgery_jax`), and no module imports a command line of `llama_surgery_jax`'s top
-(a module there with a `__main__` block: a CLI parses arguments and makes one call; what it calls is library).
+stands alone (nothing from `llama_surgery_jax`), and `llama_surgery_jax`'s top holds command lines only (a module
+there with a `__main__` block: a CLI parses arguments and makes one call; what it calls is library), which no module
+imports.
 
     python tests/test_imports.py        # the graph, a line per module with what it imports
 """
@@ -111,6 +112,38 @@ def test_no_module_imports_a_command_line():
     assert {"llama_surgery_jax.speed", "llama_surgery_jax.evaluate", "llama_surgery_jax.generate"} <= clis
     edges = [f"{module} → {target}" for module, targets in sorted(import_graph().items()) for target in sorted(targets)
              if target in clis]
+    assert edges == []
+
+
+def folder_graph() -> dict[str, set[str]]:
+    """`llama_surgery_jax`'s folders (model, surgery, training, ...) → the other folders their modules import."""
+    folder = {module: path.relative_to(ROOT / "llama_surgery_jax").parts[0] for module, path in module_files().items()
+              if path.is_relative_to(ROOT / "llama_surgery_jax") and len(path.relative_to(ROOT).parts) > 2}
+    graph = {name: set() for name in folder.values()}
+    for module, targets in import_graph().items():
+        if module in folder:
+            graph[folder[module]].update(folder[t] for t in targets if t in folder and folder[t] != folder[module])
+    return graph
+
+
+def test_no_two_folders_import_each_other():
+    """Arrows between the package's folders run one way (evaluation → training, never back): no circle of folders."""
+    graph = folder_graph()
+    assert {"training", "inference", "evaluation"} <= graph.keys()
+    assert circles(graph) == []
+
+
+def top_level_modules() -> set[str]:
+    """Every module at `llama_surgery_jax`'s top but its `__init__`."""
+    return {f"llama_surgery_jax.{path.stem}" for path in (ROOT / "llama_surgery_jax").glob("*.py")
+            if path.stem != "__init__"}
+
+
+def test_the_package_top_holds_only_command_lines():
+    """A helper that two modules share lives in a subpackage (`io/`, `cli/`, ...), never beside the CLIs."""
+    assert top_level_modules() - top_level_clis() == set()
+    edges = [f"{module} → {target}" for module, targets in sorted(import_graph().items()) for target in sorted(targets)
+             if target in top_level_modules()]
     assert edges == []
 
 

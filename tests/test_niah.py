@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.niah import build_case, first_number, run_niah, table
 from llama_surgery_jax.inference.cache import Decoder
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, prose_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
-    filler = data.tokenize(tokenizer, data.load_text("valid", prose_dir, "tokens")[:100_000])
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", prose_dir, "tokens")[:100_000])
     return load_model(tiny_model_dir), tokenizer, filler
 
 
@@ -57,7 +57,7 @@ def test_dense_smollm2_finds_a_needle_at_1k(smollm2_dir, wikitext_dir):
     1k rather than 2k: the needle still sits ~500 tokens back, across four blocks of the 128-slot cache, and the
     prefill and decode over it take half the time."""
     tokenizer = load_tokenizer(smollm2_dir)
-    filler = data.tokenize(tokenizer, data.load_text("valid", wikitext_dir, "tokens")[:100_000])
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", wikitext_dir, "tokens")[:100_000])
     model = load_model(smollm2_dir)
     rows = run_niah(Decoder(model, attention="reference"), tokenizer, filler, lengths=[1024], depths=[0.5],
                     trials=1, model_context=model.config.max_position_embeddings)

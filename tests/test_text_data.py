@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluate import main as evaluate_main
 from llama_surgery_jax.evaluation.perplexity import protocol
+from llama_surgery_jax.io import corpora
 
 # Plain English, long enough for a few 64-token windows of the tiny model's 512-token BPE.
 PROSE = ("The river rose in the night and the town woke to water in the streets. "
@@ -33,15 +33,15 @@ def write(path, content: str | bytes):
 def test_a_file_is_read_byte_for_byte(tmp_path):
     raw = "Première ligne\r\nsecond line\n".encode()
     file = write(tmp_path / "notes.md", raw)  # a single file needs no .txt suffix
-    corpus = data.read_text(file)
+    corpus = corpora.read_text(file)
     assert corpus.text == raw.decode("utf-8")  # no newline translation
     assert corpus.source == {"dataset": "text", "path": str(file), "files": 1, "bytes": len(raw),
                              "sha256": hashlib.sha256(raw).hexdigest()}
-    assert data.describe(corpus.source) == f"{file} (1 file)"
+    assert corpora.describe(corpus.source) == f"{file} (1 file)"
 
 
 def test_a_byte_order_mark_is_not_text(tmp_path):
-    assert data.read_text(write(tmp_path / "bom.txt", b"\xef\xbb\xbfhello")).text == "hello"
+    assert corpora.read_text(write(tmp_path / "bom.txt", b"\xef\xbb\xbfhello")).text == "hello"
 
 
 def test_a_folder_joins_its_txt_files_in_name_order(tmp_path):
@@ -52,65 +52,65 @@ def test_a_folder_joins_its_txt_files_in_name_order(tmp_path):
     write(folder / "empty.txt", " \n")  # skipped: adds nothing
     write(folder / "readme.md", "not text of the corpus")
     write(folder / "sub" / "0.txt", "a sub-folder is not read")
-    corpus = data.read_text(folder)
+    corpus = corpora.read_text(folder)
     assert corpus.text == "first\n\nsecond\n\nthird"
     assert corpus.source["files"] == 3 and corpus.source["path"] == str(folder)
     assert corpus.source["sha256"] == hashlib.sha256(corpus.text.encode()).hexdigest()
-    assert data.describe(corpus.source) == f"{folder} (3 files)"
+    assert corpora.describe(corpus.source) == f"{folder} (3 files)"
 
 
 def test_an_empty_file(tmp_path):
     file = write(tmp_path / "empty.txt", "  \n\n")
-    with pytest.raises(data.DataError, match=r"empty\.txt is empty \(or only whitespace\): no text to score"):
-        data.read_text(file)
+    with pytest.raises(corpora.DataError, match=r"empty\.txt is empty \(or only whitespace\): no text to score"):
+        corpora.read_text(file)
 
 
 def test_a_folder_without_txt_files(tmp_path):
     write(tmp_path / "corpus" / "notes.md", "text")
     write(tmp_path / "corpus" / "sub" / "a.txt", "text")
-    with pytest.raises(data.DataError, match=r"corpus holds no \.txt files \(only the folder's own files are read"):
-        data.read_text(tmp_path / "corpus")
+    with pytest.raises(corpora.DataError, match=r"corpus holds no \.txt files \(only the folder's own files are read"):
+        corpora.read_text(tmp_path / "corpus")
 
 
 def test_a_folder_of_empty_txt_files(tmp_path):
     write(tmp_path / "corpus" / "a.txt", "")
     write(tmp_path / "corpus" / "b.txt", "\n")
-    with pytest.raises(data.DataError, match=r"corpus: its 2 \.txt file\(s\) are all empty"):
-        data.read_text(tmp_path / "corpus")
+    with pytest.raises(corpora.DataError, match=r"corpus: its 2 \.txt file\(s\) are all empty"):
+        corpora.read_text(tmp_path / "corpus")
 
 
 @pytest.mark.parametrize("in_a_folder", [False, True])
 def test_bytes_that_are_not_utf8(tmp_path, in_a_folder):
     write(tmp_path / "corpus" / "a.txt", "fine")
     bad = write(tmp_path / "corpus" / "latin1.txt", NOT_UTF8)
-    with pytest.raises(data.DataError) as error:
-        data.read_text(tmp_path / "corpus" if in_a_folder else bad)
+    with pytest.raises(corpora.DataError) as error:
+        corpora.read_text(tmp_path / "corpus" if in_a_folder else bad)
     message = str(error.value)
     assert message.startswith(f"{bad} is not UTF-8: byte 0xff at offset 3 (invalid start byte)"), message
     assert "re-encode the file as UTF-8" in message
 
 
 def test_a_missing_path(tmp_path):
-    with pytest.raises(data.DataError, match=r"nowhere\.txt does not exist: pass a UTF-8 text file or a folder"):
-        data.read_text(tmp_path / "nowhere.txt")
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.load_corpus(str(tmp_path / "nowhere.txt"), "test")
+    with pytest.raises(corpora.DataError, match=r"nowhere\.txt does not exist: pass a UTF-8 text file or a folder"):
+        corpora.read_text(tmp_path / "nowhere.txt")
+    with pytest.raises(corpora.DataError, match="does not exist"):
+        corpora.load_corpus(str(tmp_path / "nowhere.txt"), "test")
 
 
 def test_too_few_tokens_for_a_window_names_the_text_and_the_setting():
-    with pytest.raises(data.DataError) as error:
-        data.windows(np.arange(10, dtype=np.int32), 64, source="/data/mine.txt (1 file)", setting="eval_context")
+    with pytest.raises(corpora.DataError) as error:
+        corpora.windows(np.arange(10, dtype=np.int32), 64, source="/data/mine.txt (1 file)", setting="eval_context")
     assert str(error.value) == ("/data/mine.txt (1 file): 10 tokens make no window of 64 tokens; give a longer text "
                                 "or a smaller eval_context")
 
 
 def test_wikitext_stays_the_default_with_the_same_protocol(wikitext_dir):
-    corpus = data.load_corpus(None, "test", wikitext_dir, "raw")
-    assert corpus.text == data.load_text("test", wikitext_dir, "raw")
+    corpus = corpora.load_corpus(None, "test", wikitext_dir, "raw")
+    assert corpus.text == corpora.load_text("test", wikitext_dir, "raw")
     assert protocol(64, 2, corpus.source) == {
         "dataset": "wikitext-2-raw-v1", "split": "test", "file": "wiki.test.raw", "data_dir": str(wikitext_dir),
         "context": 64, "stride": 64, "bos": False, "windows": 2, "scored": "every token of a window after its first"}
-    assert data.load_corpus("", "valid", wikitext_dir, "tokens").source["dataset"] == "wikitext-2-v1"
+    assert corpora.load_corpus("", "valid", wikitext_dir, "tokens").source["dataset"] == "wikitext-2-v1"
 
 
 # ---------------------------------------------------------------------------- evaluate --text
@@ -164,7 +164,7 @@ def run_on_text(tiny_model_dir, tmp_path_factory):
     write(root / "train" / "part2.txt", PROSE.upper())
     eval_text = write(root / "held-out.txt", PROSE[::-1])
     with pytest.MonkeyPatch.context() as env:
-        env.delenv(data.DATA_DIR_ENV, raising=False)
+        env.delenv(corpora.DATA_DIR_ENV, raising=False)
         assert train_main(["--preset", "smoke", "--out", str(root / "run"), f"model={tiny_model_dir}",
                            f"data_dir={root / 'no-wikitext'}", f"data={train_text.parent}", f"eval_data={eval_text}",
                            *TINY_RUN]) == 0

@@ -17,6 +17,7 @@ import pytest
 from conftest import F32_U, SUMS_PER_LAYER, TINY_NLL_BOUND, float32_bound, tiny_train_overrides
 from conftest import tiny_train_config as tiny_config
 
+from llama_surgery_jax.evaluation import training_report
 from llama_surgery_jax.model.config import ConfigError, ModelConfig
 from llama_surgery_jax.train import main
 from llama_surgery_jax.training.config import TrainConfig
@@ -60,8 +61,9 @@ def test_resume_is_exact(tiny_run, tiny_model_dir, tmp_path):
     `tiny_run`) ends: the same compiled step on the same batches, from routers, optimizer state and data position
     restored bit for bit, so the results are equal by construction and compared exactly."""
     config, straight_dir, straight = tiny_run
-    assert train(config, tmp_path / "killed", progress=False, stop_after=3) == {"stopped_at": 3}
-    resumed = train(config, tmp_path / "killed", progress=False)
+    killed = tmp_path / "killed"
+    assert train(config, killed, report=training_report.prepare, progress=False, stop_after=3) == {"stopped_at": 3}
+    resumed = train(config, killed, report=training_report.prepare, progress=False)
     a_params, a_opt = router_params(straight_dir, config, tiny_model_dir)
     b_params, b_opt = router_params(tmp_path / "killed", config, tiny_model_dir)
     for x, y in zip(a_params + a_opt, b_params + b_opt, strict=True):
@@ -204,6 +206,14 @@ def test_unwritable_output_folder(tiny_model_dir, prose_dir, tmp_path, capsys):
     assert "cannot write to the output folder" in capsys.readouterr().err
 
 
+def test_a_run_asked_for_its_report_needs_the_report(tiny_model_dir, prose_dir, tmp_path):
+    """The loop writes the report it is given (evaluation.training_report.prepare): with config.report on and none
+    given, it refuses before any work rather than end without one."""
+    with pytest.raises(TypeError, match="report="):
+        train(tiny_config(tiny_model_dir, prose_dir, "steps=1"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_checkpoint_of_another_model(tiny_run, prose_dir, tmp_path):
     from conftest import make_hf_llama, train_tiny_tokenizer
 
@@ -215,7 +225,8 @@ def test_checkpoint_of_another_model(tiny_run, prose_dir, tmp_path):
                     tmp_path / "other", progress=False)
     train_tiny_tokenizer(other, prose_dir)
     with pytest.raises(CheckpointError, match="another model"):
-        train(tiny_config(other, prose_dir, "steps=2"), tmp_path / "run", progress=False)
+        train(tiny_config(other, prose_dir, "steps=2"), tmp_path / "run", report=training_report.prepare,
+              progress=False)
 
 
 def test_corrupt_checkpoint_falls_back_to_the_previous(tiny_run, tmp_path, capsys):
@@ -274,7 +285,13 @@ def run_main_without_training(monkeypatch, argv: list[str], backend: str) -> tup
 
     calls = []
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    monkeypatch.setattr(cli, "train", lambda config, out: calls.append((config, out)) or {})
+
+    def train(config, out, *, report):
+        assert report is training_report.prepare  # the CLI's run ends with the end-of-training report
+        calls.append((config, out))
+        return {}
+
+    monkeypatch.setattr(cli, "train", train)
     assert cli.main(argv) == 0
     (call,) = calls
     return call

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from llama_surgery_jax import data
+from llama_surgery_jax.io import corpora
 
 # Per-sequence measures that routed layers may report in aux ([batch] arrays), collected per window.
 WINDOW_STATS = ("block_density", "token_density", "attention_recall", "tie_share")
@@ -101,7 +101,7 @@ def transformers_perplexity(model_dir: Path, token_windows: np.ndarray, *, progr
 
 
 def protocol(context: int, windows: int, source: dict) -> dict:
-    """What a perplexity was measured on and how: the corpus source (`data.Corpus.source`, e.g. dataset
+    """What a perplexity was measured on and how: the corpus source (`corpora.Corpus.source`, e.g. dataset
     "wikitext-2-raw-v1", split "test", file "wiki.test.raw"; or dataset "text", path, files, sha256) and the
     windowing."""
     return {**source, "context": context, "stride": context, "bos": False, "windows": windows,
@@ -114,7 +114,7 @@ def niah(model, tokenizer, args, **attention_kwargs) -> list[dict]:
     from llama_surgery_jax.evaluation.niah import Reprefill, run_niah
     from llama_surgery_jax.inference.cache import Decoder
 
-    filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", args.data_dir, "tokens"))
     decoder = Reprefill(model, **attention_kwargs) if "block_density" in attention_kwargs else Decoder(model)
     return run_niah(decoder, tokenizer, filler, lengths=[int(n) for n in args.niah.split(",")],
                     trials=args.niah_trials, model_context=model.config.max_position_embeddings)

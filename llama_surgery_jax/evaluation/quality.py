@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import perplexity
 from llama_surgery_jax.inference.cache import Decoder
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model
 from llama_surgery_jax.model.config import ConfigError, Precision
 from llama_surgery_jax.surgery.baselines import (
@@ -103,7 +103,7 @@ def ppl(model, windows: np.ndarray, batch: int) -> float:
 def perplexity_table(att: Attention, ids: np.ndarray, contexts, windows: int, batch: int) -> list[dict]:
     rows = []
     for context in contexts:
-        w = data.windows(ids, context, windows)
+        w = corpora.windows(ids, context, windows)
         density = surgery_density(att.surgery(), w[:1])
         n = -(-context // att.trained.block_size)
         extra = extra_blocks_for_density(n, density["block_density"])
@@ -120,7 +120,7 @@ def perplexity_table(att: Attention, ids: np.ndarray, contexts, windows: int, ba
 
 def curve(att: Attention, ids: np.ndarray, context: int, windows: int, batch: int, d_maxes, window_sweep,
           extras) -> list[dict]:
-    w = data.windows(ids, context, windows)
+    w = corpora.windows(ids, context, windows)
     n = -(-context // att.trained.block_size)
     points = [{"series": "dense", "block_density": 1.0, "token_density": 1.0, "ppl": ppl(att.dense(), w, batch)}]
     settings = [("surgery (trained)", {})]
@@ -150,7 +150,7 @@ def routing_choices(model, tokens: jax.Array) -> list[jax.Array]:
 def niah_section(att: Attention, tokenizer, data_dir, lengths, depths, trials: int, context: int) -> dict:
     from llama_surgery_jax.evaluation.niah import run_niah
 
-    filler = data.tokenize(tokenizer, data.load_text("valid", data_dir, "tokens"))
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", data_dir, "tokens"))
     rows = {}
     for name, switch in (("dense", att.dense), ("surgery", att.surgery)):
         rows[name] = run_niah(Decoder(switch()), tokenizer, filler, lengths=lengths, depths=depths, trials=trials,
@@ -190,19 +190,20 @@ def levels_for(p: int, seq_len: int) -> int:
 
 def ablation(args, model_dir: Path, ids: np.ndarray, out: Path) -> list[dict]:
     """Routers trained per p with the preset's other settings; each evaluated at the curve's context."""
+    from llama_surgery_jax.evaluation import training_report
     from llama_surgery_jax.training.checkpoints import load_trained_routers
     from llama_surgery_jax.training.loop import train
 
     base = TrainConfig.preset(args.ablate_preset)
     rows = []
-    w = data.windows(ids, args.curve_context, args.curve_windows)
+    w = corpora.windows(ids, args.curve_context, args.curve_windows)
     base = base.override([f"model={model_dir}", *([f"steps={args.ablate_steps}"] if args.ablate_steps else []),
                           *([f"data_dir={args.data_dir}"] if args.data_dir else []),
                           *([f"eval_data={args.text}"] if args.text else []), *args.ablate_override])
     for p in args.ablate_p:
         levels = levels_for(p, base.seq_len)
         config = base.override([f"router.p={p}", f"router.levels={levels}", f"router.d_max={levels // 2}"])
-        train(config, out / f"ablate-p{p}", progress=False)
+        train(config, out / f"ablate-p{p}", report=training_report.prepare, progress=False)
         model, router, _ = load_trained_routers(load_model(model_dir), out / f"ablate-p{p}")
         density = surgery_density(model, w[:1])
         rows.append({"p": p, "levels": levels, "d_max": levels // 2, "codes": router.num_codes,
@@ -270,7 +271,7 @@ def plot_routing(per_layer_head: dict, choices: list, token: int, tile: int, p: 
 def markdown(result: dict) -> str:
     lines = ["# Quality against density", "", f"Run: `{result['run']}`; model `{result['model']}`; "
              f"routers: {result['router']}.", "",
-             f"Perplexity protocol: `{data.describe(result['protocol'])}`, no BOS, stride = context, every token "
+             f"Perplexity protocol: `{corpora.describe(result['protocol'])}`, no BOS, stride = context, every token "
              "after a window's first scored; routes argmax, hard mask. Block density: computed causal tiles / causal "
              f"tiles at tile {result['router']['block_size']} (surgery: sorted by code + band, as the kernel runs).",
              ""]

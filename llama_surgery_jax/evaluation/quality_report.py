@@ -15,7 +15,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import protocol
 from llama_surgery_jax.evaluation.quality import (
     Attention,
@@ -30,7 +29,8 @@ from llama_surgery_jax.evaluation.quality import (
     speed_section,
     surgery_density,
 )
-from llama_surgery_jax.files import write_json_atomic
+from llama_surgery_jax.io import corpora
+from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.model.config import ConfigError
 
@@ -49,11 +49,11 @@ def run_quality(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     model_dir = Path(args.model or trained_base(args.run) or default_model_dir())  # the run's base by default
     tokenizer = load_tokenizer(model_dir)
-    corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
-    ids = data.tokenize(tokenizer, corpus.text)
+    corpus = corpora.load_corpus(args.text, "test", args.data_dir, "raw")
+    ids = corpora.tokenize(tokenizer, corpus.text)
     # The longest window any section cuts from the text; the curve's context is always used (routing plots).
-    data.windows(ids, max([*args.contexts, args.curve_context]), 1, source=data.describe(corpus.source),
-                 setting="--contexts / --curve-context")
+    corpora.windows(ids, max([*args.contexts, args.curve_context]), 1, source=corpora.describe(corpus.source),
+                    setting="--contexts / --curve-context")
     model, router, step = load_trained_routers(load_model(model_dir), args.run, model_dir=model_dir)
     longest = max([*args.contexts, args.curve_context, *args.niah_lengths, *args.speed_contexts])
     if longest > model.config.max_position_embeddings:
@@ -80,7 +80,7 @@ def run_quality(args: argparse.Namespace) -> Path:
         result["curve"] = curve(att, ids, args.curve_context, args.curve_windows, args.batch_size, args.d_max,
                                 args.window_sweep, args.baseline_extra)
     result.setdefault("curve_context", previous.get("curve_context", args.curve_context))
-    first = data.windows(ids, args.curve_context, 1)
+    first = corpora.windows(ids, args.curve_context, 1)
     density = surgery_density(att.surgery(), first)
     token = min(args.route_token, args.curve_context - 1)
     choices = routing_choices(att.surgery(), jnp.asarray(first))
@@ -118,13 +118,13 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
 
     calibrated = calibration.read(Path(args.run))
     counts = dict(args.windows_at)
-    windows = {c: data.windows(ids, c, counts.get(c, args.windows), source=data.describe(corpus.source),
-                               setting="--contexts") for c in args.contexts}
+    windows = {c: corpora.windows(ids, c, counts.get(c, args.windows), source=corpora.describe(corpus.source),
+                                  setting="--contexts") for c in args.contexts}
     rows = bq.quality_rows(model, router, calibrated, windows, args.densities, args.batch_size, rows=args.rows,
                            on_row=lambda rows: write_json_atomic(out / "block_quality.partial.json", rows))
     niah = {}
     if args.niah_lengths:
-        filler = data.tokenize(tokenizer, data.load_text("valid", args.data_dir, "tokens"))
+        filler = corpora.tokenize(tokenizer, corpora.load_text("valid", args.data_dir, "tokens"))
         niah = bq.niah_rows(model, router, calibrated, tokenizer, filler, lengths=args.niah_lengths,
                             depths=args.niah_depths, trials=args.niah_trials,
                             settings=bq.niah_settings(args.niah_densities, args.niah_oracle_density,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import niah, perplexity, protocol, transformers_perplexity
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import CheckpointError, load_model, load_tokenizer
 from llama_surgery_jax.model.config import Precision
 from llama_surgery_jax.model.embedded import default_model_dir
@@ -53,11 +53,11 @@ class Evaluation:
                 check_above_floor(self.model, requested, self.contexts)
         # The text last: what the settings refuse is refused before it is read and tokenized.
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.corpus = data.load_corpus(args.text, "test", args.data_dir, "raw")
-        ids = data.tokenize(self.tokenizer, self.corpus.text)
+        self.corpus = corpora.load_corpus(args.text, "test", args.data_dir, "raw")
+        ids = corpora.tokenize(self.tokenizer, self.corpus.text)
         setting = "--contexts" if args.contexts else "--context"
-        self.windows = {c: data.windows(ids, c, args.max_windows, source=data.describe(self.corpus.source),
-                                        setting=setting) for c in self.contexts}
+        self.windows = {c: corpora.windows(ids, c, args.max_windows, source=corpora.describe(self.corpus.source),
+                                           setting=setting) for c in self.contexts}
 
     def score(self) -> dict:
         """Every context's perplexity (and the rest the settings ask for) → the result dict; `notes` lists the lines
@@ -99,7 +99,7 @@ class Evaluation:
             result["transformers"] = reference | {"relative_difference": result["ppl"] / reference["ppl"] - 1}
             notes.append(f"transformers perplexity {reference['ppl']:.4f} on the same windows "
                          f"(ours/theirs - 1 = {result['transformers']['relative_difference']:+.2e})")
-        scored_text = f"text {data.describe(self.corpus.source)}" if args.text else "wikitext-2 test"
+        scored_text = f"text {corpora.describe(self.corpus.source)}" if args.text else "wikitext-2 test"
         for row in by_context:
             label = f"baseline={args.baseline}" if args.baseline else f"surgery={result['surgery']}"
             if args.baseline:

@@ -1,1 +1,2 @@
-"""Router training: the run config, the loop, router checkpoints, the report, the step benchmark."""
+"""Router training: the run config, the loop, its metrics stream, router checkpoints, the calibrated budgets, the
+step benchmark (the end-of-training report is evaluation/training_report.py, passed to the loop)."""

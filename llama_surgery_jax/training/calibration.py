@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llama_surgery_jax.files import write_json_atomic
+from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.surgery.mask import band_tiles, causal_pairs, causal_tiles
 
 GRID = tuple(round(0.02 * i, 2) for i in range(1, 51))  # ρ = 0.02 … 1.0

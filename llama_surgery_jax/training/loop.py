@@ -1,4 +1,5 @@
-"""The router-training loop: data, the jitted train step over a mesh, checkpoints, resume, the final report.
+"""The router-training loop: data, the jitted train step over a mesh, checkpoints, resume, then the report it is
+given (`report`: the end-of-training report lives in evaluation/training_report.py and is passed in by the caller).
 
 The command line, its options and protocol: `python -m llama_surgery_jax.train` (llama_surgery_jax/train.py).
 """
@@ -9,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -18,16 +20,16 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from llama_surgery_jax import data
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model import sharding
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer, read_config
 from llama_surgery_jax.model.config import ConfigError
 from llama_surgery_jax.surgery.config import RouterSchedule
 from llama_surgery_jax.surgery.routed_attention import inject_routers
 from llama_surgery_jax.surgery.router import RouterParam, lambda_at, tau_at
-from llama_surgery_jax.training import report
 from llama_surgery_jax.training.checkpoints import RouterCheckpoints, model_fingerprint
 from llama_surgery_jax.training.config import TrainConfig
+from llama_surgery_jax.training.metrics import MetricsLogger
 
 
 class TrainingError(RuntimeError):
@@ -61,10 +63,11 @@ class PackedSequences:
 
     def __init__(self, ids: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
                  source: str = "the training text"):
-        self.sequences = data.windows(ids, seq_len, source=source, setting="seq_len")
+        self.sequences = corpora.windows(ids, seq_len, source=source, setting="seq_len")
         if len(self.sequences) < batch_size:
-            raise data.DataError(f"{source} makes {len(self.sequences)} sequences of {seq_len} tokens, fewer "
-                                 f"than one batch of {batch_size}: give more text or a smaller seq_len or batch_size")
+            raise corpora.DataError(f"{source} makes {len(self.sequences)} sequences of {seq_len} tokens, fewer "
+                                    f"than one batch of {batch_size}: give more text or a smaller seq_len or "
+                                    "batch_size")
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.cursor = 0, 0
 
@@ -88,10 +91,10 @@ class PackedSequences:
 
 
 def load_training_tokens(config: TrainConfig, model_dir: Path) -> tuple[np.ndarray, dict]:
-    """The training text as one token stream [tokens] int32, and its source (`data.Corpus.source`):
+    """The training text as one token stream [tokens] int32, and its source (`corpora.Corpus.source`):
     `config.data` when set, else the WikiText-2 split (never test)."""
-    corpus = data.load_corpus(config.data or None, config.train_split, config.data_dir or None, config.train_release)
-    return data.tokenize(load_tokenizer(model_dir), corpus.text), corpus.source
+    corpus = corpora.load_corpus(config.data or None, config.train_split, config.data_dir or None, config.train_release)
+    return corpora.tokenize(load_tokenizer(model_dir), corpus.text), corpus.source
 
 
 # ---------------------------------------------------------------------------- the step
@@ -208,11 +211,22 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     return Run(config, model_dir, graphdef, routers, frozen, opt_state, mesh, step_fn)
 
 
-def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: int | None = None) -> dict:
+# What `train` is given to write the report: called with (config, model_dir) before training (to read what it
+# needs, so that a missing text fails before the work), it returns finish(run, out, timing, train_source) → report.
+Report = Callable[[TrainConfig, Path], Callable[[Run, Path, dict, dict], dict]]
+
+
+def train(config: TrainConfig, out: Path, *, report: Report | None = None, progress: bool = True,
+          stop_after: int | None = None) -> dict:
     """Trains (resuming from `out` when it holds checkpoints) and writes the report; returns it.
 
+    report: the end-of-training report, `evaluation.training_report.prepare`; needed when `config.report` is on
+    (the default), so that a run asked for its report never ends without one.
     stop_after: return after this many steps of this invocation (a stand-in for a kill in tests).
     """
+    if config.report and report is None:
+        raise TypeError("train(): config.report is on but no report= was given: pass "
+                        "report=llama_surgery_jax.evaluation.training_report.prepare, or set report=false")
     out = out.absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -226,14 +240,14 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
     fingerprint = model_fingerprint(model_dir)
     checkpoints = RouterCheckpoints(out / "checkpoints", keep=config.keep_checkpoints)
     tokens, train_source = load_training_tokens(config, model_dir)
-    data_source = {"source": data.describe(train_source), "tokens": int(len(tokens)),
+    data_source = {"source": corpora.describe(train_source), "tokens": int(len(tokens)),
                    "sha256": hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()}
     checkpoints.check_compatible(fingerprint, config.router, data_source)
 
     batches = PackedSequences(tokens, config.seq_len, config.batch_size, config.seed,
-                              source=data.describe(train_source))
-    # Read and window the report's text now, so that a missing or too short one fails before training, not after.
-    evaluation = report.evaluation_windows(config, load_tokenizer(model_dir)) if config.report else None
+                              source=corpora.describe(train_source))
+    # The report reads and windows its text now, so that a missing or too short one fails before training, not after.
+    finish_report = report(config, model_dir) if config.report else None
     run = build_run(config, model_dir)
     replicated = sharding.replicated(run.mesh)
     seed = sharding.put(np.int32(config.seed), replicated)
@@ -246,7 +260,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
         print(f"resumed from {out / 'checkpoints'} at step {start}")
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
-    logger = report.MetricsLogger(out, resume_step=start, is_primary=jax.process_index() == 0)
+    logger = MetricsLogger(out, resume_step=start, is_primary=jax.process_index() == 0)
     process_rows = config.batch_size // jax.process_count()
     bad_in_a_row = 0
     # Compiled ahead of the loop, so that the bar's rate and ETA count steady-state steps only and the
@@ -307,7 +321,7 @@ def train(config: TrainConfig, out: Path, *, progress: bool = True, stop_after: 
               "steps_per_s": (len(step_seconds) - 1) / sum(step_seconds[1:]) if len(step_seconds) > 1 else None,
               "peak_device_memory_gib": peak_device_memory_gib(), "device": jax.devices()[0].device_kind,
               "devices": jax.device_count()}
-    return report.final_report(run, out, config, timing, evaluation=evaluation, train_source=train_source)
+    return finish_report(run, out, timing, train_source)
 
 
 def calibrate_budgets(run: Run, out: Path, batches: PackedSequences) -> None:

@@ -2,7 +2,7 @@
 from the sentence patterns and words below by a seeded generator (deterministic: running it again rewrites the
 same bytes). `python tests/data/make_prose.py` from the repository root.
 
-The two files carry the names that `llama_surgery_jax.data` reads from a --data-dir folder (wiki.valid.tokens for
+The two files carry the names that `llama_surgery_jax.io.corpora` reads from a --data-dir folder (wiki.valid.tokens for
 training, wiki.test.raw for evaluation): only that file layout is borrowed; every sentence comes from here.
 """
 

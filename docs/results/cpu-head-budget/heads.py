@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.block_quality import BudgetScorer
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.model.embedded import default_model_dir
 from llama_surgery_jax.surgery.block_routing import floor_density
@@ -18,8 +18,8 @@ run, context, rho, sequences = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 model = load_model(default_model_dir())
 model, router, _ = load_trained_routers(model, run)
 tok = load_tokenizer(default_model_dir())
-test = data.windows(data.tokenize(tok, data.wikitext("test").text), context, 8)
-valid = data.windows(data.tokenize(tok, data.load_text("valid", None, "tokens")), context, sequences)
+test = corpora.windows(corpora.tokenize(tok, corpora.wikitext("test").text), context, 8)
+valid = corpora.windows(corpora.tokenize(tok, corpora.load_text("valid", None, "tokens")), context, sequences)
 L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
 scorer = BudgetScorer(model)
 

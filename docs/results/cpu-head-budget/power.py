@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.block_quality import BudgetScorer
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.model.embedded import default_model_dir
 from llama_surgery_jax.surgery.block_routing import floor_density
@@ -22,8 +22,8 @@ powers = [float(p) for p in sys.argv[4:]]
 model = load_model(default_model_dir())
 model, router, _ = load_trained_routers(model, run)
 tok = load_tokenizer(default_model_dir())
-valid = data.windows(data.tokenize(tok, data.load_text("valid", None, "tokens")), context, 10)[2:]
-test = data.windows(data.tokenize(tok, data.wikitext("test").text), context, 8)
+valid = corpora.windows(corpora.tokenize(tok, corpora.load_text("valid", None, "tokens")), context, 10)[2:]
+test = corpora.windows(corpora.tokenize(tok, corpora.wikitext("test").text), context, 8)
 head_s = np.asarray(json.loads(Path(__file__).with_name("heads.jsonl").read_text().splitlines()[0])["head"])
 floor = floor_density(-(-context // router.block_size), tile=router.block_size, window=router.window, sink=router.sink)
 scorer = BudgetScorer(model)

@@ -1,6 +1,6 @@
 import sys, time, numpy as np, jax, jax.numpy as jnp
 from flax import nnx
-from llama_surgery_jax import data
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.model.embedded import default_model_dir
 from llama_surgery_jax.surgery.config import RouterConfig
@@ -10,8 +10,8 @@ QK = len(sys.argv) > 5 and sys.argv[5] == "qk"  # pooled q/k instead of the rout
 md = default_model_dir()
 model = load_model(md)
 tok = load_tokenizer(md)
-ids = data.tokenize(tok, data.load_text("valid", "/work/shared/data/wikitext-2", "tokens"))
-seqs = data.windows(ids, SEQ, NSEQ)
+ids = corpora.tokenize(tok, corpora.load_text("valid", "/work/shared/data/wikitext-2", "tokens"))
+seqs = corpora.windows(ids, SEQ, NSEQ)
 rc = RouterConfig(mode="block", d_max=0, levels=6, window=W, block_size=T, routing_heads="kv")
 inject_routers(model, rc, nnx.Rngs(0))
 g, st = nnx.split(model)

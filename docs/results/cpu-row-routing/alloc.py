@@ -3,7 +3,7 @@
 """Layer-sensitivity allocation on CPU: sensitivity on valid text, evaluation on test windows."""
 import json, sys
 import numpy as np
-from llama_surgery_jax import data
+from llama_surgery_jax.io import corpora
 from llama_surgery_jax.evaluation.block_quality import BudgetScorer
 from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
 from llama_surgery_jax.model.embedded import default_model_dir
@@ -14,8 +14,8 @@ run, context, rho = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 model = load_model(default_model_dir())
 model, router, _ = load_trained_routers(model, run)
 tok = load_tokenizer(default_model_dir())
-test = data.windows(data.tokenize(tok, data.wikitext("test").text), context, 8)
-valid = data.windows(data.tokenize(tok, data.load_text("valid", None, "tokens")), context, 4)
+test = corpora.windows(corpora.tokenize(tok, corpora.wikitext("test").text), context, 8)
+valid = corpora.windows(corpora.tokenize(tok, corpora.load_text("valid", None, "tokens")), context, 4)
 L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
 scorer = BudgetScorer(model)
 base = scorer(valid, np.ones((L, H), np.float32), "recent", 2)["ppl"]

@@ -1,7 +1,7 @@
 """Command-line argument types that check their range as argparse parses, so a bad setting stops the command before
 any work with a message that names it (`error: argument --top-k: must be at least 1, got 0`), and output paths that
 are checked the same way (a JSON file that would land on a folder, a folder that is a file, a parent that cannot be
-made), so that a result is never lost after the work.
+made), so that a result is never lost after the work; and `command`, the `main` of a command line.
 """
 
 from __future__ import annotations
@@ -11,6 +11,21 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+
+def command(parse: Callable[[list[str] | None], argparse.Namespace],
+            run: Callable[[argparse.Namespace], int]) -> Callable[[list[str] | None], int]:
+    """A command line's `main(argv) -> exit status`: `parse(argv)`, then `run(args)`. argparse's own exit (a bad
+    setting: 2, its message printed; --help: 0) is returned as the status like run's failures, not raised, so that
+    `sys.exit(main())` and a test calling `main([...])` see one kind of result."""
+    def main(argv: list[str] | None = None) -> int:
+        try:
+            args = parse(argv)
+        except SystemExit as stop:
+            return stop.code or 0
+        return run(args)
+
+    return main
 
 
 def integer(minimum: int) -> Callable[[str], int]:

@@ -1,12 +1,15 @@
-"""What a training run writes: metrics as it goes (JSONL, TensorBoard), and the final report.
+"""The report at the end of router training: report.json, report.md and PNG plots in the run folder.
 
-The report scores the dense baseline and the surgery through the same pipeline (evaluate.perplexity,
-same windows, same protocol), and measures the realised hard topology per layer and head.
+The report scores the dense baseline and the surgery through the same pipeline (evaluation.perplexity,
+same windows, same protocol), and measures the realised hard topology per layer and head. The training loop
+knows it only as the `report` it is given (`training.loop.train(report=prepare)`), so that training does not
+import evaluation, which imports training (router checkpoints, budgets, the loop for ablations).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -14,46 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_surgery_jax import data
 from llama_surgery_jax.evaluation.perplexity import perplexity, protocol
-from llama_surgery_jax.files import write_json_atomic
+from llama_surgery_jax.io import corpora
+from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import load_tokenizer
 from llama_surgery_jax.surgery.mask import causal_pairs, executed_tiles, token_density
 from llama_surgery_jax.surgery.routed_attention import hard_topology, remove_routers
 
 DENSITY_TILES = (64, 128)
 DENSITY_WINDOWS = 2  # evaluation windows over which densities are measured
-
-
-class MetricsLogger:
-    """One JSON line per step in DIR/metrics.jsonl and TensorBoard scalars in DIR/tensorboard."""
-
-    def __init__(self, out: Path, *, resume_step: int, is_primary: bool = True):
-        self.enabled = is_primary
-        if not self.enabled:
-            return
-        path = out / "metrics.jsonl"
-        # On resume, drop lines past the checkpoint: those steps are computed again.
-        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-                if json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
-        from tensorboardX import SummaryWriter
-
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.writer.close()
 
 
 def topology_densities(model, tokens: jax.Array, config) -> dict:
@@ -78,13 +50,25 @@ def topology_densities(model, tokens: jax.Array, config) -> dict:
     return {k: np.stack(v).tolist() for k, v in per_layer.items()}  # [layers][heads]
 
 
+def prepare(config, model_dir: Path) -> Callable[..., dict]:
+    """What `training.loop.train` is given as `report`: reads and windows the report's text now, before training,
+    so that a missing or too short text fails before the work, not after it; returns
+    finish(run, out, timing, train_source) → the report (`final_report` on those windows)."""
+    evaluation = evaluation_windows(config, load_tokenizer(model_dir))
+
+    def finish(run, out: Path, timing: dict, train_source: dict) -> dict:
+        return final_report(run, out, config, timing, evaluation=evaluation, train_source=train_source)
+
+    return finish
+
+
 def evaluation_windows(config, tokenizer) -> tuple[np.ndarray, dict]:
     """The report's windows [eval_windows, eval_context] int32 and their source: `config.eval_data` when set,
     else WikiText-2 wiki.test.raw."""
-    corpus = data.load_corpus(config.eval_data or None, "test", config.data_dir or None, "raw")
-    ids = data.tokenize(tokenizer, corpus.text)
-    windows = data.windows(ids, config.eval_context, config.eval_windows, source=data.describe(corpus.source),
-                           setting="eval_context")
+    corpus = corpora.load_corpus(config.eval_data or None, "test", config.data_dir or None, "raw")
+    ids = corpora.tokenize(tokenizer, corpus.text)
+    windows = corpora.windows(ids, config.eval_context, config.eval_windows, source=corpora.describe(corpus.source),
+                              setting="eval_context")
     return windows, corpus.source
 
 
@@ -127,9 +111,9 @@ def markdown(r: dict) -> str:
     lines = [
         "# Llama Surgery run report", "",
         f"Model: `{r['model']}`; {r['steps']} router-training steps.", "",
-        f"Perplexity on `{data.describe(p)}`: {p['windows']} windows of {p['context']} tokens, "
+        f"Perplexity on `{corpora.describe(p)}`: {p['windows']} windows of {p['context']} tokens, "
         f"no BOS, every token after a window's first scored ({r['tokens_scored']} tokens), same pipeline for both.",
-        *([f"Routers trained on `{data.describe(p['train_data'])}`."] if "train_data" in p else []),
+        *([f"Routers trained on `{corpora.describe(p['train_data'])}`."] if "train_data" in p else []),
         "", "| | perplexity |", "| --- | --- |",
         f"| dense baseline | {r['dense_ppl']:.4f} |",
         f"| surgery (hard mask, argmax routes) | {r['surgery_ppl']:.4f} |",
@@ -224,9 +208,9 @@ def block_markdown(r: dict) -> str:
         "# Llama Surgery run report (budgeted block routing, self-distilled)", "",
         f"Model: `{r['model']}`; {r['steps']} router-training steps; tile {r['block_size']}; target block density "
         f"ρ = {r['target_block_density']}.", "",
-        f"Perplexity on `{data.describe(p)}`: {p['windows']} windows of {p['context']} tokens, no BOS, every token "
+        f"Perplexity on `{corpora.describe(p)}`: {p['windows']} windows of {p['context']} tokens, no BOS, every token "
         f"after a window's first scored ({r['tokens_scored']} tokens), same pipeline for all rows.",
-        *([f"Routers trained on `{data.describe(p['train_data'])}`."] if "train_data" in p else []), "",
+        *([f"Routers trained on `{corpora.describe(p['train_data'])}`."] if "train_data" in p else []), "",
         "| | perplexity | gap | executed block density (min–max over windows) | token density | attention recall |",
         "| --- | --- | --- | --- | --- | --- |",
         f"| dense baseline | {r['dense_ppl']:.4f} | | 1 | 1 | 1 |",
