@@ -65,7 +65,7 @@ def test_needles_of_several_lengths_answer_alike_in_one_shape_or_one_per_length(
     from llama_surgery_jax.inference.cache import Decoder
 
     tokenizer = load_tokenizer(tiny_model_dir)
-    filler = data.tokenize(tokenizer, data.load_text("valid", prose_dir, "tokens")[:50_000])
+    filler = corpora.tokenize(tokenizer, corpora.load_text("valid", prose_dir, "tokens")[:50_000])
     model = load_model(tiny_model_dir)
     decoder = Decoder(model, attention="reference")
     kwargs = dict(lengths=[80, 112], depths=[0.0, 1.0], trials=2, batch_size=3,

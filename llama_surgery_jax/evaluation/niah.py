@@ -136,7 +136,9 @@ def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, de
         began = time.perf_counter()
         result = generate(decoder, prompts, max_new_tokens=max_new, model_context=model_context, warmup=False,
                           width=max(lengths) if one_shape else None)
-        completions |= {id(c): tokenizer.decode(t, skip_special_tokens=True) for c, t in zip(batch, result.tokens)}
+        answered = result.tokens[:len(batch)]  # the filling copies' answers dropped
+        completions |= {id(c): tokenizer.decode(t, skip_special_tokens=True)
+                        for c, t in zip(batch, answered, strict=True)}
         done += len(batch)
         if log is not None:
             shape = f"padded to {max(lengths)}" if one_shape else f"{batch[0].length}"
