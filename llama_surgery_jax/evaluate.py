@@ -7,7 +7,8 @@ retrieval.
                                          [--baseline streaming|moba --baseline-density D]
                                          [--niah 2048,4096,8192 [--niah-trials N]] [--text FILE|DIR]
                                          [--block-density RHO [--budget adaptive|sensitivity|uniform]
-                                          [--selection router|recent|moba|oracle|global_oracle]]
+                                          [--selection router|recent|moba|oracle|global_oracle|row_bound|...]
+                                          [--thresholds]]
 
 `--contexts` scores several contexts in one run (the JSON's top-level fields are the first one's, every
 context under `by_context`); `--dense-too` also scores the dense model on the same windows (`dense`,
@@ -17,7 +18,11 @@ exact-match accuracy at those lengths (`niah.py`), for the model as configured a
 dense. A block-mode run (budgeted block routing) is scored at `--block-density` ρ (default: the run's), with
 its calibrated per-head densities or ρ for every head (`--budget`), and `--selection` puts a baseline or an
 oracle in the router's place under the same budget; the JSON then holds the executed block density and the
-attention recall per window and layer, and needles run by re-prefill. The full comparison with plots is
+attention recall per window and layer, and needles run by re-prefill. `--thresholds` spends the budget's tiles by
+per-row thresholds instead of a count per query block (row selections: `row_bound`, `row_oracle`, `row_moba`, or
+the router of a run trained with router.query=row): τ per layer is calibrated on 8 windows of the training text
+(`wiki.valid.tokens`) at each context, and the executed density (per window, in the JSON) varies around
+ρ. The full comparison with plots is
 `python -m llama_surgery_jax.quality --run RUN`.
 
 Protocol (stated in every result): the whole `wiki.test.raw` (or the `--text` file, or a folder's `*.txt`
@@ -37,6 +42,7 @@ from llama_surgery_jax.io import corpora
 from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
+from llama_surgery_jax.surgery.block_routing import SELECTIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,9 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", choices=["adaptive", "sensitivity", "uniform"],
                         help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
                              "when the run has them) or ρ for every head")
-    parser.add_argument("--selection", choices=["router", "recent", "moba", "oracle", "global_oracle"],
+    parser.add_argument("--selection", choices=list(SELECTIONS),
                         help="block-mode runs: which tiles fill the budget (default: the router); the others are "
                              "baselines under the same budget, the oracles upper bounds that read the dense attention")
+    parser.add_argument("--thresholds", action="store_true",
+                        help="block-mode runs, row selections: per-row thresholds calibrated on training text spend "
+                             "the budget's tiles (a block runs as many as its rows' predicted mass reaches)")
     parser.add_argument("--allow-floor", action="store_true",
                         help="run a block density below the floor of the sink and window tiles (the floor executes)")
     parser.add_argument("--niah", type=unchanged(listed(integer(2))),

@@ -53,7 +53,15 @@ ROWS = (  # (name, selection, budget)
     ("moba per row", "row_moba", "uniform"),
     ("streaming", "recent", "uniform"),
     ("quest per row", "row_bound", "uniform"),
+    ("surgery (thresholds)", "router", "uniform+thresholds"),
+    ("surgery (sensitivity, thresholds)", "router", "sensitivity+thresholds"),
+    ("quest per row (thresholds)", "row_bound", "uniform+thresholds"),
+    ("quest per row (sensitivity, thresholds)", "row_bound", "sensitivity+thresholds"),
+    ("per-row oracle (thresholds)", "row_oracle", "uniform+thresholds"),
 )
+THRESHOLDS = "+thresholds"  # a budget's tiles spent by per-row thresholds (`calibration.row_thresholds`)
+THRESHOLD_SCOPE = "layer"  # one τ per layer (docs/results/cpu-row-threshold: per head did worse)
+CALIBRATION_SEQUENCES = 8  # training sequences τ is calibrated on, per (context, ρ, row)
 
 
 def row_key(row: tuple[str, str, str]) -> str:
@@ -77,20 +85,24 @@ class BudgetScorer:
         self.graphdef, self.state = nnx.split(model)
         self.compiled = {}
 
-    def __call__(self, windows: np.ndarray, densities: np.ndarray, selection: str, batch_size: int) -> dict:
-        key = selection
+    def __call__(self, windows: np.ndarray, densities: np.ndarray, selection: str, batch_size: int,
+                 thresholds: np.ndarray | None = None) -> dict:
+        key = (selection, thresholds is None)
         if key not in self.compiled:
             graphdef = self.graphdef
 
-            def score(state, tokens, densities):
+            def score(state, tokens, budget):
                 return window_nll_and_stats(nnx.merge(graphdef, state), tokens, train=False, rng=None,
-                                            block_density=densities, selection=selection, measure_recall=True)
+                                            selection=selection, measure_recall=True, **budget)
 
             self.compiled[key] = jax.jit(score)
         score = self.compiled[key]
+        budget = {"block_density": jnp.asarray(densities)}
+        if thresholds is not None:
+            budget["thresholds"] = jnp.asarray(thresholds)
         total, per_window = 0.0, {}
         for start in range(0, len(windows), batch_size):
-            nll, stats = score(self.state, jnp.asarray(windows[start:start + batch_size]), jnp.asarray(densities))
+            nll, stats = score(self.state, jnp.asarray(windows[start:start + batch_size]), budget)
             total += float(np.sum(np.asarray(nll, np.float64)))
             for name, value in stats.items():
                 per_window.setdefault(name, []).extend(np.asarray(value, np.float64).T.tolist())
@@ -98,22 +110,39 @@ class BudgetScorer:
         return {"ppl": math.exp(total / tokens), "tokens": tokens} | {k: summarize(v) for k, v in per_window.items()}
 
 
+def runnable(row: tuple[str, str, str], router, calibrated: dict | None, training: dict | None) -> bool:
+    """Whether a run can fill `row`: calibrated budgets need their calibration, per-row thresholds training text
+    to calibrate τ on, and the router's thresholds a row router (router.query=row)."""
+    _, selection, budget = row
+    base, thresholds = budget.removesuffix(THRESHOLDS), budget.endswith(THRESHOLDS)
+    if thresholds and (training is None or (selection == "router" and router.query != "row")):
+        return False
+    return base == "uniform" or (calibrated is not None and (base == "adaptive"
+                                                             or calibration.has_sensitivity(calibrated)))
+
+
 def quality_rows(model, router, calibrated: dict | None, windows_by_context: dict[int, np.ndarray],
-                 densities: list[float], batch_size: int, rows=ROWS, on_row=None) -> list[dict]:
+                 densities: list[float], batch_size: int, rows=ROWS, on_row=None,
+                 training: dict[int, np.ndarray] | None = None) -> list[dict]:
     """Every (context, ρ, row) of the table; the dense rows are the caller's (they need the routers removed).
-    on_row(rows so far) after each row (a long measurement keeps what it has)."""
+    on_row(rows so far) after each row (a long measurement keeps what it has). training: windows of training text
+    per context, on which the rows with per-row thresholds calibrate τ (without it those rows are left out)."""
     scorer = BudgetScorer(model)
     out = []
     plan = [(c, rho, row) for c in windows_by_context for rho in densities for row in rows
-            if row[2] == "uniform" or (calibrated is not None and (row[2] == "adaptive"
-                                                                   or calibration.has_sensitivity(calibrated)))]
+            if runnable(row, router, calibrated, training)]
     for context, rho, (name, selection, budget) in tqdm(plan, desc="rows"):
         n = -(-context // router.block_size)
         floor = floor_density(n, tile=router.block_size, window=router.window, sink=router.sink)
-        table = density_table(model, router, calibrated, rho, budget, context)
+        table = density_table(model, router, calibrated, rho, budget.removesuffix(THRESHOLDS), context)
         started = time.perf_counter()
-        scored = scorer(windows_by_context[context], table, selection, batch_size)
-        scored["seconds"] = time.perf_counter() - started  # compilation of a new selection included
+        thresholds = None
+        if budget.endswith(THRESHOLDS):
+            thresholds = calibration.row_thresholds(model, training[context][:CALIBRATION_SEQUENCES],
+                                                    selection=selection, densities=table, scope=THRESHOLD_SCOPE,
+                                                    batch_size=batch_size)
+        scored = scorer(windows_by_context[context], table, selection, batch_size, thresholds)
+        scored["seconds"] = time.perf_counter() - started  # compilation (and τ's calibration) included
         out.append({"context": context, "target_density": rho, "row": name, "selection": selection,
                     "budget": budget, "below_floor": rho < floor, "floor": floor,
                     "windows": len(windows_by_context[context]), **scored})

@@ -120,8 +120,14 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
     counts = dict(args.windows_at)
     windows = {c: corpora.windows(ids, c, counts.get(c, args.windows), source=corpora.describe(corpus.source),
                                   setting="--contexts") for c in args.contexts}
+    training = None
+    if any(budget.endswith(bq.THRESHOLDS) for _, _, budget in args.rows):
+        train_ids = corpora.tokenize(tokenizer, corpora.load_text("valid", args.data_dir, "tokens"))
+        training = {c: corpora.windows(train_ids, c, bq.CALIBRATION_SEQUENCES, setting="--contexts")
+                    for c in args.contexts}
     rows = bq.quality_rows(model, router, calibrated, windows, args.densities, args.batch_size, rows=args.rows,
-                           on_row=lambda rows: write_json_atomic(out / "block_quality.partial.json", rows))
+                           on_row=lambda rows: write_json_atomic(out / "block_quality.partial.json", rows),
+                           training=training)
     niah = {}
     if args.niah_lengths:
         filler = corpora.tokenize(tokenizer, corpora.load_text("valid", args.data_dir, "tokens"))

@@ -32,8 +32,10 @@ class Evaluation:
 
         self.args = args
         self.contexts = list(args.contexts) if args.contexts else [args.context]
-        if not args.surgery and (args.block_density is not None or args.budget or args.selection):
-            raise CheckpointError("--block-density, --budget and --selection need --surgery RUN of a block-mode run")
+        thresholds = getattr(args, "thresholds", False)
+        if not args.surgery and (args.block_density is not None or args.budget or args.selection or thresholds):
+            raise CheckpointError("--block-density, --budget, --selection and --thresholds need --surgery RUN of a "
+                                  "block-mode run")
         model_dir = args.model
         if not model_dir and args.surgery and args.surgery != "init":
             model_dir = trained_base(args.surgery)  # the run's own base model, when it is here
@@ -51,6 +53,13 @@ class Evaluation:
                            "requested_block_density": requested}
             if not args.allow_floor:
                 check_above_floor(self.model, requested, self.contexts)
+        if thresholds:
+            if args.niah:
+                raise CheckpointError("--niah with --thresholds: τ is calibrated per context, and needles run at "
+                                      "other lengths; score needles without --thresholds")
+            check_row_selection(self.model, self.attention_kwargs)
+            self.budget["allocation"] = (f"per-row thresholds, one τ per layer, calibrated on {CALIBRATION_SEQUENCES} "
+                                         "windows of wiki.valid.tokens at each context")
         # The text last: what the settings refuse is refused before it is read and tokenized.
         self.tokenizer = load_tokenizer(self.model_dir)
         self.corpus = corpora.load_corpus(args.text, "test", args.data_dir, "raw")
@@ -58,6 +67,11 @@ class Evaluation:
         setting = "--contexts" if args.contexts else "--context"
         self.windows = {c: corpora.windows(ids, c, args.max_windows, source=corpora.describe(self.corpus.source),
                                            setting=setting) for c in self.contexts}
+        self.training = None  # training windows per context, on which per-row thresholds are calibrated
+        if thresholds:
+            train_ids = corpora.tokenize(self.tokenizer, corpora.load_text("valid", args.data_dir, "tokens"))
+            self.training = {c: corpora.windows(train_ids, c, CALIBRATION_SEQUENCES, source="wiki.valid.tokens",
+                                                setting=setting) for c in self.contexts}
 
     def score(self) -> dict:
         """Every context's perplexity (and the rest the settings ask for) → the result dict; `notes` lists the lines
@@ -70,7 +84,10 @@ class Evaluation:
 
                 extra = extra_blocks_for_density(-(-context // args.baseline_tile), args.baseline_density)
                 install_baseline(model, args.baseline, extra=extra, tile=args.baseline_tile)
-            scored = perplexity(model, windows, batch_size=args.batch_size, **self.attention_kwargs)
+            kwargs = dict(self.attention_kwargs)
+            if self.training is not None:
+                kwargs["thresholds"] = calibrated_thresholds(model, kwargs, self.training[context], args.batch_size)
+            scored = perplexity(model, windows, batch_size=args.batch_size, **kwargs)
             scored.update(context=context, protocol=protocol(context, len(windows), self.corpus.source))
             if args.baseline:
                 scored["baseline"] = describe(args.baseline, extra, args.baseline_tile, context)
@@ -107,6 +124,9 @@ class Evaluation:
             elif self.budget:
                 label += (f", selection {self.budget['selection']}, {self.budget['budget']} budget, ρ requested "
                           f"{self.budget['requested_block_density']:g}, executed {row['block_density']['mean']:.3f}")
+                if "allocation" in self.budget:
+                    label += (f" [{row['block_density']['min']:.3f}, {row['block_density']['max']:.3f}] by "
+                              f"{self.budget['allocation']}")
             notes.append(f"{scored_text} perplexity {row['ppl']:.4f} over {row['tokens']} tokens "
                          f"({row['protocol']['windows']} windows of {row['context']}, no BOS, {label})")
         if args.niah:
@@ -136,3 +156,33 @@ def check_above_floor(model, rho: float, contexts: list[int]) -> None:
                 f"{floor:.3f} at context {context} (tile "
                 f"{config.block_size}, window {config.window}: the sink, own and window tiles alone execute that "
                 "much): raise --block-density, use a longer context, or pass --allow-floor to run the floor")
+
+
+CALIBRATION_SEQUENCES = 8  # training windows τ is calibrated on, per context (as `block_quality`'s rows)
+
+
+def check_row_selection(model, attention_kwargs: dict) -> None:
+    """--thresholds ranks rows: a row selection, or the router of a row-routing run."""
+    from llama_surgery_jax.surgery.block_routing import ROW_SELECTIONS
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+    selection = attention_kwargs["selection"]
+    row_router = selection == "router" and routed_layers(model)[0].config.query == "row"
+    if selection not in ROW_SELECTIONS and not row_router:
+        raise CheckpointError(f"--thresholds ranks rows: selection {selection!r} ranks query blocks; use --selection "
+                              f"{' or '.join(ROW_SELECTIONS)}, or the router of a run trained with router.query=row")
+
+
+def calibrated_thresholds(model, kwargs: dict, windows, batch_size: int):
+    """τ [layers, heads] for the selection and densities of `kwargs`, calibrated on training windows [s, t]."""
+    import numpy as np
+
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+    from llama_surgery_jax.training import calibration
+
+    layers = routed_layers(model)
+    table = np.broadcast_to(np.asarray(kwargs["block_density"], np.float32),
+                            (len(layers), layers[0].router.routing_heads))
+    return calibration.row_thresholds(model, windows, selection=kwargs["selection"], densities=table, scope="layer",
+                                      batch_size=batch_size)
+

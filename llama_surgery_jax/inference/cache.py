@@ -272,10 +272,10 @@ class Decoder:
             block_budget = Budget(config.block_density, "uniform", config.block_density)
         self.block_budget = block_budget if self.block_size is not None else None
         # A traced argument (one program for every ρ or table), and only for block mode, whose layers take it.
-        self.density = None if self.block_budget is None else jnp.asarray(self.block_budget.densities, jnp.float32)
+        self.density = None if self.block_budget is None else self.block_budget.arguments()
 
         def densities(density):
-            return {} if density is None else {"block_density": density}
+            return {} if density is None else density
 
         def prefill_fn(state, density, tokens, lengths, max_len):
             return prefill(nnx.merge(graphdef, state), tokens, lengths, max_len=max_len, attention=self.attention,
@@ -301,7 +301,7 @@ class Decoder:
             raise ValueError("with_budget needs a block-mode routed model")
         other = copy.copy(self)
         other.block_budget = block_budget
-        other.density = jnp.asarray(block_budget.densities, jnp.float32)
+        other.density = block_budget.arguments()
         return other
 
     def describe(self) -> str:

@@ -160,7 +160,7 @@ class RoutedAttention(nnx.Module):
 
     def block_attention(self, q, k, v, *, x, train: bool, tau, rng, block_density=None, selection: str = "router",
                         measure_recall: bool = False, return_codes: bool = False, return_mass: bool = False,
-                        attention: str | None = None, given_tiles=None, remat=None, **_):
+                        attention: str | None = None, given_tiles=None, thresholds=None, remat=None, **_):
         """Budgeted block routing (METHOD.md §11, `block_routing`) → (out, aux).
 
         train=True (self-distillation): the layer computes the frozen model's dense attention, and aux holds
@@ -173,6 +173,10 @@ class RoutedAttention(nnx.Module):
         [b, h, n, n] per layer, e.g. another run's aux["tiles"]: a replay, to compare two attention paths on one
         mask). aux: block_density (executed) and token_density per sequence [b], attention_recall [b] when
         measure_recall.
+        thresholds (row selections): None, the budgets' tile count per query block, filled in row order
+        (`select_rows`); a [layers, heads] table of τ, per-row thresholds (`threshold_rows`); "layer" or "head":
+        the calibration pass, each sequence at τ of its own that spends the budgets' tiles (one τ per layer or
+        per head), its candidates' peaks in aux["row_peaks"].
         """
         from llama_surgery_jax.surgery import block_routing as br
 
@@ -208,7 +212,7 @@ class RoutedAttention(nnx.Module):
             return out, aux
         budgets = self.row_budgets(n, block_density)
         row_wise = selection in br.ROW_SELECTIONS or (selection == "router" and by_rows)
-        routing = row_mass = mass = None
+        routing = row_mass = mass = peaks = None
         if selection == "router" or return_codes:
             routing = (route_rows(self.router.parameters(), x, config=config, routing_heads=heads) if by_rows
                        else route_blocks(self.router.parameters(), x, config=config, routing_heads=heads, tau=tau,
@@ -224,7 +228,13 @@ class RoutedAttention(nnx.Module):
                       "row_oracle": lambda: row_mass,
                       "row_moba": lambda: br.row_moba_score(q, k, tile=tile, routing_heads=heads),
                       "row_bound": lambda: br.row_bound_score(q, k, tile=tile, routing_heads=heads)}[selection]()
-            first_rows = br.select_rows(scores, budgets, t=t, front=config.row_front, **rule)
+            if thresholds is None:
+                first_rows = br.select_rows(scores, budgets, t=t, front=config.row_front, **rule)
+            else:
+                first_rows, peaks = self.threshold_rows(selection, scores, budgets, thresholds, t)
+        elif thresholds is not None:
+            raise ValueError(f"per-row thresholds rank rows: selection {selection!r} ranks query blocks (use "
+                             f"{', '.join(br.ROW_SELECTIONS)}, or the router of a run trained with router.query=row)")
         else:
             first_rows = br.first_rows_of(self.select(selection, routing, q, k, mass, budgets, n), tile)
         tiles = first_rows < tile
@@ -242,8 +252,10 @@ class RoutedAttention(nnx.Module):
         aux = {"block_density": br.executed_density(tiles), "token_density": pairs / float(heads * causal_pairs(t))}
         if row_mass is not None:
             aux["attention_recall"] = br.row_recall(first_rows, row_mass, tile)
-        if selection == "router" and by_rows and measure_recall:
+        if selection == "router" and by_rows and measure_recall and thresholds is None:
             aux["tie_share"] = br.tied_share(self.row_router_scores(routing, t), first_rows, **rule)
+        if isinstance(thresholds, str):
+            aux["row_peaks"] = peaks
         if return_codes:
             if not by_rows:
                 aux["codes"] = (routing.q_codes, routing.k_codes)
@@ -252,6 +264,29 @@ class RoutedAttention(nnx.Module):
             aux["tiles"] = tiles
             aux["first_rows"] = first_rows
         return out, aux
+
+    def threshold_rows(self, selection: str, scores: jax.Array, budgets: jax.Array, thresholds, t: int):
+        """(first_rows, peaks) of the per-row threshold rule (`block_routing.select_rows_above`) on a row selection's
+        scores: masses as they are (the per-row oracle, Quest), logits as each row's predicted share of its
+        candidates' mass. thresholds: a [layers, heads] τ table, or "layer"/"head" (calibration, see
+        `block_attention`)."""
+        from llama_surgery_jax.surgery import block_routing as br
+
+        config = self.config
+        rule = dict(tile=config.block_size, window=config.window, sink=config.sink)
+        n = scores.shape[-1]
+        if selection in ("router", "row_moba"):
+            scores = br.predicted_mass(scores, br.row_candidates(t, **rule))
+        peaks = br.row_peaks(scores, t=t, **rule)
+        if isinstance(thresholds, str):
+            if thresholds not in ("layer", "head"):
+                raise ValueError(f"thresholds={thresholds!r}: give a [layers, heads] table, or 'layer' or 'head' "
+                                 "to calibrate one")
+            extra = jnp.sum(br.row_extra(budgets, n, **rule), axis=-1)
+            tau = br.per_sequence_thresholds(peaks, extra, per_head=thresholds == "head")
+        else:
+            tau = jnp.asarray(thresholds, jnp.float32)[self.layer_index]
+        return br.select_rows_above(scores, tau, t=t, **rule), peaks
 
     def row_router_scores(self, routing, t: int) -> jax.Array:
         """[b, h, t, n]: the row router's score of every (row, key block), the one the distillation fits: the
@@ -325,7 +360,7 @@ class RoutedAttention(nnx.Module):
         return out, aux, cache
 
     def block_decode(self, q, k, v, *, x, cache: LayerCache, lengths: jax.Array, attention: str | None,
-                     block_density=None, route: bool | jax.Array = True, **_):
+                     block_density=None, route: bool | jax.Array = True, thresholds=None, **_):
         """One new token per sequence (index i = lengths[b], its k, v already in the cache) in block mode: row
         m = i // T of the prefill's rule, so decode executes the mask prefill and training execute.
 
@@ -349,8 +384,11 @@ class RoutedAttention(nnx.Module):
         ring = cache.router_inputs.at[batch, lengths % size].set(x[:, 0].astype(cache.router_inputs.dtype))
         cache = cache._replace(router_inputs=ring)
         if config.query == "row":  # every row routes from its own query: no step may skip it
-            return self.attend_kept(q, k, v, self.route_own_row(x, cache, lengths, block_density), lengths,
-                                    attention)
+            return self.attend_kept(q, k, v, self.route_own_row(x, cache, lengths, block_density, thresholds),
+                                    lengths, attention)
+        if thresholds is not None:
+            raise ValueError("per-row thresholds need a run trained with router.query=row: this router ranks "
+                             "query blocks")
         if isinstance(route, bool):
             routed = self.route_row(ring, cache.codes, lengths, block_density) if route else (cache.codes,
                                                                                               cache.selection)
@@ -407,11 +445,14 @@ class RoutedAttention(nnx.Module):
                                selection=RowSelection(row, listed.counts, listed.indices))
         return out, aux, cache
 
-    def route_own_row(self, x: jax.Array, cache: LayerCache, lengths: jax.Array, block_density=None) -> LayerCache:
+    def route_own_row(self, x: jax.Array, cache: LayerCache, lengths: jax.Array, block_density=None,
+                      thresholds=None) -> LayerCache:
         """Row routing's decode step, before attention (the ring already holds x): token i = lengths[b] is row
         r = i % T of block m = i // T. Its query routes come from x, the key routes of a block it fills from the
         ring (the block's own T tokens); it adds to block m's union (kept in `RowSelection`, empty when the kept
-        row is another block) its best candidates up to quota(r): the step of `block_routing.select_rows`."""
+        row is another block) its best candidates up to quota(r): the step of `block_routing.select_rows`; with
+        per-row thresholds (a [layers, heads] τ table) every candidate whose predicted mass reaches τ, the step of
+        `block_routing.select_rows_above`."""
         from llama_surgery_jax.surgery import block_routing as br
         from llama_surgery_jax.surgery.router import role_routes
         from pallas_kernels.block_sparse_attention.schedule import compact
@@ -437,9 +478,14 @@ class RoutedAttention(nnx.Module):
         chosen = jnp.zeros(kept.blocks.shape, bool).at[batch[:, None, None], jnp.arange(heads)[None, :, None],
                                                        jnp.where(listed, kept.blocks, n)].set(True, mode="drop")
         chosen = chosen & (kept.row == block)[:, None, None] & candidate
-        extra = br.row_extra(self.row_budgets(n, block_density), n, **rule)[:, block].T  # [b, r]
-        quota = jnp.take_along_axis(br.row_quota(extra, size, config.row_front), local[:, None, None], axis=-1)[..., 0]
-        pick = br.union_step(scores, chosen, quota - jnp.sum(chosen, axis=-1, dtype=jnp.int32), candidate)
+        if thresholds is None:
+            extra = br.row_extra(self.row_budgets(n, block_density), n, **rule)[:, block].T  # [b, r]
+            quota = jnp.take_along_axis(br.row_quota(extra, size, config.row_front), local[:, None, None],
+                                        axis=-1)[..., 0]
+            pick = br.union_step(scores, chosen, quota - jnp.sum(chosen, axis=-1, dtype=jnp.int32), candidate)
+        else:
+            tau = jnp.asarray(thresholds, jnp.float32)[self.layer_index]  # [r]
+            pick = candidate & ~chosen & (br.predicted_mass(scores, candidate) >= tau[None, :, None])
         rows = compact(forced | chosen | pick)
         return cache._replace(codes=key_routes, selection=RowSelection(block, rows.counts, rows.indices))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from llama_surgery_jax.model.checkpoint import CheckpointError
@@ -17,14 +18,25 @@ from llama_surgery_jax.surgery.config import RouterConfig
 
 
 class Budget(NamedTuple):
-    """requested: ρ; name: "adaptive", "sensitivity" or "uniform"; densities: ρ, or float32 [layers, heads]."""
+    """requested: ρ; name: "adaptive", "sensitivity" or "uniform"; densities: ρ, or float32 [layers, heads];
+    thresholds: None (each query block runs its budget's count of tiles) or per-row thresholds τ [layers, heads]
+    calibrated to those densities' tiles (`calibration.row_thresholds`: blocks run as many as their rows reach)."""
 
     requested: float
     name: str
     densities: float | np.ndarray
+    thresholds: np.ndarray | None = None
 
     def describe(self) -> str:
-        return f"{self.name} budget at ρ {self.requested:g}"
+        rows = "" if self.thresholds is None else ", per-row thresholds"
+        return f"{self.name} budget at ρ {self.requested:g}{rows}"
+
+    def arguments(self) -> dict:
+        """The layers' keyword arguments for this budget (traced arrays: one program serves every ρ)."""
+        out = {"block_density": jnp.asarray(self.densities, jnp.float32)}
+        if self.thresholds is not None:
+            out["thresholds"] = jnp.asarray(self.thresholds, jnp.float32)
+        return out
 
 
 def run_budget(router: RouterConfig, run: str | Path | None, *, block_density: float | None = None,

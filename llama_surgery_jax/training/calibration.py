@@ -175,3 +175,36 @@ def densities_at(calibration: dict, rho: float) -> np.ndarray:
     # Below the grid's first point, scale it down (the forced tiles keep the floor anyway).
     rows = [np.interp(rho, grid, flat[:, j], left=flat[0, j] * rho / grid[0]) for j in range(flat.shape[1])]
     return np.clip(np.asarray(rows).reshape(table.shape[1:]), 1e-6, 1.0).astype(np.float32)
+
+
+def row_thresholds(model, tokens: np.ndarray, *, selection: str, densities: np.ndarray, scope: str,
+                   batch_size: int) -> np.ndarray:
+    """Per-row thresholds τ [layers, heads] for a row selection (`routed_attention.threshold_rows`), calibrated on
+    training tokens [s, t] at their length: the pooled sequences execute the tiles of the budgets `densities`
+    [layers, heads] (per layer with scope "layer", one τ for its heads; per head with "head"). The calibration pass
+    runs every layer at each sequence's own τ (the budget spent exactly), so later layers see the hidden states
+    the rule gives, and τ is then fixed: at evaluation the rule is exactly causal and the executed density varies
+    around ρ from window to window (reported)."""
+    from llama_surgery_jax.surgery import block_routing as br
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+    graphdef, state = nnx.split(model)
+    table = jax.numpy.asarray(densities, jax.numpy.float32)
+
+    @jax.jit
+    def peaks(state, batch):
+        _, aux, _ = nnx.merge(graphdef, state).hidden_states(batch, train=False, rng=None, selection=selection,
+                                                             block_density=table, thresholds=scope)
+        return [a["row_peaks"] for a in aux]
+
+    parts = [[np.asarray(p) for p in peaks(state, tokens[i:i + batch_size])]
+             for i in range(0, len(tokens), batch_size)]
+    n = parts[0][0].shape[-1]
+    out = []
+    for index, layer in enumerate(routed_layers(model)):
+        config = layer.config
+        pooled = np.concatenate([part[index] for part in parts], axis=0)  # [s, h, n, n]
+        extra = np.sum(br.row_extra(layer.row_budgets(n, table), n, tile=config.block_size, window=config.window,
+                                    sink=config.sink), axis=-1)
+        out.append(np.asarray(br.threshold_tiles(pooled, extra, per_head=scope == "head")))
+    return np.stack(out).astype(np.float32)
