@@ -13,6 +13,8 @@ SPEC = SELECTION/SCOPE/TAU[/BUDGET]:
          fixed:  τ calibrated on WINDOWS windows of the training text (wiki.valid.tokens) so that their pooled
                  executed tiles are the budgets' (exactly causal; the test windows' density then varies)
   BUDGET uniform (default) or sensitivity: the per-(layer, head) densities whose tile totals τ is set to
+  WEIGHT (optional) "weighted": each head's scores times its measured sensitivity s_(l,h) (the run's calibration),
+         so that one τ per layer compares the expected cost of a miss, not the mass alone
 """
 import json
 import sys
@@ -54,6 +56,8 @@ def threshold_rows(row_scores, budgets, *, t, tile, window, sink, front):
     by_row = jnp.pad(row_scores, ((0, 0), (0, 0), (0, n * tile - t), (0, 0))).reshape(b, h, n, tile, n)
     if STATE["softmax"]:  # the router's scores are logits: each row's predicted share of its candidates' mass
         by_row = jax.nn.softmax(jnp.where(candidate[None, None, :, None, :], by_row, -jnp.inf), axis=-1)
+    if STATE["weight"] is not None:
+        by_row = by_row * jnp.asarray(STATE["weight"][layer], jnp.float32)[None, :, None, None, None]
     by_row = jnp.where(real[None, None, :, :, None] & candidate[None, None, :, None, :], by_row, -jnp.inf)
     peak = jnp.max(by_row, axis=3)  # [b, h, n, n]: the best any row of the block scores each key block
     extra = budgets - jnp.sum(forced, axis=-1, dtype=jnp.int32)[None, :]  # [h, n]
@@ -98,8 +102,9 @@ for rho in rhos:
     for spec in specs:
         parts = spec.split("/")
         selection = parts[0]
-        scope, tau, budget = (parts + ["", "", "uniform"])[1:4] if len(parts) > 1 else ("", "", "uniform")
+        scope, tau, budget, weight = (parts + ["", "", "uniform", ""])[1:5] if len(parts) > 1 else ("", "", "", "")
         budget = budget or "uniform"
+        STATE["weight"] = (np.asarray(calibrated["head_sensitivity"], np.float32) if weight == "weighted" else None)
         table = density_table(model, router, calibrated, rho, budget, context)
         STATE.update(scope=scope, softmax=selection == "router", layer=0)
         if scope:
