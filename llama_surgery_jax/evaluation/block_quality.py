@@ -128,6 +128,7 @@ def quality_rows(model, router, calibrated: dict | None, windows_by_context: dic
     on_row(rows so far) after each row (a long measurement keeps what it has). training: windows of training text
     per context, on which the rows with per-row thresholds calibrate τ (without it those rows are left out)."""
     scorer = BudgetScorer(model)
+    thresholds_of = calibration.RowThresholds(model)
     out = []
     plan = [(c, rho, row) for c in windows_by_context for rho in densities for row in rows
             if runnable(row, router, calibrated, training)]
@@ -138,9 +139,8 @@ def quality_rows(model, router, calibrated: dict | None, windows_by_context: dic
         started = time.perf_counter()
         thresholds = None
         if budget.endswith(THRESHOLDS):
-            thresholds = calibration.row_thresholds(model, training[context][:CALIBRATION_SEQUENCES],
-                                                    selection=selection, densities=table, scope=THRESHOLD_SCOPE,
-                                                    batch_size=batch_size)
+            thresholds = thresholds_of(training[context][:CALIBRATION_SEQUENCES], selection=selection,
+                                       densities=table, scope=THRESHOLD_SCOPE, batch_size=batch_size)
         scored = scorer(windows_by_context[context], table, selection, batch_size, thresholds)
         scored["seconds"] = time.perf_counter() - started  # compilation (and τ's calibration) included
         out.append({"context": context, "target_density": rho, "row": name, "selection": selection,

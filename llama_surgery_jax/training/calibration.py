@@ -184,27 +184,43 @@ def row_thresholds(model, tokens: np.ndarray, *, selection: str, densities: np.n
     [layers, heads] (per layer with scope "layer", one τ for its heads; per head with "head"). The calibration pass
     runs every layer at each sequence's own τ (the budget spent exactly), so later layers see the hidden states
     the rule gives, and τ is then fixed: at evaluation the rule is exactly causal and the executed density varies
-    around ρ from window to window (reported)."""
-    from llama_surgery_jax.surgery import block_routing as br
-    from llama_surgery_jax.surgery.routed_attention import routed_layers
+    around ρ from window to window (reported). One call; `RowThresholds` keeps its compiled programs."""
+    return RowThresholds(model)(tokens, selection=selection, densities=densities, scope=scope, batch_size=batch_size)
 
-    graphdef, state = nnx.split(model)
-    table = jax.numpy.asarray(densities, jax.numpy.float32)
 
-    @jax.jit
-    def peaks(state, batch):
-        _, aux, _ = nnx.merge(graphdef, state).hidden_states(batch, train=False, rng=None, selection=selection,
-                                                             block_density=table, thresholds=scope)
-        return [a["row_peaks"] for a in aux]
+class RowThresholds:
+    """`row_thresholds` for one model, compiled once per (selection, scope, shape): densities are an argument."""
 
-    parts = [[np.asarray(p) for p in peaks(state, tokens[i:i + batch_size])]
-             for i in range(0, len(tokens), batch_size)]
-    n = parts[0][0].shape[-1]
-    out = []
-    for index, layer in enumerate(routed_layers(model)):
-        config = layer.config
-        pooled = np.concatenate([part[index] for part in parts], axis=0)  # [s, h, n, n]
-        extra = np.sum(br.row_extra(layer.row_budgets(n, table), n, tile=config.block_size, window=config.window,
-                                    sink=config.sink), axis=-1)
-        out.append(np.asarray(br.threshold_tiles(pooled, extra, per_head=scope == "head")))
-    return np.stack(out).astype(np.float32)
+    def __init__(self, model):
+        self.model = model
+        self.graphdef, self.state = nnx.split(model)
+        self.compiled = {}
+
+    def __call__(self, tokens: np.ndarray, *, selection: str, densities: np.ndarray, scope: str,
+                 batch_size: int) -> np.ndarray:
+        from llama_surgery_jax.surgery import block_routing as br
+        from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+        key = (selection, scope)
+        if key not in self.compiled:
+            graphdef = self.graphdef
+
+            def peaks(state, batch, table):
+                _, aux, _ = nnx.merge(graphdef, state).hidden_states(batch, train=False, rng=None,
+                                                                     selection=selection, block_density=table,
+                                                                     thresholds=scope)
+                return [a["row_peaks"] for a in aux]
+
+            self.compiled[key] = jax.jit(peaks)
+        table = jax.numpy.asarray(densities, jax.numpy.float32)
+        parts = [[np.asarray(p) for p in self.compiled[key](self.state, tokens[i:i + batch_size], table)]
+                 for i in range(0, len(tokens), batch_size)]
+        n = parts[0][0].shape[-1]
+        out = []
+        for index, layer in enumerate(routed_layers(self.model)):
+            config = layer.config
+            pooled = np.concatenate([part[index] for part in parts], axis=0)  # [s, h, n, n]
+            extra = np.sum(br.row_extra(layer.row_budgets(n, table), n, tile=config.block_size,
+                                        window=config.window, sink=config.sink), axis=-1)
+            out.append(np.asarray(br.threshold_tiles(pooled, extra, per_head=scope == "head")))
+        return np.stack(out).astype(np.float32)
