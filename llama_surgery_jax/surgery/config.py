@@ -47,6 +47,9 @@ class RouterConfig:
     # Row queries: the share of a query block's budget its first row may fill; later rows fill the rest evenly
     # (1.0: the first row chooses every tile; 0.0: each row an equal share).
     row_front: float = 0.5
+    # Row queries: what the router is distilled on. "ahead": for row i, the mean mass of its block's rows i … end (a
+    # pick is seen by them under the prefix union); "own": row i's own mass, what per-row thresholds compare.
+    row_target: str = "ahead"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
 
@@ -59,7 +62,7 @@ class RouterConfig:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block_prefix", "block"),
                              "budget": ("adaptive", "uniform", "sensitivity"),
-                             "query": ("block", "row")})
+                             "query": ("block", "row"), "row_target": ("ahead", "own")})
         if self.trees < 1 or (self.trees > 1 and self.query != "row"):
             raise ConfigError(f"router.trees={self.trees}: must be >= 1, and more than one needs router.query=row")
         if self.query == "row" and self.mode != "block":

@@ -194,8 +194,8 @@ class RoutedAttention(nnx.Module):
             if by_rows:
                 routing = route_rows(self.router.parameters(), x, config=config, routing_heads=heads)
                 row_mass = br.row_attention_mass(q_sg, k_sg, tile=tile, routing_heads=heads)
-                loss = br.distillation_loss(self.row_router_scores(routing, t), br.rows_ahead_mass(row_mass, tile),
-                                            br.row_candidates(t, **rule))
+                target = br.rows_ahead_mass(row_mass, tile) if config.row_target == "ahead" else row_mass
+                loss = br.distillation_loss(self.row_router_scores(routing, t), target, br.row_candidates(t, **rule))
                 aux = {"distill_loss": loss, "load_balance_loss": routes_balance(routing.q_routes)}
                 if return_mass:
                     aux["tile_mass"] = br.tile_mass_of_rows(row_mass, tile)
