@@ -209,15 +209,37 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_dir):
-    """transformers' model of the embedded GGUF, dequantized to float32 and loaded once (its GGUF reader takes
-    ~10 s): the reference of the SmolLM2 conversion and perplexity tests. Read only."""
+    """transformers' model of the embedded GGUF, dequantized to float32: the reference of the SmolLM2 conversion
+    and perplexity tests. Read only.
+
+    Its GGUF reader takes 20 to 35 s (it parses the whole tokenizer's metadata), so what it read is kept beside the
+    converted model, in the cache that `smollm2_dir` uses: the float32 state dict (safetensors) and config, in a
+    folder that transformers loads, named for the GGUF (its file name and size, as `default_model_dir`) and for the
+    versions of transformers and gguf that read it. Loading that folder gives the same float32 tensors, bit for
+    bit (safetensors stores them as they are), so the reference is the reader's output whichever way it came."""
+    import importlib.metadata
+
     import torch
+    from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
 
-    from llama_surgery_jax.model.embedded import embedded_gguf
+    from llama_surgery_jax.model.embedded import cache_dir, embedded_gguf
 
     gguf = embedded_gguf()
-    return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    versions = "-".join(f"{name}{importlib.metadata.version(name)}" for name in ("transformers", "gguf"))
+    kept = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}-{versions}"
+    if (kept / "model.safetensors").is_file():
+        return AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=kept.parent, prefix=f".{kept.name}-"))
+    save_model(model, str(partial / "model.safetensors"))  # save_pretrained refuses a model read from a GGUF
+    model.config.save_pretrained(partial)
+    try:
+        partial.rename(kept)  # whole or not at all; another worker may have kept it first
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return model
 
 
 def train_tiny_tokenizer(folder: Path, text_dir: Path, vocab_size: int = 512) -> None:

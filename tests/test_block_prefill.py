@@ -306,23 +306,26 @@ def test_greedy_plan_decode_is_the_step_loop():
 def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
     """The exactness check on real weights: SmolLM2 with random block routers (the default preset's tree, per KV
     head, at tile 16 and W 16 so that a short sequence has 15 blocks and the budget reaches past the window), 32
-    greedy steps from a 200-token prompt, KV-cache decode against a full re-prefill with the same hard mask, at
+    decode steps from a 200-token prompt, KV-cache decode against a full re-prefill with the same hard mask, at
     ρ = 0.5. The 32 steps (positions 200 to 231) fill the prompt's last block (207), open and fill a whole block
     (208, 223) and open another (224): every routing event of decode, each at least once (64 steps repeated them;
-    the cost is the compiles, not the steps).
+    the cost is the compiles, not the steps). Both dtypes run the same three programs: `Decoder.prefill`,
+    `Decoder.step` (two programs, for the steps that route and those that do not, the host deciding which) and the
+    whole forward; greedy tokens in device loops are those of the step loop (`Decoder.greedy`: tested on the tiny
+    model, `test_generate_in_device_loops_is_the_step_loop`), so they need no compiles of SmolLM2 here.
 
     The re-prefill of every step is one forward of the whole sequence: row i of the routed model depends on tokens
     ≤ i only (tested on the tiny model, `test_block_routed_model_is_causal`), so position p's logits of one forward
     of the 232 tokens are those a re-prefill of the first p + 1 tokens reads.
 
-    float32: decode's greedy tokens are the argmax of that forward at every step, so a greedy re-prefill would
-    choose them all (by induction over the steps). bf16: decode and re-prefill round differently (a cache of bf16
-    K/V against a whole forward), and random routers on real weights give near-uniform logits, so a greedy token
-    can flip where the top two logits lie within that rounding (seed 741990227: a margin of 0.011 at step 3,
-    logits 0.34 apart of 30). So bf16 is checked teacher-forced on 32 random tokens: every step's logits within the
-    bf16 bound of the two paths (4 · 2 · √layers · u relative, as the kernel checks)."""
+    float32: greedy decode (the argmax of each step's logits, fed back): decode's 33 greedy tokens (read at positions
+    199 to 231) are the argmax of that forward at every step, so a greedy re-prefill would choose them all (by
+    induction over the steps). bf16: decode and re-prefill round differently (a cache of bf16 K/V against a whole
+    forward), and random routers on real weights give near-uniform logits, so a greedy token can flip where the top
+    two logits lie within that rounding (seed 741990227: a margin of 0.011 at step 3, logits 0.34 apart of 30). So
+    bf16 is checked teacher-forced on 32 random tokens: every step's logits (positions 199 to 231) within the bf16
+    bound of the two paths (4 · 2 · √layers · u relative, as the kernel checks)."""
     from llama_surgery_jax.inference.cache import Decoder
-    from llama_surgery_jax.inference.generate import generate
     from llama_surgery_jax.model.checkpoint import load_model
     from llama_surgery_jax.training.config import TrainConfig
 
@@ -334,25 +337,25 @@ def test_smollm2_block_decode_equals_re_prefill(smollm2_dir, dtype):
     rng = np.random.default_rng(seed)
     prompt = rng.integers(3, model.config.vocab_size, 200).tolist()
     steps = 32
-    whole = nnx.jit(lambda m, x: m(x, train=False)[0])
-    if dtype == "float32":
-        # warmup=False: tokens only, no timing, so no warm-up pass (it would run the whole decode twice).
-        decoded = generate(Decoder(model), [prompt], max_new_tokens=steps,
-                           model_context=model.config.max_position_embeddings, warmup=False).tokens[0]
-        assert len(decoded) == steps, f"seed {seed}"
-        logits = whole(model, jnp.asarray([prompt + decoded[:-1]]))[0, len(prompt) - 1:]
-        again = np.argmax(np.asarray(logits), axis=-1).tolist()
-        parted = int(np.argmin(np.equal(decoded, again)))
-        assert decoded == again, f"seed {seed}: decode and re-prefill part at step {parted}"
-        return
-    following = rng.integers(3, model.config.vocab_size, steps).tolist()
-    reference = whole(model, jnp.asarray([prompt + following]))[0, len(prompt) - 1:]
+    following = rng.integers(3, model.config.vocab_size, steps).tolist()  # bf16's teacher-forced tokens
     decoder = Decoder(model)
     logits, cache = decoder.prefill(jnp.asarray([prompt]), jnp.asarray([len(prompt)]), len(prompt) + steps)
-    logits = logits[:, -1]
+    decoded = [logits[0, -1]]  # decode's logits at positions 199 to 231: the prompt's last, then one per step
+    fed = []
+    for step in range(steps):
+        fed.append(int(np.argmax(np.asarray(decoded[-1]))) if dtype == "float32" else following[step])
+        logits, cache = decoder.step(cache, jnp.asarray([fed[-1]], jnp.int32))
+        decoded.append(logits[0])
+    whole = nnx.jit(lambda m, x: m(x, train=False)[0])
+    reference = whole(model, jnp.asarray([prompt + fed]))[0, len(prompt) - 1:]
+    if dtype == "float32":
+        greedy = [int(np.argmax(np.asarray(row))) for row in decoded]
+        assert greedy[:-1] == fed and len(greedy) == steps + 1, f"seed {seed}"
+        again = np.argmax(np.asarray(reference), axis=-1).tolist()
+        parted = int(np.argmin(np.equal(greedy, again)))
+        assert greedy == again, f"seed {seed}: decode and re-prefill part at step {parted}"
+        return
     bound = 4 * 2 * math.sqrt(model.config.num_hidden_layers) * BF16_U
-    for step, token in enumerate(following):
-        expected = reference[step][None]
-        error = float(jnp.linalg.norm(logits - expected) / jnp.linalg.norm(expected))
+    for step, (mine, expected) in enumerate(zip(decoded, reference, strict=True)):
+        error = float(jnp.linalg.norm(mine - expected) / jnp.linalg.norm(expected))
         assert error <= bound, f"seed {seed}, step {step}: relative logits error {error:.2e} > {bound:.2e}"
-        logits, cache = decoder.step(cache, jnp.asarray([token], jnp.int32))

@@ -71,9 +71,11 @@ def test_three_paths_agree_tiny(routing_heads):
     _, aux = model(tokens)
     assert max(float(a["token_density"]) for a in aux) < 0.8, f"seed {seed}: masks too dense to test"
     gather = routing_heads == "query"  # the masked decode over the whole cache is checked with KV routing
-    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=24, gather=gather)
+    train_path, prefilled, decoded, decoder = three_paths(model, tokens, prompt_len=24, gather=gather)
     assert_close(train_path, prefilled, f"seed {seed}: prefill vs training path")
     assert_close(train_path, decoded, f"seed {seed}: prefill + decode (gather={gather}) vs training path")
+    if gather:  # each decoded row sees itself and its window of 8: a budget of 8 overflows, and the step repeats
+        assert decoder.budget > 8, f"seed {seed}: the gather budget never overflowed"
 
 
 def test_three_paths_agree_block_mode():
@@ -208,8 +210,10 @@ def test_three_paths_agree_smollm2(smollm2_dir):
     model = load_model(smollm2_dir)
     inject_routers(model, SPARSE_ROUTER, nnx.Rngs(seed), homotopy=False)
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 49152, size=(1, 40)))
-    # Budgets of 32: one decode compile of the 30 layers when no head sees more than 32 of the 40 slots.
-    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True, budget_step=32)
+    # A budget of 40, the whole sequence: no head can see more, so one decode compile of the 30 layers (at 32 a
+    # head often saw more, and the step compiled again at 64). The gather still picks the visible keys out of the
+    # cache's 128 slots; an overflowing budget and its repeated step: the tiny model's three paths (budgets of 8).
+    train_path, prefilled, decoded, _ = three_paths(model, tokens, prompt_len=30, gather=True, budget_step=40)
     assert_close(train_path, prefilled, f"seed {seed}: SmolLM2 prefill vs training path")
     assert_close(train_path, decoded, f"seed {seed}: SmolLM2 prefill + decode vs training path", SMOLLM2_DECODE_RTOL)
 

@@ -8,6 +8,7 @@ import evaluation, which imports training (router checkpoints, budgets, the loop
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from llama_surgery_jax.evaluation.perplexity import perplexity, protocol
 from llama_surgery_jax.io import corpora
 from llama_surgery_jax.io.files import write_json_atomic
 from llama_surgery_jax.model.checkpoint import load_tokenizer
-from llama_surgery_jax.surgery.mask import causal_pairs, executed_tiles, token_density
+from llama_surgery_jax.surgery.mask import causal_pairs, executed_tiles, tile_mask, token_density
 from llama_surgery_jax.surgery.routed_attention import hard_topology, remove_routers
 
 DENSITY_TILES = (64, 128)
@@ -29,25 +30,35 @@ DENSITY_WINDOWS = 2  # evaluation windows over which densities are measured
 
 
 def topology_densities(model, tokens: jax.Array, config) -> dict:
-    """Hard topology of the evaluation routes on tokens [b, t]: densities per layer × head."""
+    """Hard topology of the evaluation routes on tokens [b, t]: densities per layer × head.
+
+    One routed forward gives every layer's codes (they do not depend on the tile); every tile's counts come from
+    those codes in one more program, layer by layer."""
     router = config.router
-    tiles = sorted({*DENSITY_TILES, router.block_size})
-    per_layer = {"token": [], **{f"block_{t}": [] for t in tiles}, **{f"block_{t}_sorted": [] for t in tiles}}
-    for tile in tiles:
-        for topo in hard_topology(model, tokens, tile=tile):
-            n = topo.tile_mask.shape[-1]
-            per_head = jnp.sum(topo.tile_mask, axis=(0, 2, 3)) / (topo.tile_mask.shape[0] * causal_pairs(n))
-            per_layer[f"block_{tile}"].append(np.asarray(per_head))
+    tiles = tuple(sorted({*DENSITY_TILES, router.block_size}))
+    codes = jnp.stack([topo.codes for topo in hard_topology(model, tokens, tile=tiles[0])])  # [layers, b, h, t]
+    per_layer = _densities_from_codes(codes, tiles=tiles, window=router.window, sink=router.sink)
+    order = ["token", *[f"block_{t}" for t in tiles], *[f"block_{t}_sorted" for t in tiles]]
+    return {k: np.asarray(per_layer[k]).tolist() for k in order}  # [layers][heads]
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "window", "sink"))
+def _densities_from_codes(codes: jax.Array, *, tiles: tuple[int, ...], window: int | None, sink: bool) -> dict:
+    """codes: [layers, b, h, t] → {measure: [layers, heads]}: `topology_densities`' counts."""
+
+    def layer(codes):  # [b, h, t]
+        out = {"token": jax.vmap(lambda c: token_density(c, window=window, sink=sink), in_axes=1)(codes)}
+        for tile in tiles:
+            mask = tile_mask(codes, tile=tile, window=window, sink=sink)
+            n = mask.shape[-1]
+            out[f"block_{tile}"] = jnp.sum(mask, axis=(0, 2, 3)) / (mask.shape[0] * causal_pairs(n))
             # What the kernel runs (METHOD.md §9): the bucket pass over the code-sorted sequence plus every
             # sink/window/diagonal tile of the band pass in original order.
-            computed = jnp.sum(executed_tiles(topo.codes, tile=tile, window=router.window, sink=router.sink), axis=0)
-            sorted_per_head = computed / (topo.codes.shape[0] * causal_pairs(n))
-            per_layer[f"block_{tile}_sorted"].append(np.asarray(sorted_per_head))
-            if tile == tiles[0]:
-                heads = jax.vmap(lambda c: token_density(c, window=router.window, sink=router.sink),
-                                 in_axes=1)(topo.codes)
-                per_layer["token"].append(np.asarray(heads))
-    return {k: np.stack(v).tolist() for k, v in per_layer.items()}  # [layers][heads]
+            computed = jnp.sum(executed_tiles(codes, tile=tile, window=window, sink=sink), axis=0)
+            out[f"block_{tile}_sorted"] = computed / (codes.shape[0] * causal_pairs(n))
+        return out
+
+    return jax.lax.map(layer, codes)
 
 
 def prepare(config, model_dir: Path) -> Callable[..., dict]:
