@@ -20,7 +20,8 @@ from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, 
 from llama_surgery_jax.surgery.mask import token_density, token_mask
 from llama_surgery_jax.surgery.reference_attention import masked_attention
 from llama_surgery_jax.surgery.routed_attention import inject_routers
-from llama_surgery_jax.surgery.router import RouterParam, init_router_params, route
+from llama_surgery_jax.surgery.router import (RouterParam, init_router_params, route, soft_mask, straight_through,
+                                              tree_distance)
 
 # Small shapes: ragged t (not a multiple of the tile 16 nor of the query chunk 32), GQA 4:1, head dim 64.
 B, T, HEADS, KV, D, HIDDEN = 2, 77, 4, 1, 64, 12
@@ -28,11 +29,14 @@ B, T, HEADS, KV, D, HIDDEN = 2, 77, 4, 1, 64, 12
 # Gradients vs jax.grad of the float32 reference on the same (rounded) inputs, relative Frobenius error.
 # float32: summation order only, along the backward chain of sums over ≤ 77 keys (scores over D = 64, softmax
 # sum, P·V, the row term Σ dO·O, dS·K / dSᵀ·Q / Pᵀ·dO, the route gradient's sum over keys): float32_bound(77,
-# depth 6) = 1.3e-5 (measured ~3e-7). bf16 / fp16: the issue's bounds. Each rounding of an array to the input
-# type moves its elements by ≤ u; on the way to a gradient the kernels round P, O (in the row term), dS and the
-# gradient itself: ≤ 4u, bf16 1.6e-2 and fp16 2.0e-3, under the issue's 2e-2 and 5e-3 (measured bf16 0.004).
+# depth 6) = 1.3e-5 (measured ~3e-7). bf16 / fp16, q, k and v: the issue's bounds. The loss is linear in the
+# output with weights of the input type, so dO is exact. Each rounding of an array to the input type moves its
+# elements by ≤ u; on the way to a gradient the kernels round P, O (in the row term), dS and the gradient
+# itself: ≤ 4u, bf16 1.6e-2 and fp16 2.0e-3, under the issue's 2e-2 and 5e-3 (measured bf16 0.003).
+# The router's parameters in bf16 / fp16 on the fused path: see `router_tolerance` (its row term cancels).
 TOLERANCE = {jnp.float32: float32_bound(T, depth=6), jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 assert TOLERANCE[jnp.bfloat16] >= 4 * BF16_U and TOLERANCE[jnp.float16] >= 4 * F16_U
+UNIT_ROUNDOFF = {jnp.bfloat16: BF16_U, jnp.float16: F16_U}
 # Forward: P rounded before P·V and O once: ≤ 2u, bf16 7.8e-3 and fp16 9.8e-4, under the issue's 1e-2 and 2e-3
 # (the kernels' own bound, test_kernels.py).
 FORWARD_TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
@@ -68,7 +72,7 @@ def inputs(seed, dtype, routing_heads):
 
 
 def routed_loss(config, x, heads, rng, weights, kernel, hard=True, paths=None):
-    """L(router params, q, k, v) = Σ sin(o) ⊙ weights, through the kernels or the float32 reference."""
+    """L(router params, q, k, v) = Σ o ⊙ weights, through the kernels or the float32 reference."""
 
     def loss(params, q, k, v):
         routing = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=rng, hard=hard)
@@ -78,9 +82,48 @@ def routed_loss(config, x, heads, rng, weights, kernel, hard=True, paths=None):
         else:
             out, _ = masked_attention(*(a.astype(jnp.float32) for a in (q, k, v)), routing.codes, routing.routes,
                                       config=config, execution=paths or execution())
-        return jnp.sum(jnp.sin(out.astype(jnp.float32)) * weights)
+        return jnp.sum(out.astype(jnp.float32) * weights)
 
     return loss
+
+
+def router_tolerance(config, x, heads, rng, weights, params, q, k, v, dtype, gradients) -> dict:
+    """Per router parameter: the bound on ‖kernel − reference‖ / ‖reference‖ in half precision.
+
+    The router's gradient is Σ_ij dS_ij ∂m_ij/∂θ with dS_ij = P_ij (dP_ij − D_i) and the row term
+    D_i = Σ_d dO_id O_id. The chunked path sums D_i = Σ_j P_ij dP_ij in float32; the fused kernels take O from
+    its stored copy, rounded to the input type, so D_i moves by δD_i = Σ_d dO_id δO_id with |δO_id| ≤ u |O_id|;
+    everything else on the router's path is float32 (P recomputed from q and k, dP = dO · Vᵀ with dO exact).
+    Since Σ_j P_ij ∂m_ij/∂θ = ∂lse_i/∂θ (the log-normaliser of row i through the straight-through multiplier),
+    the router's gradient moves by −Σ_i δD_i ∂lse_i/∂θ. The softmax makes Σ_j dS_ij = 0, so this can be a large
+    share of a small gradient: the bound is computed from this run's own reference arrays. Roundings have random
+    signs, so over d and over rows they add like a random walk (as `float32_bound`, ×10 for the constants):
+    ‖δ‖ ≈ u (Σ_i ‖∂lse_i/∂θ‖² Σ_d (dO_id O_id)²)^½.
+    """
+    def lse(params):  # [b, heads, t]: row log-normalisers of the reference attention (float32)
+        routing = route(params, x, config=config, routing_heads=heads, tau=0.5, rng=rng, hard=True)
+        positions = jnp.arange(T)
+        hard = token_mask(routing.codes, routing.codes, positions, positions, window=config.window, sink=config.sink)
+        soft = soft_mask(tree_distance(routing.routes, routing.routes), d_max=config.d_max,
+                         temperature=config.soft_mask_temperature)
+        multiplier = jnp.repeat(straight_through(hard, soft), HEADS // heads, axis=1)
+        qf, kf = q.astype(jnp.float32), jnp.repeat(k.astype(jnp.float32), HEADS // KV, axis=2)
+        scores = jnp.einsum("bthd,bshd->bhts", qf, kf) / np.sqrt(D)
+        visible = jnp.repeat(hard, HEADS // heads, axis=1)
+        scores = jnp.where(visible, scores, -jnp.inf)
+        top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+        return jnp.log(jnp.sum(jnp.exp(scores - top) * multiplier, axis=-1)) + top[..., 0]
+
+    out, _ = masked_attention(*(a.astype(jnp.float32) for a in (q, k, v)),
+                              route(params, x, config=config, routing_heads=heads, rng=rng).codes, config=config)
+    row_term = jnp.einsum("bthd->bht", (weights * out) ** 2)  # Σ_d (dO_id O_id)²
+    jacobian = jax.jacrev(lse)(params)  # each leaf [b, heads, t, *leaf shape]
+    bounds = {}
+    for name, leaf in jacobian.items():
+        per_row = jnp.sum(leaf.reshape(*leaf.shape[:3], -1) ** 2, axis=-1)  # ‖∂lse_i/∂θ‖²
+        moved = UNIT_ROUNDOFF[dtype] * float(jnp.sqrt(jnp.sum(row_term * per_row)))
+        bounds[name] = 10 * moved / float(jnp.linalg.norm(np.ravel(gradients[name]))) + TOLERANCE[jnp.float32]
+    return bounds
 
 
 @pytest.mark.parametrize("mode", ["token", "block_prefix"])
@@ -118,7 +161,7 @@ def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradi
     config, paths = router_config(shape), execution(router_gradient)
     q, k, v, x, heads, rng = inputs(seed, dtype, routing_heads)
     params = init_router_params(jax.random.key(seed + 1), HIDDEN, heads, config, homotopy=False)
-    weights = jax.random.normal(jax.random.key(seed + 2), (B, T, HEADS, D))
+    weights = jax.random.normal(jax.random.key(seed + 2), (B, T, HEADS, D)).astype(dtype).astype(jnp.float32)
     codes = route(params, x, config=config, routing_heads=heads, rng=rng).codes
     positions = jnp.arange(T)
     mask = token_mask(codes, codes, positions, positions, window=WINDOW, sink=True)
@@ -133,7 +176,11 @@ def test_gradients_match_the_reference(dtype, routing_heads, shape, router_gradi
     names = ["router " + n for n in sorted(params)] + ["q", "k", "v"]
     errors = {name: rel_err(a, e, seed) for name, a, e in
               zip(names, jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False]), strict=True)}
-    assert max(errors.values()) <= TOLERANCE[dtype], (seed, errors)
+    tolerances = dict.fromkeys(names, TOLERANCE[dtype])
+    if dtype != jnp.float32 and router_gradient == "fused":
+        bounds = router_tolerance(config, x, heads, rng, weights, params, q, k, v, dtype, grads[False][0])
+        tolerances.update({"router " + name: bound for name, bound in bounds.items()})
+    assert all(errors[name] <= tolerances[name] for name in names), (seed, errors, tolerances)
     assert np.any(grads[True][0]["route_weight"] != 0), seed
 
 
