@@ -562,11 +562,26 @@ def tied_share(row_scores: jax.Array, first_rows: jax.Array, *, tile: int, windo
 # near StreamingLLM.
 
 
-def predicted_mass(row_scores: jax.Array, candidate: jax.Array) -> jax.Array:
-    """A ranking score [..., t, n] (logits: higher, more attention) → each row's predicted share of the mass its
-    candidates hold (softmax over the candidates, 0 elsewhere): a scale on which one τ serves every row."""
-    share = jax.nn.softmax(jnp.where(candidate, row_scores, -jnp.inf), axis=-1)
+def predicted_mass(row_scores: jax.Array, candidate: jax.Array, share_of: jax.Array | None = None) -> jax.Array:
+    """A ranking score [..., t, n] (logits: higher, more attention) → each row's predicted share of the mass the key
+    blocks `share_of` hold (softmax over them; None: over the candidates), 0 outside the candidates: a scale on
+    which one τ serves every row."""
+    share_of = candidate if share_of is None else share_of
+    share = jax.nn.softmax(jnp.where(share_of, row_scores, -jnp.inf), axis=-1)
     return jnp.where(candidate & jnp.any(candidate, axis=-1, keepdims=True), share, 0.0)
+
+
+def row_earlier_blocks(t: int, tile: int) -> jax.Array:
+    """bool [t, n]: the key blocks before row i's own block (the `earlier_blocks` share: each has its key code)."""
+    n = -(-t // tile)
+    return (jnp.arange(n)[None, :] < (jnp.arange(t) // tile)[:, None])
+
+
+def row_share_set(share_of: str, t: int, *, tile: int, window: int | None, sink: bool) -> jax.Array:
+    """bool [t, n]: the key blocks over which the row router's scores are shares (`RouterConfig.row_share_of`)."""
+    if share_of == "earlier_blocks":
+        return row_earlier_blocks(t, tile)
+    return row_candidates(t, tile=tile, window=window, sink=sink)
 
 
 def row_peaks(row_scores: jax.Array, *, t: int, tile: int, window: int | None, sink: bool) -> jax.Array:

@@ -50,6 +50,11 @@ class RouterConfig:
     # Row queries: what the router is distilled on. "ahead": for row i, the mean mass of its block's rows i … end (a
     # pick is seen by them under the prefix union); "own": row i's own mass, what per-row thresholds compare.
     row_target: str = "ahead"
+    # Row queries: the set over which the router's scores are a share of each row's mass, in distillation and at
+    # run time (per-row thresholds compare these shares across rows). "candidates": the candidates' mass;
+    # "earlier_blocks": every key block before the row's own (sink and window included; a block's key code needs
+    # all of it), so a row whose attention stays on the sink or the window gives its candidates small shares.
+    row_share_of: str = "candidates"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
 
@@ -62,7 +67,8 @@ class RouterConfig:
             raise ConfigError(f"window={self.window} must be >= 0 or None")
         check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block_prefix", "block"),
                              "budget": ("adaptive", "uniform", "sensitivity"),
-                             "query": ("block", "row"), "row_target": ("ahead", "own")})
+                             "query": ("block", "row"), "row_target": ("ahead", "own"),
+                             "row_share_of": ("candidates", "earlier_blocks")})
         if self.trees < 1 or (self.trees > 1 and self.query != "row"):
             raise ConfigError(f"router.trees={self.trees}: must be >= 1, and more than one needs router.query=row")
         if self.query == "row" and self.mode != "block":

@@ -195,7 +195,8 @@ class RoutedAttention(nnx.Module):
                 routing = route_rows(self.router.parameters(), x, config=config, routing_heads=heads)
                 row_mass = br.row_attention_mass(q_sg, k_sg, tile=tile, routing_heads=heads)
                 target = br.rows_ahead_mass(row_mass, tile) if config.row_target == "ahead" else row_mass
-                loss = br.distillation_loss(self.row_router_scores(routing, t), target, br.row_candidates(t, **rule))
+                shares = br.row_share_set(config.row_share_of, t, **rule)
+                loss = br.distillation_loss(self.row_router_scores(routing, t), target, shares)
                 aux = {"distill_loss": loss, "load_balance_loss": routes_balance(routing.q_routes)}
                 if return_mass:
                     aux["tile_mass"] = br.tile_mass_of_rows(row_mass, tile)
@@ -276,7 +277,8 @@ class RoutedAttention(nnx.Module):
         rule = dict(tile=config.block_size, window=config.window, sink=config.sink)
         n = scores.shape[-1]
         if selection in ("router", "row_moba"):
-            scores = br.predicted_mass(scores, br.row_candidates(t, **rule))
+            share_of = config.row_share_of if selection == "router" else "candidates"
+            scores = br.predicted_mass(scores, br.row_candidates(t, **rule), br.row_share_set(share_of, t, **rule))
         peaks = br.row_peaks(scores, t=t, **rule)
         if isinstance(thresholds, str):
             if thresholds not in ("layer", "head"):
@@ -485,7 +487,10 @@ class RoutedAttention(nnx.Module):
             pick = br.union_step(scores, chosen, quota - jnp.sum(chosen, axis=-1, dtype=jnp.int32), candidate)
         else:
             tau = jnp.asarray(thresholds, jnp.float32)[self.layer_index]  # [r]
-            pick = candidate & ~chosen & (br.predicted_mass(scores, candidate) >= tau[None, :, None])
+            share_of = None
+            if config.row_share_of == "earlier_blocks":
+                share_of = (jnp.arange(n)[None, :] < block[:, None])[:, None, :]  # [b, 1, n]
+            pick = candidate & ~chosen & (br.predicted_mass(scores, candidate, share_of) >= tau[None, :, None])
         rows = compact(forced | chosen | pick)
         return cache._replace(codes=key_routes, selection=RowSelection(block, rows.counts, rows.indices))
 
