@@ -7,6 +7,9 @@ some row of the block scores the key block at least τ, from the first such row 
 tile): row i sees the tiles its block's rows ≤ i reached, so with τ fixed the rule is exactly causal.
 
 SPEC = SELECTION/SCOPE/TAU[/BUDGET]:
+  SELECTION  router, row_oracle, row_bound; row_oracle_share: the true mass as a share of the candidates' mass (what
+             a router distilled with router.row_share_of=candidates predicts); row_oracle_off: as a share of the mass
+             on the key blocks before the row's own (router.row_share_of=earlier_blocks)
   SCOPE  layer: one τ per layer; head: one τ per (layer, head)
   TAU    window: τ set per sequence so that the layer (head) executes as many tiles as its budgets (the global
                  oracle's accounting; the ceiling of a calibrated τ, not causal)
@@ -56,6 +59,13 @@ def threshold_rows(row_scores, budgets, *, t, tile, window, sink, front):
     by_row = jnp.pad(row_scores, ((0, 0), (0, 0), (0, n * tile - t), (0, 0))).reshape(b, h, n, tile, n)
     if STATE["softmax"]:  # the router's scores are logits: each row's predicted share of its candidates' mass
         by_row = jax.nn.softmax(jnp.where(candidate[None, None, :, None, :], by_row, -jnp.inf), axis=-1)
+    if STATE.get("off"):  # true mass as a share of the mass before the row's own block (sink and window included)
+        off = causal_tiles(n, n) & ~jnp.eye(n, dtype=bool)
+        by_row = jnp.where(off[None, None, :, None, :], by_row, 0.0)
+        by_row = by_row / jnp.maximum(jnp.sum(by_row, axis=-1, keepdims=True), 1e-30)
+    if STATE.get("share"):  # true mass as a share of the candidates' mass (what the router is trained to predict)
+        by_row = jnp.where(candidate[None, None, :, None, :], by_row, 0.0)
+        by_row = by_row / jnp.maximum(jnp.sum(by_row, axis=-1, keepdims=True), 1e-30)
     if STATE["weight"] is not None:
         by_row = by_row * jnp.asarray(STATE["weight"][layer], jnp.float32)[None, :, None, None, None]
     by_row = jnp.where(real[None, None, :, :, None] & candidate[None, None, :, None, :], by_row, -jnp.inf)
@@ -106,7 +116,9 @@ for rho in rhos:
         budget = budget or "uniform"
         STATE["weight"] = (np.asarray(calibrated["head_sensitivity"], np.float32) if weight == "weighted" else None)
         table = density_table(model, router, calibrated, rho, budget, context)
-        STATE.update(scope=scope, softmax=selection == "router", layer=0)
+        off, share = selection.endswith("_off"), selection.endswith("_share")
+        selection = selection.removesuffix("_off").removesuffix("_share")
+        STATE.update(scope=scope, softmax=selection == "router", share=share, off=off, layer=0)
         if scope:
             br.select_rows = threshold_rows
             if tau == "fixed":
