@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="block-mode runs: the uniform oracle's needle row at this ρ (0: none)")
     parser.add_argument("--niah-densities", type=listed(density), default=[0.2, 0.3],
                         help="block-mode runs: the densities of the needle rows")
+    parser.add_argument("--niah-thresholds", action="store_true",
+                        help="row-routing runs (router.query=row): the router's needle rows spend their budget by "
+                             "per-row thresholds, τ calibrated at each needle length on the training text")
     args = parser.parse_args(argv)
     return args
 

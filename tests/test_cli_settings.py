@@ -219,3 +219,15 @@ def test_generate_reads_the_runs_budget_and_labels_what_ran(block_run, tiny_mode
     assert "decode: dense" in printed and "gather" not in printed
     assert generate(["--model", str(tiny_model_dir), "--prompt", "a", "--block-density", "0.5"]) == 2
     assert "need --surgery RUN of a block-mode run" in capsys.readouterr().err
+
+
+def test_needle_thresholds_need_a_row_router(block_run, prose_dir, tmp_path, capsys):
+    """`quality --niah-thresholds` ranks rows: on a run whose router ranks query blocks it stops before any section,
+    naming the setting, and writes nothing."""
+    from llama_surgery_jax.quality import main as quality
+
+    out = tmp_path / "quality"
+    refused(capsys, quality, ["--run", str(block_run), "--data-dir", str(prose_dir), "--contexts", "128",
+                              "--windows", "1", "--curve-context", "128", "--curve-windows", "0", "--niah-lengths", "96",
+                              "--speed-contexts", "", "--niah-thresholds", "--out", str(out)], "--niah-thresholds")
+    assert not out.exists()

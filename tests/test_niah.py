@@ -62,3 +62,40 @@ def test_dense_smollm2_finds_a_needle_at_1k(smollm2_dir, wikitext_dir):
     rows = run_niah(Decoder(model, attention="reference"), tokenizer, filler, lengths=[1024], depths=[0.5],
                     trials=1, model_context=model.config.max_position_embeddings)
     assert rows[0]["accuracy"] == 1.0, rows[0]["completions"]
+
+
+def test_needles_under_per_row_thresholds_decode_as_re_prefill(tiny_model_dir, tiny):
+    """Needle rows whose router spends its budget by per-row thresholds (`niah_rows` with a "+thresholds" budget):
+    τ is calibrated at each needle length on the training text, so it differs between lengths, and each length's
+    cases decode (prefill + KV cache, padded to the longest length) under their own τ. The completions are those
+    of re-prefill under the same τ per length, case by case (decode ≡ re-prefill, lengths never mixed)."""
+    import jax.numpy as jnp
+    from conftest import fresh_seed
+    from flax import nnx
+    from test_row_routing import ROWS
+
+    from llama_surgery_jax.evaluation.block_quality import CALIBRATION_SEQUENCES, niah_rows, niah_settings
+    from llama_surgery_jax.evaluation.niah import Reprefill
+    from llama_surgery_jax.surgery.routed_attention import inject_routers
+    from llama_surgery_jax.training import calibration
+
+    _, tokenizer, filler = tiny
+    seed = fresh_seed()
+    model = load_model(tiny_model_dir)
+    router = ROWS
+    inject_routers(model, router, nnx.Rngs(seed))
+    rho, lengths, context = 0.6, [96, 128], model.config.max_position_embeddings
+    common = dict(lengths=lengths, depths=[0.0, 1.0], trials=1, model_context=context)
+    rows = niah_rows(model, router, None, tokenizer, filler, settings=niah_settings([rho], 0, "uniform", True),
+                     training=filler, batch_size=2, **common)
+    (name, decoded), = rows.items()
+    assert name == f"surgery (uniform+thresholds) ρ={rho}"
+
+    table = np.full((model.config.num_hidden_layers, model.config.num_key_value_heads), rho, np.float32)
+    tau = {n: calibration.row_thresholds(model, corpora.windows(filler, n, CALIBRATION_SEQUENCES), selection="router",
+                                         densities=table, scope="layer", batch_size=2) for n in lengths}
+    assert not np.array_equal(tau[96], tau[128]), f"seed {seed}: τ is calibrated per length"
+    again = run_niah(None, tokenizer, filler, one_shape=False, decoder_at={
+        n: Reprefill(model, train=False, rng=None, selection="router", block_density=jnp.asarray(table),
+                     thresholds=jnp.asarray(tau[n])) for n in lengths}, **common)
+    assert [r["completions"] for r in decoded] == [r["completions"] for r in again], f"seed {seed}"

@@ -183,38 +183,60 @@ def tie_share(row: dict) -> str:
     return "–" if share is None else f"{share['mean']:.4f}"
 
 
-def niah_settings(densities: list[float], oracle_density: float = 0.2,
-                  budget: str = "adaptive") -> list[tuple[str, str, str, float]]:
-    """(name, selection, budget, ρ) of the needle rows: the surgery at each ρ under the run's budget, the uniform
-    oracle at one."""
-    return ([(f"surgery ({budget}) ρ={rho}", "router", budget, rho) for rho in densities]
+def niah_settings(densities: list[float], oracle_density: float = 0.2, budget: str = "adaptive",
+                  thresholds: bool = False) -> list[tuple[str, str, str, float]]:
+    """(name, selection, budget, ρ) of the needle rows: the surgery at each ρ under the run's budget (its tiles
+    spent by per-row thresholds with `thresholds`: budget "BUDGET+thresholds"), the uniform oracle at one."""
+    spent = budget + THRESHOLDS if thresholds else budget
+    return ([(f"surgery ({spent}) ρ={rho}", "router", spent, rho) for rho in densities]
             + ([(f"uniform oracle ρ={oracle_density}", "oracle", "uniform", oracle_density)] if oracle_density else []))
 
 
 def niah_rows(model, router, calibrated: dict | None, tokenizer, filler: np.ndarray, *, lengths, depths, trials: int,
-              settings, model_context: int, log=None) -> dict[str, list[dict]]:
+              settings, model_context: int, training: np.ndarray | None = None, batch_size: int = 8,
+              log=None) -> dict[str, list[dict]]:
     """Needle-in-a-haystack rows of the routed model under each setting. The router's rows run as they are used:
     a prefill (on the kernels where they apply) and KV-cache decode (`inference.cache.Decoder`), whose routing is
     the prefill's exactly (decode ≡ re-prefill); one decoder serves every ρ (its programs take the densities as
-    an argument). The oracles need every row's dense attention, which a cache does not keep: they run by
-    re-prefill (`niah.Reprefill`), the reference path. log: `run_niah`'s, plus a line per row."""
-    from llama_surgery_jax.evaluation.niah import Reprefill, run_niah, summary
+    an argument). A "+thresholds" budget spends its tiles by per-row thresholds: τ is calibrated at each needle
+    length on CALIBRATION_SEQUENCES windows of that length of `training` (token ids of the training text), and each
+    length's cases run under their own τ (same programs: τ is an argument too). The oracles need every row's dense
+    attention, which a cache does not keep: they run by re-prefill (`niah.Reprefill`), the reference path.
+    log: `run_niah`'s, plus a line per row."""
+    from llama_surgery_jax.evaluation.niah import Reprefill, needle_lengths, run_niah, summary
     from llama_surgery_jax.inference.cache import Decoder
+    from llama_surgery_jax.io import corpora
     from llama_surgery_jax.training.budget import Budget
 
-    rows, router_decoder = {}, None
+    rows, router_decoder, thresholds_of = {}, None, None
     for name, selection, budget, rho in settings:
+        budget, thresholds = budget.removesuffix(THRESHOLDS), budget.endswith(THRESHOLDS)
         if budget != "uniform" and calibrated is None:
             budget = "uniform"
         table = density_table(model, router, calibrated, rho, budget)
+        decoder_at = None
         if selection == "router":
             router_decoder = router_decoder or Decoder(model, block_budget=Budget(rho, budget, table))
             decoder = router_decoder.with_budget(Budget(rho, budget, table))
+            if thresholds:
+                if training is None or router.query != "row":
+                    raise ValueError(f"needle row {name!r}: per-row thresholds need a row router (router.query=row) "
+                                     "and training text to calibrate τ on")
+                thresholds_of = thresholds_of or calibration.RowThresholds(model)
+                decoder_at = {}
+                for length in dict.fromkeys(needle_lengths(lengths, model_context)):
+                    at = density_table(model, router, calibrated, rho, budget, length)
+                    tau = thresholds_of(corpora.windows(training, length, CALIBRATION_SEQUENCES), selection="router",
+                                        densities=at, scope=THRESHOLD_SCOPE, batch_size=batch_size)
+                    decoder_at[length] = router_decoder.with_budget(Budget(rho, budget, at, tau))
+        elif thresholds:
+            raise ValueError(f"needle row {name!r}: per-row thresholds are for the router's rows")
         else:
             decoder = Reprefill(model, train=False, rng=None, selection=selection, block_density=jnp.asarray(table))
         started = time.perf_counter()
         rows[name] = run_niah(decoder, tokenizer, filler, lengths=lengths, depths=depths, trials=trials,
-                              model_context=model_context, one_shape=selection == "router", log=log)
+                              model_context=model_context, one_shape=selection == "router", decoder_at=decoder_at,
+                              log=log)
         if log is not None:
             log(f"needles: {name}: {summary(rows[name])} ({time.perf_counter() - started:.1f} s)")
     return rows

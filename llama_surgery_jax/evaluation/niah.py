@@ -107,34 +107,48 @@ def first_number(text: str) -> str | None:
     return match.group(0) if match else None
 
 
+MAX_NEW_TOKENS = ANSWER_DIGITS + 3  # a leading space and a token or two of slack
+
+
+def needle_lengths(lengths, model_context: int) -> list[int]:
+    """The prompt lengths run for `lengths`: a case at the model's full context leaves no room for the answer, so
+    it is cut to context − answer."""
+    return [min(length, model_context - MAX_NEW_TOKENS) for length in lengths]
+
+
 def run_niah(decoder: Decoder, tokenizer, filler_ids: np.ndarray, *, lengths, depths=DEFAULT_DEPTHS,
              trials: int = 1, seed: int = 0, model_context: int, batch_size: int = 8, one_shape: bool = True,
-             log=None) -> list[dict]:
+             decoder_at: dict[int, Decoder] | None = None, log=None) -> list[dict]:
     """Exact-match accuracy per (length, depth) over `trials` cases each.
 
     Batches have one size: the last one is filled with copies of its last case (their answers dropped).
     one_shape: every length's prompts padded to the longest, so the decoder compiles one prefill and one set of
     decode programs for the whole table (minutes each on a GPU at 8k), not one per length; False: each length
     its own shape, for a decoder whose run time outweighs its compilation (`Reprefill`: a whole forward a token).
+    decoder_at: a decoder per prompt length (`needle_lengths`) instead of `decoder`, e.g. per-row thresholds
+    calibrated at each length; a batch then holds one length (padded as one_shape says).
     log(text): a line per batch with its wall time (compilation included), e.g. `print`.
 
     Returns rows {length, depth, correct, cases, accuracy, completions (the first few)}.
     """
     rng = np.random.default_rng(seed)
-    max_new = ANSWER_DIGITS + 3  # a leading space and a token or two of slack
-    # A case at the model's full context leaves no room for the answer: it is cut to context − answer.
-    lengths = [min(length, model_context - max_new) for length in lengths]
+    max_new = MAX_NEW_TOKENS
+    lengths = needle_lengths(lengths, model_context)
+    if decoder_at is not None and set(lengths) - set(decoder_at):
+        raise ValueError(f"decoder_at has no decoder for prompt lengths {sorted(set(lengths) - set(decoder_at))}")
     cases = [build_case(tokenizer, filler_ids, length=length, depth=d, rng=rng)
              for length in lengths for d in depths for _ in range(trials)]
     rows_per_batch = min(batch_size, len(cases))
-    groups = [cases] if one_shape else [[c for c in cases if c.length == n] for n in dict.fromkeys(lengths)]
+    by_length = not one_shape or decoder_at is not None
+    groups = [[c for c in cases if c.length == n] for n in dict.fromkeys(lengths)] if by_length else [cases]
     batches = [group[start:start + rows_per_batch] for group in groups
                for start in range(0, len(group), rows_per_batch)]
     completions, done = {}, 0
     for batch in batches:
         prompts = [c.prompt for c in batch] + [batch[-1].prompt] * (rows_per_batch - len(batch))
         began = time.perf_counter()
-        result = generate(decoder, prompts, max_new_tokens=max_new, model_context=model_context, warmup=False,
+        result = generate(decoder if decoder_at is None else decoder_at[batch[0].length], prompts,
+                          max_new_tokens=max_new, model_context=model_context, warmup=False,
                           width=max(lengths) if one_shape else None)
         answered = result.tokens[:len(batch)]  # the filling copies' answers dropped
         completions |= {id(c): tokenizer.decode(t, skip_special_tokens=True)

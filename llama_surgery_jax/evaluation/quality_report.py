@@ -58,6 +58,10 @@ def run_quality(args: argparse.Namespace) -> Path:
     longest = max([*args.contexts, args.curve_context, *args.niah_lengths, *args.speed_contexts])
     if longest > model.config.max_position_embeddings:
         raise ConfigError(f"{longest} tokens exceed the model's context {model.config.max_position_embeddings}")
+    if getattr(args, "niah_thresholds", False) and args.niah_lengths and (router.mode != "block" or
+                                                                           router.query != "row"):
+        raise ConfigError("--niah-thresholds ranks rows: it needs a run trained with router.mode=block "
+                          f"router.query=row (this one: mode {router.mode}, query {router.query})")
     out = Path(args.out) if args.out else Path(args.run) / "quality"
     out.mkdir(parents=True, exist_ok=True)
     if router.mode == "block":
@@ -134,8 +138,10 @@ def block_quality(args, model, router, step, model_dir, tokenizer, ids, corpus, 
         niah = bq.niah_rows(model, router, calibrated, tokenizer, filler, lengths=args.niah_lengths,
                             depths=args.niah_depths, trials=args.niah_trials,
                             settings=bq.niah_settings(args.niah_densities, args.niah_oracle_density,
-                                                     router.budget if calibrated else "uniform"),
-                            model_context=model.config.max_position_embeddings, log=progress)
+                                                     router.budget if calibrated else "uniform",
+                                                     thresholds=args.niah_thresholds),
+                            model_context=model.config.max_position_embeddings, training=filler,
+                            batch_size=args.batch_size, log=progress)
     cost = None
     if args.router_cost:
         longest = max(args.contexts)
