@@ -3,7 +3,7 @@
     python -m llama_surgery_jax.generate --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
         [--model DIR] [--surgery RUN|init] [--temperature T] [--top-k K] [--seed S]
         [--attention auto|reference|kernel] [--no-gather] [--no-compare] [--json FILE]
-        [--block-density RHO] [--budget adaptive|sensitivity|uniform]
+        [--block-density RHO] [--budget adaptive|sensitivity|uniform] [--thresholds [--data-dir DIR]]
 
 Several `--prompt`s make one batch (right-padded; prompts may differ in length). No `--model`: the
 embedded SmolLM2-135M-Instruct. `--surgery` loads the routers of a training run; a folder without
@@ -13,7 +13,10 @@ router checkpoints runs the dense model and says so. Greedy by default; `--tempe
 on the same prompts and prints both speeds and their ratio (`--no-compare` skips it). A block-mode run decodes
 under its budget read as `evaluate` reads it: ρ the run's unless `--block-density`, its calibrated per-head
 densities (adaptive, the default when the run holds calibration.json) or ρ for every head (`--budget uniform`);
-the first line printed says what the decode ran. See `inference/cache.py` for the attention paths.
+the first line printed says what the decode ran. `--thresholds` (row-routing runs) spends that budget by per-row
+thresholds as `evaluate --thresholds` does: τ one per layer, calibrated on 8 windows of the training text
+(wiki.valid.tokens) at the generation's length (the longest prompt plus the new tokens), prefill and decode alike.
+See `inference/cache.py` for the attention paths.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from dataclasses import asdict
 import numpy as np
 
 from llama_surgery_jax.cli.arguments import command, density, integer, output_file, real
+from llama_surgery_jax.evaluation.scoring import CALIBRATION_SEQUENCES, calibrated_thresholds
 from llama_surgery_jax.inference.cache import ContextError
 from llama_surgery_jax.inference.generate import generate_and_compare, load_for_inference
+from llama_surgery_jax.io.corpora import DataError
 from llama_surgery_jax.model.checkpoint import CheckpointError
 from llama_surgery_jax.model.config import ConfigError
 
@@ -56,7 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", choices=["adaptive", "sensitivity", "uniform"],
                         help="block-mode runs: per-head densities calibrated on training data (adaptive, the default "
                              "when the run has them) or ρ for every head")
+    parser.add_argument("--thresholds", action="store_true",
+                        help="row-routing runs: spend the budget by per-row thresholds, τ calibrated on the training "
+                             "text at the generation's length (as evaluate --thresholds)")
+    parser.add_argument("--data-dir", help="with --thresholds: the WikiText-2 folder whose wiki.valid.tokens τ is "
+                                           "calibrated on (default: $WIKITEXT2_DIR, else datasets)")
     args = parser.parse_args(argv)
+    if args.thresholds and not args.surgery:
+        parser.error("--thresholds needs --surgery RUN of a run trained with router.query=row")
     if args.attention == "kernel" and args.surgery and args.dtype == "float32":
         parser.error("--attention kernel: the kernels take bfloat16 or float16 activations, never float32 (--dtype "
                      "float32); pass --dtype bfloat16, or --attention reference (or auto)")
@@ -66,14 +78,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer, described = load_for_inference(args.model, args.surgery, args.dtype)
-        budget = block_budget(model, args)
         prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
+        budget = block_budget(model, args)
+        if args.thresholds:  # τ for this length, and the sensitivity budget's floor at it
+            length = min(max(map(len, prompts)) + args.max_new_tokens, model.config.max_position_embeddings)
+            budget = with_thresholds(model, block_budget(model, args, context=length), tokenizer, length,
+                                     args.data_dir)
         result, dense = generate_and_compare(
             model, prompts, attention=args.attention, gather=not args.no_gather, block_budget=budget,
             compare=not args.no_compare, max_new_tokens=args.max_new_tokens,
             model_context=model.config.max_position_embeddings, temperature=args.temperature, top_k=args.top_k,
             seed=args.seed, eos_ids=model.config.eos_token_ids)
-    except (CheckpointError, ConfigError, ContextError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, ContextError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
@@ -95,24 +111,46 @@ def run(args: argparse.Namespace) -> int:
                                "decode_tokens_per_s": dense.decode_tokens_per_s, "tokens": dense.tokens}
         if budget is not None:
             speeds |= {"budget": budget.name, "requested_block_density": budget.requested,
-                       "block_density": np.asarray(budget.densities).tolist()}
+                       "block_density": np.asarray(budget.densities).tolist(),
+                       "allocation": "count per query block" if budget.thresholds is None else
+                       f"per-row thresholds, one τ per layer, calibrated on {CALIBRATION_SEQUENCES} windows of "
+                       f"wiki.valid.tokens at {budget.calibrated_at} tokens",
+                       "thresholds": None if budget.thresholds is None else np.asarray(budget.thresholds).tolist()}
         write_json_atomic(args.json, asdict(result) | {"model": described} | speeds)
     return 0
 
 
-def block_budget(model, args: argparse.Namespace):
-    """A block-mode model's budget as `evaluate` reads it (`training.budget.run_budget`); None for other models,
-    which refuse --block-density and --budget."""
+def block_budget(model, args: argparse.Namespace, context: int | None = None):
+    """A block-mode model's budget as `evaluate` reads it (`training.budget.run_budget`; context: the length whose
+    floor the sensitivity budget keeps); None for other models, which refuse --block-density and --budget."""
     from llama_surgery_jax.surgery.routed_attention import routed_layers
     from llama_surgery_jax.training.budget import run_budget
 
     layers = routed_layers(model)
     if layers and layers[0].config.mode == "block":
         return run_budget(layers[0].config, args.surgery, block_density=args.block_density, budget=args.budget,
-                          layers=len(layers), heads=layers[0].router.routing_heads)
+                          layers=len(layers), heads=layers[0].router.routing_heads, context=context)
     if args.block_density is not None or args.budget:
         raise CheckpointError("--block-density and --budget need --surgery RUN of a block-mode run")
     return None
+
+
+def with_thresholds(model, budget, tokenizer, length: int, data_dir):
+    """`budget` spent by per-row thresholds: τ [layers, heads] calibrated at `length` tokens on CALIBRATION_SEQUENCES
+    windows of the training text (as `evaluate --thresholds`). Refuses a model whose router ranks query blocks."""
+    from llama_surgery_jax.io import corpora
+    from llama_surgery_jax.surgery.routed_attention import routed_layers
+
+    layers = routed_layers(model)
+    if budget is None or layers[0].config.query != "row":
+        raise CheckpointError("--thresholds ranks rows: it needs --surgery RUN of a run trained with router.mode=block "
+                              "router.query=row")
+    text = corpora.tokenize(tokenizer, corpora.load_text("valid", data_dir, "tokens"))
+    windows = corpora.windows(text, length, CALIBRATION_SEQUENCES, source="wiki.valid.tokens",
+                              setting="--max-new-tokens")
+    tau = calibrated_thresholds(model, {"selection": "router", "block_density": budget.densities}, windows,
+                                batch_size=len(windows))
+    return budget._replace(thresholds=tau, calibrated_at=length)
 
 
 def speed_table(dense, surgery) -> str:

@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_train_config
 
 from llama_surgery_jax.evaluate import main as evaluate
+from llama_surgery_jax.training import calibration
 from llama_surgery_jax.generate import main as generate
 from llama_surgery_jax.speed import main as speed
 
@@ -190,8 +191,6 @@ def test_evaluate_names_selection_budget_and_both_densities(block_run, prose_dir
 
 
 def test_generate_reads_the_runs_budget_and_labels_what_ran(block_run, tiny_model_dir, tmp_path, capsys):
-    from llama_surgery_jax.training import calibration
-
     out = tmp_path / "g.json"
     common = ["--surgery", str(block_run), "--prompt", "The history of", "--max-new-tokens", "3", "--no-compare",
               "--json", str(out)]
@@ -231,3 +230,39 @@ def test_needle_thresholds_need_a_row_router(block_run, prose_dir, tmp_path, cap
                               "--windows", "1", "--curve-context", "128", "--curve-windows", "0", "--niah-lengths", "96",
                               "--speed-contexts", "", "--niah-thresholds", "--out", str(out)], "--niah-thresholds")
     assert not out.exists()
+
+
+def test_generate_spends_the_budget_by_per_row_thresholds(block_run, tiny_model_dir, prose_dir, tmp_path, capsys):
+    """`generate --thresholds` as `evaluate --thresholds`: on a row-routing run, τ [layers, heads] is calibrated on 8
+    windows of the training text at the generation's length (prompt + new tokens), and the label and JSON say so;
+    without --surgery, and on a run whose router ranks query blocks, it is refused by name."""
+    from llama_surgery_jax.io import corpora
+    from llama_surgery_jax.model.checkpoint import load_model, load_tokenizer
+    from llama_surgery_jax.training.checkpoints import load_trained_routers
+    from llama_surgery_jax.training.loop import train
+
+    refused(capsys, generate, ["--model", NOWHERE, "--prompt", "a", "--thresholds"], "--thresholds")
+    refused(capsys, generate, ["--surgery", str(block_run), "--prompt", "a", "--thresholds", "--data-dir",
+                               str(prose_dir), "--no-compare"], "--thresholds ranks rows")
+    config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.query=row", "router.trees=2",
+                               "router.d_max=0", "router.levels=2", "router.block_size=8", "router.window=8",
+                               "router.routing_heads=kv", "router.block_density=0.6", "router.budget=uniform",
+                               "seq_len=64", "batch_size=2", "steps=1", "checkpoint_every=1", "report=false")
+    run = tmp_path / "rows"
+    train(config, run, report=None, progress=False)
+    out = tmp_path / "g.json"
+    prompt, new = "The history of the", 6
+    assert generate(["--surgery", str(run), "--prompt", prompt, "--max-new-tokens", str(new), "--thresholds",
+                     "--data-dir", str(prose_dir), "--no-compare", "--json", str(out)]) == 0
+    tokenizer = load_tokenizer(tiny_model_dir)
+    length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + new
+    printed = capsys.readouterr().out
+    assert f"uniform budget at ρ 0.6, per-row thresholds (τ calibrated at {length} tokens)" in printed, printed
+    result = json.loads(out.read_text())
+    assert result["allocation"].startswith("per-row thresholds") and f"at {length} tokens" in result["allocation"]
+    model, _, _ = load_trained_routers(load_model(tiny_model_dir), str(run))
+    text = corpora.tokenize(tokenizer, corpora.load_text("valid", prose_dir, "tokens"))
+    table = np.full((model.config.num_hidden_layers, model.config.num_key_value_heads), 0.6, np.float32)
+    expected = calibration.row_thresholds(model, corpora.windows(text, length, 8), selection="router",
+                                          densities=table, scope="layer", batch_size=8)
+    np.testing.assert_array_equal(np.asarray(result["thresholds"], np.float32), expected)

@@ -20,15 +20,19 @@ from llama_surgery_jax.surgery.config import RouterConfig
 class Budget(NamedTuple):
     """requested: ρ; name: "adaptive", "sensitivity" or "uniform"; densities: ρ, or float32 [layers, heads];
     thresholds: None (each query block runs its budget's count of tiles) or per-row thresholds τ [layers, heads]
-    calibrated to those densities' tiles (`calibration.row_thresholds`: blocks run as many as their rows reach)."""
+    calibrated to those densities' tiles (`calibration.row_thresholds`: blocks run as many as their rows reach), at
+    calibrated_at tokens."""
 
     requested: float
     name: str
     densities: float | np.ndarray
     thresholds: np.ndarray | None = None
+    calibrated_at: int | None = None  # the length τ was calibrated at
 
     def describe(self) -> str:
         rows = "" if self.thresholds is None else ", per-row thresholds"
+        if self.thresholds is not None and self.calibrated_at is not None:
+            rows += f" (τ calibrated at {self.calibrated_at} tokens)"
         return f"{self.name} budget at ρ {self.requested:g}{rows}"
 
     def arguments(self) -> dict:
