@@ -181,10 +181,10 @@ def test_row_router_reports_what_executed():
         assert 0.0 <= float(layer["tie_share"][0]) <= 1.0
 
 
-@pytest.mark.parametrize("share_of", ["candidates", "earlier_blocks"])
-def test_row_router_gradients_reach_every_parameter(share_of):
+@pytest.mark.parametrize("variant", [{}, {"row_share_of": "earlier_blocks"}, {"key_pool": "max_hidden"}], ids=str)
+def test_row_router_gradients_reach_every_parameter(variant):
     seed = fresh_seed()
-    model = row_model(seed, dataclasses.replace(ROWS, row_share_of=share_of))
+    model = row_model(seed, dataclasses.replace(ROWS, **variant))
     tokens = jax.random.randint(jax.random.key(seed), (2, 96), 0, TINY.vocab_size)
     graphdef, routers, frozen = nnx.split(model, RouterParam, ...)
 

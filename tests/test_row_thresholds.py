@@ -111,13 +111,18 @@ def calibrated(model, seed: int, selection: str, t: int = 96) -> np.ndarray:
                                       batch_size=2)
 
 
-@pytest.mark.parametrize(("selection", "share_of"), [("router", "candidates"), ("router", "earlier_blocks"),
-                                                   ("row_bound", "candidates"), ("row_oracle", "candidates")])
-def test_model_under_thresholds_is_causal(selection, share_of):
+# Router variants beside the default: its scores as shares of the earlier blocks' mass; key blocks from the max of
+# their tokens' backbone outputs.
+VARIANTS = [{}, {"row_share_of": "earlier_blocks"}, {"key_pool": "max_hidden"}]
+
+
+@pytest.mark.parametrize(("selection", "variant"), [("router", v) for v in VARIANTS]
+                         + [("row_bound", {}), ("row_oracle", {})], ids=str)
+def test_model_under_thresholds_is_causal(selection, variant):
     """Perturbing the tokens after i leaves the logits at positions ≤ i unchanged, bit for bit, with τ fixed (the
-    router's shares of its candidates' mass, or of all earlier blocks' mass)."""
+    router in each variant)."""
     seed = fresh_seed()
-    model = row_model(seed, dataclasses.replace(ROWS, row_share_of=share_of))
+    model = row_model(seed, dataclasses.replace(ROWS, **variant))
     tau = jnp.asarray(calibrated(model, seed, selection))
     t, i = 120, 70
     tokens = jax.random.randint(jax.random.key(seed), (2, t), 0, TINY.vocab_size)
@@ -152,18 +157,18 @@ def test_calibration_spends_the_budget_on_its_own_sequences():
     assert density == pytest.approx(want / (2 * TINY.num_key_value_heads * n * (n + 1) / 2), abs=1e-6)
 
 
-@pytest.mark.parametrize("share_of", ["candidates", "earlier_blocks"])
-def test_threshold_decode_equals_re_prefill(share_of):
+@pytest.mark.parametrize("variant", VARIANTS, ids=str)
+def test_threshold_decode_equals_re_prefill(variant):
     """Greedy tokens from KV-cache decode under per-row thresholds (each new row adds the candidates its predicted
     mass reaches τ on, `route_own_row`) equal those of a full re-prefill with the same τ, on a ragged batch whose
-    prompts end inside a block, for more steps than a block holds; the router's shares of either set."""
+    prompts end inside a block, for more steps than a block holds; the router in each variant."""
     from llama_surgery_jax.evaluation.niah import Reprefill
     from llama_surgery_jax.inference.cache import Decoder
     from llama_surgery_jax.inference.generate import generate
     from llama_surgery_jax.training.budget import Budget
 
     seed = fresh_seed()
-    model = row_model(seed, dataclasses.replace(ROWS, row_share_of=share_of))
+    model = row_model(seed, dataclasses.replace(ROWS, **variant))
     tau = calibrated(model, seed, "router")
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, TINY.vocab_size, size).tolist() for size in (45, 30, 61)]

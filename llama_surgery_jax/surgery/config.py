@@ -55,6 +55,9 @@ class RouterConfig:
     # "earlier_blocks": every key block before the row's own (sink and window included; a block's key code needs
     # all of it), so a row whose attention stays on the sink or the window gives its candidates small shares.
     row_share_of: str = "candidates"
+    # Row queries: a key block's router input. "mean_input": the mean of its tokens' router inputs; "max_hidden": the
+    # per-feature max of its tokens' backbone outputs (a block with one salient token keeps it).
+    key_pool: str = "mean_input"
     soft_mask_temperature: float = 0.5  # T_m
     init_bias: float = 5.0  # homotopy init: +b for child 0, -b for the others
 
@@ -68,7 +71,8 @@ class RouterConfig:
         check_choices(self, {"routing_heads": ("query", "kv"), "mode": ("token", "block_prefix", "block"),
                              "budget": ("adaptive", "uniform", "sensitivity"),
                              "query": ("block", "row"), "row_target": ("ahead", "own"),
-                             "row_share_of": ("candidates", "earlier_blocks")})
+                             "row_share_of": ("candidates", "earlier_blocks"),
+                             "key_pool": ("mean_input", "max_hidden")})
         if self.trees < 1 or (self.trees > 1 and self.query != "row"):
             raise ConfigError(f"router.trees={self.trees}: must be >= 1, and more than one needs router.query=row")
         if self.query == "row" and self.mode != "block":

@@ -456,7 +456,7 @@ class RoutedAttention(nnx.Module):
         per-row thresholds (a [layers, heads] τ table) every candidate whose predicted mass reaches τ, the step of
         `block_routing.select_rows_above`."""
         from llama_surgery_jax.surgery import block_routing as br
-        from llama_surgery_jax.surgery.router import role_routes
+        from llama_surgery_jax.surgery.router import key_routes, role_routes
         from pallas_kernels.block_sparse_attention.schedule import compact
 
         config = self.config
@@ -465,13 +465,12 @@ class RoutedAttention(nnx.Module):
         params = self.router.parameters()
         batch = jnp.arange(lengths.shape[0])
         block, local = lengths // size, lengths % size
-        key = role_routes(params, jnp.mean(cache.router_inputs.astype(jnp.float32), axis=1, keepdims=True),
-                          role=1, config=config, routing_heads=heads)[:, :, 0]  # [b, r, f, l, c]
+        key = key_routes(params, cache.router_inputs, config=config, routing_heads=heads)[:, :, 0]  # [b, r, f, l, c]
         fills = (local == size - 1)[:, None, None, None, None]
-        key_routes = cache.codes.at[batch, :, block].set(jnp.where(fills, key, cache.codes[batch, :, block]))
+        block_keys = cache.codes.at[batch, :, block].set(jnp.where(fills, key, cache.codes[batch, :, block]))
         query = role_routes(params, x, role=0, config=config, routing_heads=heads)  # as prefill: x's dtype
-        n = key_routes.shape[2]
-        scores = br.soft_forest_depth(query, key_routes)[:, :, 0] + br.recency_prior(n)[block][:, None, :]
+        n = block_keys.shape[2]
+        scores = br.soft_forest_depth(query, block_keys)[:, :, 0] + br.recency_prior(n)[block][:, None, :]
         rule = dict(tile=size, window=config.window, sink=config.sink)
         forced = mask.band_tiles(n, **rule)[block][:, None, :]  # [b, 1, n]
         candidate = mask.causal_tiles(n, n)[block][:, None, :] & ~forced
@@ -492,7 +491,7 @@ class RoutedAttention(nnx.Module):
                 share_of = (jnp.arange(n)[None, :] < block[:, None])[:, None, :]  # [b, 1, n]
             pick = candidate & ~chosen & (br.predicted_mass(scores, candidate, share_of) >= tau[None, :, None])
         rows = compact(forced | chosen | pick)
-        return cache._replace(codes=key_routes, selection=RowSelection(block, rows.counts, rows.indices))
+        return cache._replace(codes=block_keys, selection=RowSelection(block, rows.counts, rows.indices))
 
     def route_row(self, ring: jax.Array, codes: jax.Array, lengths: jax.Array, block_density=None):
         """The routing half of `block_decode` (ring [b, T, hidden] already holds the new token's input) → (codes,

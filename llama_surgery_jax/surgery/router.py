@@ -256,21 +256,49 @@ class RowRouting(NamedTuple):
     k_routes: jax.Array
 
 
-def role_routes(params: dict[str, jax.Array], features: jax.Array, *, role: int, config: RouterConfig,
-                routing_heads: int) -> jax.Array:
-    """features: [b, m, hidden] → soft routes [b, h, m, f, l, c] float32 of one role (0 query, 1 key): the shared
-    backbone, then that role's columns of the route head. Deterministic (no noise, τ = 1), so the score the
-    distillation fits is the score evaluation ranks by."""
-    width = routing_heads * config.trees * config.levels * config.p
-    b, m, _ = features.shape
+def router_hidden(params: dict[str, jax.Array], features: jax.Array) -> jax.Array:
+    """features: [b, m, hidden] → the shared backbone's output [b, m, hidden] float32 (matmul in the features' dtype
+    with float32 accumulation)."""
     w = params["backbone_weight"].astype(features.dtype)
     pre = jnp.einsum("btd,de->bte", features, w, preferred_element_type=jnp.float32)
-    hidden = jax.nn.gelu(pre + params["backbone_bias"].astype(jnp.float32))
+    return jax.nn.gelu(pre + params["backbone_bias"].astype(jnp.float32))
+
+
+def hidden_routes(params: dict[str, jax.Array], hidden: jax.Array, *, role: int, config: RouterConfig,
+                  routing_heads: int) -> jax.Array:
+    """The backbone's output [b, m, hidden] → soft routes [b, h, m, f, l, c] float32 of one role (0 query, 1 key):
+    that role's columns of the route head."""
+    width = routing_heads * config.trees * config.levels * config.p
+    b, m, _ = hidden.shape
     columns = slice(role * width, (role + 1) * width)
     logits = (hidden @ params["route_weight"][:, columns].astype(jnp.float32)
               + params["route_bias"][columns].astype(jnp.float32))
     logits = logits.reshape(b, m, routing_heads, config.trees, config.levels, config.p)
     return jax.nn.softmax(logits, axis=-1).transpose(0, 2, 1, 3, 4, 5)
+
+
+def role_routes(params: dict[str, jax.Array], features: jax.Array, *, role: int, config: RouterConfig,
+                routing_heads: int) -> jax.Array:
+    """features: [b, m, hidden] → soft routes [b, h, m, f, l, c] float32 of one role (0 query, 1 key): the shared
+    backbone, then that role's columns of the route head. Deterministic (no noise, τ = 1), so the score the
+    distillation fits is the score evaluation ranks by."""
+    return hidden_routes(params, router_hidden(params, features), role=role, config=config,
+                         routing_heads=routing_heads)
+
+
+def key_routes(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConfig, routing_heads: int) -> jax.Array:
+    """x: [b, t, hidden] → the key routes of every block [b, h, ceil(t / T), f, l, c] (row routing): from the mean of
+    the block's router inputs (router.key_pool=mean_input), or from the per-feature max of its tokens' backbone
+    outputs (max_hidden: a block with one salient token keeps it, where a mean dilutes it). A key block competes
+    only for later query blocks, which see all of it."""
+    common = dict(role=1, config=config, routing_heads=routing_heads)
+    if config.key_pool == "max_hidden":
+        hidden = router_hidden(params, x)
+        b, t, d = hidden.shape
+        n = -(-t // config.block_size)
+        padded = jnp.pad(hidden, ((0, 0), (0, n * config.block_size - t), (0, 0)), constant_values=-jnp.inf)
+        return hidden_routes(params, jnp.max(padded.reshape(b, n, config.block_size, d), axis=2), **common)
+    return role_routes(params, key_block_features(x, config.block_size), **common)
 
 
 def routes_balance(routes: jax.Array) -> jax.Array:
@@ -284,7 +312,7 @@ def route_rows(params: dict[str, jax.Array], x: jax.Array, *, config: RouterConf
     competes only for later query blocks, which see all of it)."""
     common = dict(config=config, routing_heads=routing_heads)
     q_routes = role_routes(params, x, role=0, **common)
-    k_routes = role_routes(params, key_block_features(x, config.block_size), role=1, **common)
+    k_routes = key_routes(params, x, **common)
     return RowRouting(q_routes, k_routes)
 
 
