@@ -207,6 +207,18 @@ def pytest_terminal_summary(terminalreporter):
                                     "not cover them")
 
 
+def first_layers(model, n: int):
+    """`model` (a LlamaForCausalLM) cut to its first `n` decoder layers, their weights as loaded, the final norm and
+    head kept: real weights at a fraction of the compile time (programs unroll over the layers)."""
+    import dataclasses
+
+    from flax import nnx
+
+    model.model.layers = nnx.List(list(model.model.layers)[:n])
+    model.config = dataclasses.replace(model.config, num_hidden_layers=n)
+    return model
+
+
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_dir):
     """transformers' model of the embedded GGUF, dequantized to float32: the reference of the SmolLM2 conversion

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BF16_U, TINY_LOGITS_BOUND, fresh_seed
+from conftest import BF16_U, TINY_LOGITS_BOUND, first_layers, fresh_seed
 from flax import nnx
 from test_block_routing import brute_force_tiles
 
@@ -300,13 +300,6 @@ def test_greedy_plan_decode_is_the_step_loop():
     for mine, theirs in zip(planned_cache.layers, cache.layers, strict=True):
         np.testing.assert_array_equal(mine.codes, theirs.codes)
         np.testing.assert_array_equal(mine.selection.blocks, theirs.selection.blocks)
-
-
-def first_layers(model: LlamaForCausalLM, n: int) -> LlamaForCausalLM:
-    """`model` cut to its first `n` decoder layers (their weights as loaded; the final norm and head kept)."""
-    model.model.layers = nnx.List(list(model.model.layers)[:n])
-    model.config = dataclasses.replace(model.config, num_hidden_layers=n)
-    return model
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
