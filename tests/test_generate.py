@@ -34,10 +34,15 @@ KERNEL_RTOL = 5 * BF16_U  # 2.0e-2
 SPARSE_ROUTER = RouterConfig(levels=6, d_max=3, window=8, block_size=16)
 
 
+# The training forward with the hard mask: (logits, aux). One jitted function, so that a test's density check and
+# its three paths share one compiled program (op by op, outside jit, the tiny model's forward takes ~4 s to dispatch).
+training_path = nnx.jit(lambda m, x: m(x, train=True, hard=True, tau=1.0, rng=None))
+
+
 def three_paths(model, tokens: jax.Array, prompt_len: int, *, gather: bool, budget_step: int = 8):
     """tokens: [b, t] → logits [b, t, vocab] of (training path, prefill, prefill of prompt_len + decode)."""
     b, t = tokens.shape
-    train_path = nnx.jit(lambda m, x: m(x, train=True, hard=True, tau=1.0, rng=None)[0])(model, tokens)
+    train_path = training_path(model, tokens)[0]
     decoder = Decoder(model, attention="reference", gather=gather, budget_step=budget_step)
     full = jnp.full((b,), t)
     prefilled, _ = decoder.prefill(tokens, full, t)
@@ -67,7 +72,7 @@ def test_three_paths_agree_tiny(routing_heads):
     config = RouterConfig(**{**SPARSE_ROUTER.__dict__, "routing_heads": routing_heads})
     inject_routers(model, config, nnx.Rngs(seed + 1), homotopy=False)
     tokens = jax.random.randint(jax.random.key(seed), (2, 40), 0, 512)
-    _, aux = model(tokens)
+    _, aux = training_path(model, tokens)  # the hard mask of the three paths
     assert max(float(a["token_density"]) for a in aux) < 0.8, f"seed {seed}: masks too dense to test"
     gather = routing_heads == "query"  # the masked decode over the whole cache is checked with KV routing
     train_path, prefilled, decoded, decoder = three_paths(model, tokens, prompt_len=24, gather=gather)
@@ -85,7 +90,7 @@ def test_three_paths_agree_block_mode():
     config = dataclasses.replace(SPARSE_ROUTER, mode="block_prefix", block_size=8, routing_heads="kv")
     inject_routers(model, config, nnx.Rngs(seed + 1), homotopy=False)
     tokens = jax.random.randint(jax.random.key(seed), (2, 40), 0, 512)
-    _, aux = model(tokens)
+    _, aux = training_path(model, tokens)  # the hard mask of the three paths
     assert max(float(a["token_density"]) for a in aux) < 0.8, f"seed {seed}: masks too dense to test"
     train_path, prefilled, decoded, decoder = three_paths(model, tokens, prompt_len=21, gather=True)
     assert_close(train_path, prefilled, f"seed {seed}: block-mode prefill vs training path")
