@@ -207,7 +207,7 @@ def test_kernel_executes_the_routed_mask_bit_for_bit():
     model = block_model(seed, dataclasses.replace(BLOCK, block_size=16, window=16, block_density=0.35))
     t = 150
     tokens = jax.random.randint(jax.random.key(seed), (1, t), 0, TINY.vocab_size)
-    _, aux = model(tokens, train=False, return_codes=True)
+    _, aux = nnx.jit(lambda m, x: m(x, train=False, return_codes=True))(model, tokens)  # one program, not op by op
     layer = aux[0]
     q_codes, k_codes = layer["codes"]
     n = -(-t // 16)
