@@ -4,6 +4,7 @@ checks on real text, and the WikiText-2 loader's own test); one compilation cach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -162,13 +163,37 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
     return make_hf_llama(tmp_path_factory.mktemp("hf") / "tiny-llama31")
 
 
+@contextlib.contextmanager
+def session_cache(tmp_path_factory, work: str):
+    """The cache folder of `smollm2_dir` and `smollm2_transformers` ($LLAMA_SURGERY_CACHE, else a temporary one),
+    held under a file lock for `work` (one lock each: a worker that needs the converted model does not wait for
+    another's GGUF read). pytest-xdist's workers share the folder (their base temps sit in one folder of the
+    session), so the first worker to need SmolLM2 converts it (or reads transformers' GGUF) while the other waits
+    and then reuses what it kept, rather than both doing the same work at once."""
+    import fcntl
+
+    if "LLAMA_SURGERY_CACHE" not in os.environ:
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        folder = tmp_path_factory.getbasetemp().parent / "cache" if worker else tmp_path_factory.mktemp("cache")
+        folder.mkdir(exist_ok=True)
+        os.environ["LLAMA_SURGERY_CACHE"] = str(folder)
+    folder = Path(os.environ["LLAMA_SURGERY_CACHE"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{work}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2-135M GGUF, converted once for the session into a temporary cache."""
     from llama_surgery_jax.model import embedded as embedded
 
-    os.environ.setdefault("LLAMA_SURGERY_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return embedded.default_model_dir()
+    with session_cache(tmp_path_factory, "convert"):
+        return embedded.default_model_dir()
 
 
 @pytest.fixture(scope="session")
@@ -207,8 +232,20 @@ def pytest_terminal_summary(terminalreporter):
                                     "not cover them")
 
 
+def first_layers(model, n: int):
+    """`model` (a LlamaForCausalLM) cut to its first `n` decoder layers, their weights as loaded, the final norm and
+    head kept: real weights at a fraction of the compile time (programs unroll over the layers)."""
+    import dataclasses
+
+    from flax import nnx
+
+    model.model.layers = nnx.List(list(model.model.layers)[:n])
+    model.config = dataclasses.replace(model.config, num_hidden_layers=n)
+    return model
+
+
 @pytest.fixture(scope="session")
-def smollm2_transformers(smollm2_dir):
+def smollm2_transformers(smollm2_dir, tmp_path_factory):
     """transformers' model of the embedded GGUF, dequantized to float32: the reference of the SmolLM2 conversion
     and perplexity tests. Read only.
 
@@ -225,21 +262,22 @@ def smollm2_transformers(smollm2_dir):
 
     from llama_surgery_jax.model.embedded import cache_dir, embedded_gguf
 
-    gguf = embedded_gguf()
-    versions = "-".join(f"{name}{importlib.metadata.version(name)}" for name in ("transformers", "gguf"))
-    kept = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}-{versions}"
-    if (kept / "model.safetensors").is_file():
-        return AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=kept.parent, prefix=f".{kept.name}-"))
-    save_model(model, str(partial / "model.safetensors"))  # save_pretrained refuses a model read from a GGUF
-    model.config.save_pretrained(partial)
-    try:
-        partial.rename(kept)  # whole or not at all; another worker may have kept it first
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)
-    return model
+    with session_cache(tmp_path_factory, "transformers"):
+        gguf = embedded_gguf()
+        versions = "-".join(f"{name}{importlib.metadata.version(name)}" for name in ("transformers", "gguf"))
+        kept = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}-{versions}"
+        if (kept / "model.safetensors").is_file():
+            return AutoModelForCausalLM.from_pretrained(kept, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=kept.parent, prefix=f".{kept.name}-"))
+        save_model(model, str(partial / "model.safetensors"))  # save_pretrained refuses a model read from a GGUF
+        model.config.save_pretrained(partial)
+        try:
+            partial.rename(kept)  # whole or not at all; another process may have kept it first
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+        return model
 
 
 def train_tiny_tokenizer(folder: Path, text_dir: Path, vocab_size: int = 512) -> None:

@@ -207,7 +207,7 @@ def test_kernel_executes_the_routed_mask_bit_for_bit():
     model = block_model(seed, dataclasses.replace(BLOCK, block_size=16, window=16, block_density=0.35))
     t = 150
     tokens = jax.random.randint(jax.random.key(seed), (1, t), 0, TINY.vocab_size)
-    _, aux = model(tokens, train=False, return_codes=True)
+    _, aux = nnx.jit(lambda m, x: m(x, train=False, return_codes=True))(model, tokens)  # one program, not op by op
     layer = aux[0]
     q_codes, k_codes = layer["codes"]
     n = -(-t // 16)
@@ -244,12 +244,13 @@ def test_full_density_is_the_dense_model():
     seed = fresh_seed()
     model = block_model(seed)
     tokens = jax.random.randint(jax.random.key(seed), (2, 80), 0, TINY.vocab_size)
-    routed, aux = model(tokens, train=False, block_density=1.0)
+    # Each forward jitted: one program each, rather than the ops dispatched one by one (seconds for the tiny model).
+    routed, aux = nnx.jit(lambda m, x: m(x, train=False, block_density=1.0))(model, tokens)
     # Every causal tile: a count over itself, one float32 division (XLA may multiply by the reciprocal): ≤ 2u.
     assert all(np.all(np.abs(np.asarray(a["block_density"]) - 1.0) <= 2 * F32_U) for a in aux), f"seed {seed}"
     from llama_surgery_jax.surgery.routed_attention import remove_routers
 
-    dense, _ = remove_routers(model)(tokens)
+    dense, _ = nnx.jit(lambda m, x: m(x))(remove_routers(model), tokens)
     # Chunked softmax against the dense path: 2 reorderable sums per layer over ≤ 80 keys (TINY_LOGITS_BOUND).
     np.testing.assert_allclose(routed, dense, atol=TINY_LOGITS_BOUND * float(jnp.max(jnp.abs(dense))),
                                err_msg=f"seed {seed}")
