@@ -15,9 +15,9 @@ import pytest
 from conftest import tiny_train_config
 
 from llama_surgery_jax.evaluate import main as evaluate
-from llama_surgery_jax.training import calibration
 from llama_surgery_jax.generate import main as generate
 from llama_surgery_jax.speed import main as speed
+from llama_surgery_jax.training import calibration
 
 NOWHERE = "/nonexistent/model"
 
@@ -227,8 +227,9 @@ def test_needle_thresholds_need_a_row_router(block_run, prose_dir, tmp_path, cap
 
     out = tmp_path / "quality"
     refused(capsys, quality, ["--run", str(block_run), "--data-dir", str(prose_dir), "--contexts", "128",
-                              "--windows", "1", "--curve-context", "128", "--curve-windows", "0", "--niah-lengths", "96",
-                              "--speed-contexts", "", "--niah-thresholds", "--out", str(out)], "--niah-thresholds")
+                              "--windows", "1", "--curve-context", "128", "--curve-windows", "0",
+                              "--niah-lengths", "96", "--speed-contexts", "", "--niah-thresholds", "--out", str(out)],
+            "--niah-thresholds")
     assert not out.exists()
 
 

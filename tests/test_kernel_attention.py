@@ -20,8 +20,14 @@ from llama_surgery_jax.surgery.kernel_attention import kernel_routed_attention, 
 from llama_surgery_jax.surgery.mask import token_density, token_mask
 from llama_surgery_jax.surgery.reference_attention import masked_attention
 from llama_surgery_jax.surgery.routed_attention import inject_routers
-from llama_surgery_jax.surgery.router import (RouterParam, init_router_params, route, soft_mask, straight_through,
-                                              tree_distance)
+from llama_surgery_jax.surgery.router import (
+    RouterParam,
+    init_router_params,
+    route,
+    soft_mask,
+    straight_through,
+    tree_distance,
+)
 
 # Small shapes: ragged t (not a multiple of the tile 16 nor of the query chunk 32), GQA 4:1, head dim 64.
 B, T, HEADS, KV, D, HIDDEN = 2, 77, 4, 1, 64, 12
