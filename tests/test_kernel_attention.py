@@ -120,10 +120,11 @@ def router_tolerance(config, x, heads, rng, weights, params, q, k, v, dtype, gra
         top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
         return jnp.log(jnp.sum(jnp.exp(scores - top) * multiplier, axis=-1)) + top[..., 0]
 
-    out, _ = masked_attention(*(a.astype(jnp.float32) for a in (q, k, v)),
-                              route(params, x, config=config, routing_heads=heads, rng=rng).codes, config=config)
+    codes = route(params, x, config=config, routing_heads=heads, rng=rng).codes
+    out, _ = jax.jit(lambda q, k, v: masked_attention(q, k, v, codes, config=config))(
+        *(a.astype(jnp.float32) for a in (q, k, v)))
     row_term = jnp.einsum("bthd->bht", (weights * out) ** 2)  # Σ_d (dO_id O_id)²
-    jacobian = jax.jacrev(lse)(params)  # each leaf [b, heads, t, *leaf shape]
+    jacobian = jax.jit(jax.jacrev(lse))(params)  # each leaf [b, heads, t, *leaf shape]
     bounds = {}
     for name, leaf in jacobian.items():
         per_row = jnp.sum(leaf.reshape(*leaf.shape[:3], -1) ** 2, axis=-1)  # ‖∂lse_i/∂θ‖²

@@ -181,7 +181,7 @@ def test_row_router_reports_what_executed():
         assert 0.0 <= float(layer["tie_share"][0]) <= 1.0
 
 
-@pytest.mark.parametrize("variant", [{}, {"row_share_of": "earlier_blocks"}, {"key_pool": "max_hidden"}], ids=str)
+@pytest.mark.parametrize("variant", [{}, {"row_share_of": "earlier_blocks", "key_pool": "max_hidden"}], ids=str)
 def test_row_router_gradients_reach_every_parameter(variant):
     seed = fresh_seed()
     model = row_model(seed, dataclasses.replace(ROWS, **variant))
