@@ -79,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, tokenizer, described = load_for_inference(args.model, args.surgery, args.dtype)
         prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in args.prompt]
-        budget = block_budget(model, args)
-        if args.thresholds:  # τ for this length, and the sensitivity budget's floor at it
-            length = min(max(map(len, prompts)) + args.max_new_tokens, model.config.max_position_embeddings)
-            budget = with_thresholds(model, block_budget(model, args, context=length), tokenizer, length,
-                                     args.data_dir)
+        # With --thresholds, τ is calibrated at the generation's length and the sensitivity floor is taken there.
+        length = min(max(map(len, prompts)) + args.max_new_tokens, model.config.max_position_embeddings)
+        budget = block_budget(model, args, context=length if args.thresholds else None)
+        if args.thresholds:
+            budget = with_thresholds(model, budget, tokenizer, length, args.data_dir)
         result, dense = generate_and_compare(
             model, prompts, attention=args.attention, gather=not args.no_gather, block_budget=budget,
             compare=not args.no_compare, max_new_tokens=args.max_new_tokens,
