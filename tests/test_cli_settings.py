@@ -248,9 +248,11 @@ def test_generate_spends_the_budget_by_per_row_thresholds(block_run, tiny_model_
     config = tiny_train_config(tiny_model_dir, prose_dir, "router.mode=block", "router.query=row", "router.trees=2",
                                "router.d_max=0", "router.levels=2", "router.block_size=8", "router.window=8",
                                "router.routing_heads=kv", "router.block_density=0.6", "router.budget=uniform",
-                               "seq_len=64", "batch_size=2", "steps=1", "checkpoint_every=1", "report=false")
+                               "seq_len=64", "batch_size=2", "steps=1", "checkpoint_every=1", "report=false",
+                               "calibration_sequences=0")
     run = tmp_path / "rows"
     train(config, run, report=None, progress=False)
+    assert not (run / "calibration.json").exists()  # not calibrated: the uniform budget needs none
     out = tmp_path / "g.json"
     prompt, new = "The history of the", 6
     assert generate(["--surgery", str(run), "--prompt", prompt, "--max-new-tokens", str(new), "--thresholds",

@@ -197,6 +197,11 @@ def test_unknown_preset_and_override(capsys):
         TrainConfig().override(["router.p=two"])
     with pytest.raises(ConfigError, match="must be a prime"):
         TrainConfig().override(["router.p=4"])
+    with pytest.raises(ConfigError, match="0 .no calibration. or more"):
+        TrainConfig().override(["calibration_sequences=-1"])
+    with pytest.raises(ConfigError, match="calibration_sequences=0 skips the calibration"):
+        train(TrainConfig().override(["router.mode=block", "calibration_sequences=0"]), Path("unused"),
+              report=training_report.prepare)
 
 
 def test_unwritable_output_folder(tiny_model_dir, prose_dir, tmp_path, capsys):

@@ -47,7 +47,9 @@ class TrainConfig:
     eval_context: int = 1024
     eval_windows: int = 40
     eval_batch: int = 4
-    calibration_sequences: int = 8  # block mode: training sequences that calibrate the adaptive budget
+    # block mode: training sequences that calibrate the adaptive and sensitivity budgets (RUN/calibration.json); 0: no
+    # calibration (it reads the frozen model alone, so a run of the same model, text, tile and length can lend its file)
+    calibration_sequences: int = 8
     mesh_data: int = -1  # -1: every device not used by fsdp × tensor
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
@@ -60,6 +62,9 @@ class TrainConfig:
         for field in ("seq_len", "batch_size", "steps", "eval_context", "eval_windows", "checkpoint_every"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.calibration_sequences < 0:
+            raise ConfigError(f"calibration_sequences must be 0 (no calibration) or more, "
+                              f"got {self.calibration_sequences}")
 
     @property
     def precision(self) -> Precision:

@@ -227,6 +227,9 @@ def train(config: TrainConfig, out: Path, *, report: Report | None = None, progr
     if config.report and report is None:
         raise TypeError("train(): config.report is on but no report= was given: pass "
                         "report=llama_surgery_jax.evaluation.training_report.prepare, or set report=false")
+    if config.report and config.router.mode == "block" and not config.calibration_sequences:
+        raise ConfigError("calibration_sequences=0 skips the calibration that the end-of-training report's budgets "
+                          "read: set report=false too, or calibrate")
     out = out.absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -312,7 +315,7 @@ def train(config: TrainConfig, out: Path, *, report: Report | None = None, progr
     bar.close()
     checkpoints.wait()
     logger.close()
-    if config.router.mode == "block" and jax.process_index() == 0:
+    if config.router.mode == "block" and config.calibration_sequences and jax.process_index() == 0:
         calibrate_budgets(run, out, batches)
     if not config.report:
         return {"steps": config.steps}
