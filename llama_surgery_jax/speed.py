@@ -2,6 +2,7 @@
 
     python -m llama_surgery_jax.speed [--models smollm2,llama-3.1-8b] [--lengths smollm2:8192,llama-3.1-8b:32768+131072]
         [--densities 0.1,0.2] [--tiles smollm2:64+128] [--reps 3] [--check-length 8192] [--run RUN] [--out DIR]
+        [--router-query block|row]
 
 What a user runs: the whole prefill as one `jax.jit` per shape, bf16, batch 1, the KV cache written, and the
 logits of the last position only (prefill needs no more; an 8B model's logits over a 128k prompt would be 67 GB).
@@ -11,8 +12,10 @@ Triton one otherwise). The density is a traced argument: one compiled surgery pr
 
 Models: `smollm2` is the embedded SmolLM2-135M-Instruct (its real weights) with the default preset's block
 routers, random unless --run gives a trained block run; `llama-3.1-8b` is that config with random bf16 weights
-and random block routers (tile 128, one route per KV head, W = 128). Prompts are random token ids: the budget
-fixes the executed density whatever the text, and the table prints the density counted from the executed tiles.
+and random block routers (tile 128, one route per KV head, W = 128); --router-query row makes the random routers
+rank key blocks per query row (4 trees; tiles computed from the first row that chose them, `block_routing.select_rows`).
+Prompts are random token ids: the budget fixes the executed density whatever the text, and the table prints the
+density counted from the executed tiles.
 
 Rows (`prefill`): median seconds of --reps runs after a warm-up, tokens/s, the speedup over dense, and the
 compiled program's device memory (arguments + outputs + temporaries, XLA's memory analysis). Rows (`layer`):
@@ -77,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", type=names(SECTIONS), default="",
                         help="comma list of sections to skip: " + ", ".join(SECTIONS))
     parser.add_argument("--run", help="a trained block run: SmolLM2 with its routers instead of random ones")
+    parser.add_argument("--router-query", choices=("block", "row"), default="block",
+                        help="random routers: one code per query block, or per query row (router.query=row: each row "
+                             "ranks key blocks from its own query, tiles computed from their first row)")
     parser.add_argument("--out", type=output_folder, default="speed")
     args = parser.parse_args(argv)
     return args
@@ -91,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                          decode=args.decode, decode_steps=args.decode_steps,
                          decode_dense=args.decode_dense, decode_loop=args.decode_loop,
                          profile_steps=args.profile_steps, skip=set(args.skip),
-                         run=args.run)
+                         run=args.run, query=args.router_query)
     except SpeedSettingError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,9 +18,9 @@ from llama_surgery_jax.surgery.routed_attention import inject_routers, routed_la
 CONFIG = dataclasses.replace(ModelConfig.named("tiny"), head_dim=64)
 
 
-def routed_model(seed: int) -> LlamaForCausalLM:
+def routed_model(seed: int, query: str = "block") -> LlamaForCausalLM:
     model = LlamaForCausalLM(CONFIG, precision=prefill_speed.BF16, rngs=nnx.Rngs(seed))
-    router = dataclasses.replace(prefill_speed.ROUTER_8B, block_size=16, window=16, levels=3)
+    router = dataclasses.replace(prefill_speed.random_router(prefill_speed.ROUTER_8B, 16, query), window=16, levels=3)
     return inject_routers(model, router, nnx.Rngs(seed + 1))
 
 
@@ -52,6 +52,24 @@ def test_speed_rows_on_a_tiny_model(tmp_path):
     text = speed_report.markdown(rows + [layer, check, *decode], "cpu")
     assert "surgery (block-sparse)" in text and "| tiny | 256 | 0.5 |" in text
     assert "| tiny | 256 | 2 | surgery | 0.5 |" in text and "Profile: tiny, context 256 × 2, surgery 0.5" in text
+
+
+def test_speed_rows_of_row_routers():
+    """Row routing (each query row ranks key blocks; tiles computed from their first row) through every section: the
+    executed density is the budget's union, the kernel prefill replays the in-tile first rows, decode runs one
+    program (every step routes)."""
+    seed = fresh_seed()
+    model = routed_model(seed, "row")
+    dense, surgery = prefill_speed.prefill_rows(model, "tiny", [256], [0.5], reps=1, seed=seed)
+    # The per-block budget, as for block routing: ⌈0.5 · 136⌉ = 68 of the 136 causal tiles per head run (the union).
+    assert surgery["density"] == pytest.approx(68 / 136, abs=1e-6), f"seed {seed}"
+    layer = next(prefill_speed.layer_rows(model, "tiny", [256], [0.5], reps=1, seed=seed))
+    assert layer["router_ms"] > 0 and layer["sparse_attention_ms"] > 0
+    check = prefill_speed.check_row(model, "tiny", 256, 0.5, seed=seed)
+    assert check["passed"], f"seed {seed}: {check}"
+    kernel, surgery = decode_speed.decode_rows(model, "tiny", [(256, 2)], [0.5], steps=2, dense=("kernel",),
+                                               loop=True, seed=seed)
+    assert surgery["attention"] == "surgery" and surgery["step_ms"] > 0 and surgery["loop_step_ms"] > 0
 
 
 def test_decode_density_below_the_floor_is_an_error():

@@ -48,7 +48,7 @@ DENSE_ATTENTIONS = {"kernel": "kernel", "cudnn": "cudnn", "masked": None}  # nam
 
 def random_cache(model: LlamaForCausalLM, batch: int, context: int, steps: int, seed: int = 0) -> KVCache:
     """A cache of `context` written tokens per sequence (and room for `steps` more) holding random K, V, block codes
-    and router inputs."""
+    (row routing: key blocks' routes) and router inputs."""
     layers = []
     for index, layer in enumerate(init_cache(model, batch, context + steps)):
         keys = jax.random.split(jax.random.key(seed + index), 4)
@@ -56,7 +56,10 @@ def random_cache(model: LlamaForCausalLM, batch: int, context: int, steps: int, 
         codes = ring = None
         if layer.codes is not None:
             config = routed_layers(model)[index].config
-            codes = jax.random.randint(keys[2], layer.codes.shape, 0, config.p**config.levels, jnp.int32)
+            if config.query == "row":  # key blocks' soft routes: a distribution over c children per level
+                codes = jax.nn.softmax(jax.random.normal(keys[2], layer.codes.shape), axis=-1).astype(layer.codes.dtype)
+            else:
+                codes = jax.random.randint(keys[2], layer.codes.shape, 0, config.p**config.levels, jnp.int32)
             ring = jax.random.normal(keys[3], layer.router_inputs.shape, layer.router_inputs.dtype)
         layers.append(layer._replace(k=k, v=v, codes=codes, router_inputs=ring))
     return KVCache(tuple(layers), jnp.full((batch,), context, jnp.int32))
@@ -170,8 +173,11 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
             tokens = jax.random.randint(jax.random.key(seed), (batch,), 0, config.vocab_size)
             rho = jnp.float32(density)
             backend = DENSE_ATTENTIONS[attention] if kind == "dense" else "kernel"
+            # A row router routes at every step (each row its own query): one program, as dense; a block router has
+            # steps that route and steps that only attend.
+            skips_routing = kind == "surgery" and layer.config.query != "row"
             try:
-                one = _programs(graphdef, state, cache, tokens, rho, backend, kind == "surgery")
+                one = _programs(graphdef, state, cache, tokens, rho, backend, skips_routing)
             except Exception as error:  # noqa: BLE001 — a peer that does not run here is a row that says so
                 if attention != "cudnn":
                     raise
@@ -184,7 +190,7 @@ def decode_rows(model: LlamaForCausalLM, described: str, settings, densities, st
             if profile_steps:
                 row["profile"], cache = _profile_steps(one, due, steps + 1, state, cache, tokens, rho, profile_steps)
             if loop:
-                decode = _loop(graphdef, state, cache, tokens, rho, backend, steps, tile, kind == "surgery")
+                decode = _loop(graphdef, state, cache, tokens, rho, backend, steps, tile, skips_routing)
                 _, cache = jax.block_until_ready(decode(cache, tokens))  # warm-up
                 start = time.perf_counter()
                 _, cache = jax.block_until_ready(decode(cache, tokens))

@@ -18,24 +18,33 @@ from flax import nnx
 from llama_surgery_jax.inference.cache import init_cache, prefill
 from llama_surgery_jax.model.config import ModelConfig, Precision
 from llama_surgery_jax.model.llama import LlamaForCausalLM, dense_attention
+from llama_surgery_jax.surgery.block_routing import select_rows
 from llama_surgery_jax.surgery.config import RouterConfig
 from llama_surgery_jax.surgery.routed_attention import inject_routers, routed_layers
-from llama_surgery_jax.surgery.router import route_blocks
+from llama_surgery_jax.surgery.router import route_blocks, route_rows
 
 BF16 = Precision("bfloat16", "bfloat16")
 BF16_U = 2.0**-8
 ROUTER_8B = RouterConfig(mode="block", d_max=0, p=2, levels=7, window=128, block_size=128, routing_heads="kv")
+ROW_TREES = 4  # the row router's trees (router.query=row), as trained in docs/results/gpu-row-thresholds
 
 
-def default_router(tile: int) -> RouterConfig:
+def random_router(router: RouterConfig, tile: int, query: str) -> RouterConfig:
+    """router at another tile, ranking key blocks per query block ("block") or per query row ("row")."""
+    return dataclasses.replace(router, block_size=tile, query=query, trees=ROW_TREES if query == "row" else 1)
+
+
+def default_router(tile: int, query: str = "block") -> RouterConfig:
     """The default training preset's block router at another tile (its own is 64)."""
     from llama_surgery_jax.training.config import TrainConfig
 
-    return dataclasses.replace(TrainConfig.preset("default").router, block_size=tile)
+    return random_router(TrainConfig.preset("default").router, tile, query)
 
 
-def build_model(name: str, tile: int, run: str | None, seed: int = 0) -> tuple[LlamaForCausalLM, str]:
-    """(the model with routers, a description). The dense model is the same one without them."""
+def build_model(name: str, tile: int, run: str | None, seed: int = 0,
+                query: str = "block") -> tuple[LlamaForCausalLM, str]:
+    """(the model with routers, a description). The dense model is the same one without them. query: the random
+    routers rank key blocks per query block or per query row (a trained run's routers are as trained)."""
     if name == "smollm2":
         from llama_surgery_jax.model.checkpoint import load_model
         from llama_surgery_jax.model.embedded import default_model_dir
@@ -46,12 +55,12 @@ def build_model(name: str, tile: int, run: str | None, seed: int = 0) -> tuple[L
 
             model, router, _ = load_trained_routers(model, run)
             return model, f"SmolLM2-135M, trained routers of {run} (tile {router.block_size})"
-        inject_routers(model, default_router(tile), nnx.Rngs(seed + 1))
-        return model, f"SmolLM2-135M, random routers (tile {tile})"
+        inject_routers(model, default_router(tile, query), nnx.Rngs(seed + 1))
+        return model, f"SmolLM2-135M, random {query} routers (tile {tile})"
     config = ModelConfig.named(name)
     model = LlamaForCausalLM(config, precision=BF16, rngs=nnx.Rngs(seed))
-    inject_routers(model, dataclasses.replace(ROUTER_8B, block_size=tile), nnx.Rngs(seed + 1))
-    return model, f"{name}, random bf16 weights and routers (tile {tile})"
+    inject_routers(model, random_router(ROUTER_8B, tile, query), nnx.Rngs(seed + 1))
+    return model, f"{name}, random bf16 weights and {query} routers (tile {tile})"
 
 
 def dense_and_routed(model: LlamaForCausalLM):
@@ -146,18 +155,26 @@ def layer_rows(model: LlamaForCausalLM, described: str, lengths, densities, reps
         n = -(-length // router.block_size)
 
         @jax.jit
-        def route(params, x, density, n=n):
+        def route(params, x, density, n=n, t=length):
+            """→ (tiles, first rows or None): the router's mask at ρ, as the prefill builds it."""
+            budgets = layer.row_budgets(n, density)
+            if router.query == "row":
+                scores = layer.row_router_scores(route_rows(params, x, config=router, routing_heads=heads), t)
+                first_rows = select_rows(scores, budgets, t=t, tile=router.block_size, window=router.window,
+                                         sink=router.sink, front=router.row_front)
+                return first_rows < router.block_size, first_rows
             routing = route_blocks(params, x, config=router, routing_heads=heads)
-            return layer.select("router", routing, None, None, None, layer.row_budgets(n, density), n)
+            return layer.select("router", routing, None, None, None, budgets, n), None
 
         schedule = jax.jit(build_schedule)
-        sparse = jax.jit(lambda q, k, v, tiles: block_sparse_attention(q, k, v, tiles, tile=router.block_size))
+        sparse = jax.jit(lambda q, k, v, mask: block_sparse_attention(q, k, v, mask[0], tile=router.block_size,
+                                                                     first_rows=mask[1]))
         dense = jax.jit(lambda q, k, v: dense_attention(q, k, v, attention="kernel")[0])
         dense_s, _ = median_seconds(dense, q, k, v, reps=reps)
         for density in densities:
-            route_s, tiles = median_seconds(route, params, x, jnp.float32(density), reps=reps)
-            schedule_s, _ = median_seconds(schedule, tiles, reps=reps)
-            sparse_s, _ = median_seconds(sparse, q, k, v, tiles, reps=reps)
+            route_s, mask = median_seconds(route, params, x, jnp.float32(density), reps=reps)
+            schedule_s, _ = median_seconds(schedule, *mask, reps=reps)
+            sparse_s, _ = median_seconds(sparse, q, k, v, mask, reps=reps)
             layers = config.num_hidden_layers
             yield {"kind": "layer", "model": described, "length": length, "density": density,
                    "router_ms": 1e3 * route_s * layers, "schedule_ms": 1e3 * schedule_s * layers,

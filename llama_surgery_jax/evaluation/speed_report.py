@@ -66,8 +66,9 @@ def markdown(rows: list[dict], device: str) -> str:
 
 def run_speed(out: Path, *, models: list[str], lengths: dict, tiles: dict, densities: list[float], reps: int,
               check_length: int, decode: dict, decode_steps: int, decode_dense: list[str], decode_loop: bool,
-              profile_steps: int, skip: set[str], run: str | None) -> str:
-    """Every section not in `skip`, for each model and tile → the markdown of all tables (also OUT/speed.md).
+              profile_steps: int, skip: set[str], run: str | None, query: str = "block") -> str:
+    """Every section not in `skip`, for each model and tile → the markdown of all tables (also OUT/speed.md). query:
+    the random routers rank key blocks per query block or per query row (`prefill_speed.build_model`).
     Raises SpeedSettingError when the decode rows refuse a density."""
     out.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0].device_kind
@@ -80,7 +81,7 @@ def run_speed(out: Path, *, models: list[str], lengths: dict, tiles: dict, densi
 
     for name in models:
         for tile in [None] if (name == "smollm2" and run) else tiles.get(name, [128]):
-            model, described = build_model(name, tile or 128, run)
+            model, described = build_model(name, tile or 128, run, query=query)
             model_lengths = lengths.get(name, [8192])
             if "check" not in skip and check_length:
                 add(check_row(model, described, check_length, densities[0]))

@@ -433,10 +433,10 @@ class RoutedAttention(nnx.Module):
 
         size = self.config.block_size
         first_rows = aux.pop("first_rows")
-        tiles = aux.pop("tiles")
+        aux.pop("tiles")
         key_routes = aux.pop("key_routes")
-        if return_tiles:
-            aux["tiles"] = tiles
+        if return_tiles:  # the first rows, not the tiles: a replay (selection "given") runs the in-tile rows too
+            aux["tiles"] = first_rows
         n = first_rows.shape[-1]
         last = lengths - 1
         row = last // size
