@@ -10,8 +10,8 @@
 #            backbone outputs. Not calibrated (calibration_sequences=0): the calibration reads the frozen model
 #            alone, so RUN_MEAN's file (same model, text, tile, window, length, ρ) is copied in
 #   table    8192, all 36 windows of wiki.test.raw: RUN_MEAN's router under per-row thresholds and sensitivity
-#            totals, the per-row oracle under thresholds at ρ 0.1/0.2/0.3 and StreamingLLM (sensitivity) at 0.1; then
-#            RUN_MAX's router row. τ per layer is calibrated on 8 windows of 8192 of wiki.valid.tokens first
+#            totals at ρ 0.1/0.2/0.3, the per-row oracle under thresholds at 0.1 and 0.3 (0.2: ../gpu-row-thresholds)
+#            and StreamingLLM (sensitivity) at 0.1; then RUN_MAX's router row. τ per layer is calibrated on 8 windows of 8192 of wiki.valid.tokens first
 #   small    4096, 8 windows: every row of the table for RUN (RUN_MEAN or RUN_MAX), ρ 0.1/0.2/0.3; then
 #            needles at 2k/4k/8k (5 depths, 4 trials): dense and the router at ρ 0.2 and 0.3 under thresholds, each by
 #            a prefill on the kernels and KV-cache decode (the oracle's needles re-prefill per answer token: not here)
@@ -49,8 +49,9 @@ table)
     time python3 -m llama_surgery_jax.quality --run "$1" --contexts 8192 --windows-at 8192:all --rows "$3" \
       --densities "$4" --niah-lengths "" --batch-size 4 --out "$OUT/$2" 2>&1 | quiet | tee "$OUT/$2.log"
   }
-  table $RUN_MEAN table-8192-mean router/sensitivity+thresholds,row_oracle/uniform+thresholds 0.1,0.2,0.3
-  table $RUN_MEAN table-8192-mean-streaming-0.1 recent/sensitivity 0.1
+  table $RUN_MEAN table-8192-mean router/sensitivity+thresholds 0.1,0.2,0.3
+  table $RUN_MEAN table-8192-oracle-0.1-0.3 row_oracle/uniform+thresholds 0.1,0.3
+  table $RUN_MEAN table-8192-streaming-0.1 recent/sensitivity 0.1
   table $RUN_MAX table-8192-max router/sensitivity+thresholds 0.1,0.2,0.3 ;;
 small)
   gpu
