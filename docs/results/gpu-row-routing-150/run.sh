@@ -12,6 +12,7 @@
 #   table    8192, all 36 windows of wiki.test.raw: RUN's router (RUN_MEAN unless given) under per-row thresholds
 #            and sensitivity totals at ρ 0.1/0.2/0.3, the per-row oracle under thresholds at 0.1 and 0.3 (0.2:
 #            ../gpu-row-thresholds) and StreamingLLM (sensitivity) at 0.1; then RUN_MAX's router row if both exist. τ per layer is calibrated on 8 windows of 8192 of wiki.valid.tokens first
+#   table_router  the router row alone for RUN (RUN_MAX unless given) at DENSITIES (0.2,0.3)
 #   small    4096, 8 windows: every row of the table for RUN (RUN_MEAN or RUN_MAX), ρ 0.1/0.2/0.3; then
 #            needles at 2k/4k/8k (5 depths, 4 trials): dense and the router at ρ 0.2 and 0.3 under thresholds, each by
 #            a prefill on the kernels and KV-cache decode (the oracle's needles re-prefill per answer token: not here)
@@ -61,6 +62,11 @@ table)
   if [ -e $RUN_MAX ] && [ $RUN != $RUN_MAX ]; then
     table $RUN_MAX table-8192-router-max router/sensitivity+thresholds 0.1,0.2,0.3
   fi ;;
+table_router)  # as run this session (the device time left): the router row alone at $DENSITIES for $RUN
+  gpu
+  time timeout 290 python3 -m llama_surgery_jax.quality --run ${RUN:-$RUN_MAX} --contexts 8192 --windows-at 8192:all \
+    --rows router/sensitivity+thresholds --densities ${DENSITIES:-0.2,0.3} --niah-lengths "" --batch-size 4 \
+    --out "$OUT/table-8192-router-max" 2>&1 | quiet | tee "$OUT/table-8192-router-max.log" ;;
 small)
   gpu
   RUN=${RUN:-$RUN_MEAN}
