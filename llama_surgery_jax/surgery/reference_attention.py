@@ -162,3 +162,58 @@ def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.A
 
     outs = jax.lax.map(one_chunk, (jnp.arange(n_chunks), q_chunks))
     return jnp.moveaxis(outs, 0, 1).reshape(b, n_chunks * chunk, heads, d)[:, :t]
+
+
+SKIPPED_LOGIT_CAP = 30.0  # exp of a skipped key's logit above the row's visible max, capped (it only scales a gradient)
+
+
+def straight_through_tile_attention(q: jax.Array, k: jax.Array, v: jax.Array, first_rows: jax.Array,
+                                    soft: jax.Array, *, tile: int, chunk: int = 256) -> jax.Array:
+    """Row routing's attention through the straight-through bridge at tile granularity: the end-to-end term's path.
+
+    q: [b, t, heads, d]; k, v: [b, t, kv, d]; first_rows: int [b, h, n, n] (h: routing heads; `tile` where a tile is
+    not computed, `block_routing.select_rows`); soft: float [b, h, t, n], the router's differentiable weight of
+    (row i, key block j). Forward: exactly `tile_masked_attention(q, k, v, first_rows < tile, first_rows=...)` (the
+    multiplier is the hard mask, bit for bit: `router.straight_through`). Backward: ∂L/∂soft(i, j) sums ∂L/∂m over
+    block j's causal keys of row i. Unlike `attend`'s bridge, the skipped keys keep their exp(S − max) (the max over
+    the visible keys; capped at e^SKIPPED_LOGIT_CAP), so a block that was not computed learns what it would have
+    added: the router is told which misses cost the output, not only which computed tiles it could drop.
+    Chunked over query rows under `jax.checkpoint`: memory O(chunk · t).
+    """
+    b, t, heads, d = q.shape
+    kv = k.shape[2]
+    groups = heads // kv
+    h, n = first_rows.shape[1], first_rows.shape[-1]
+    chunk = min(chunk, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    q_chunks = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n_chunks, chunk, heads, d),
+                            1, 0)
+    soft_chunks = jnp.moveaxis(jnp.pad(soft, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b, h, n_chunks, chunk, n),
+                               2, 0)
+    positions_k = jnp.arange(t)
+
+    def per_group(mask):  # [b, h, chunk, t] → [b, kv, groups or 1, chunk, t]
+        return mask.reshape(b, kv, h // kv, *mask.shape[2:])
+
+    @jax.checkpoint
+    def one_chunk(args):
+        index, q_chunk, soft_chunk = args
+        positions_q = index * chunk + jnp.arange(chunk)
+        rows = jnp.take(first_rows, jnp.minimum(positions_q // tile, n - 1), axis=2)  # [b, h, chunk, n]
+        from_row = jnp.take(rows, positions_k // tile, axis=3)  # [b, h, chunk, t]
+        causal = positions_k[None, :] <= positions_q[:, None]
+        visible = (from_row <= (positions_q % tile)[:, None]) & causal
+        weight = jnp.take(soft_chunk, positions_k // tile, axis=3).astype(jnp.float32)
+        multiplier = straight_through(visible, weight)
+        qg = q_chunk.reshape(b, chunk, kv, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        top = jax.lax.stop_gradient(jnp.max(jnp.where(per_group(visible), scores, -jnp.inf), axis=-1, keepdims=True))
+        shifted = jnp.minimum(jnp.where(causal, scores - top, -jnp.inf), SKIPPED_LOGIT_CAP)
+        unnormalized = jnp.exp(shifted) * per_group(multiplier)
+        probs = unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return out.reshape(b, chunk, heads, d).astype(q.dtype)
+
+    outs = jax.lax.map(one_chunk, (jnp.arange(n_chunks), q_chunks, soft_chunks))
+    return jnp.moveaxis(outs, 0, 1).reshape(b, n_chunks * chunk, heads, d)[:, :t]

@@ -57,6 +57,7 @@ from llama_surgery_jax.surgery.reference_attention import (
     attend,
     gathered_attention,
     masked_attention,
+    straight_through_tile_attention,
     tile_masked_attention,
 )
 from llama_surgery_jax.surgery.router import (
@@ -160,12 +161,16 @@ class RoutedAttention(nnx.Module):
 
     def block_attention(self, q, k, v, *, x, train: bool, tau, rng, block_density=None, selection: str = "router",
                         measure_recall: bool = False, return_codes: bool = False, return_mass: bool = False,
-                        attention: str | None = None, given_tiles=None, thresholds=None, remat=None, **_):
+                        attention: str | None = None, given_tiles=None, thresholds=None, remat=None,
+                        straight_through: bool = False, **_):
         """Budgeted block routing (METHOD.md §11, `block_routing`) → (out, aux).
 
         train=True (self-distillation): the layer computes the frozen model's dense attention, and aux holds
         `distill_loss`, the KL between the router's soft tile scores and the dense attention's tile mass (and
-        that mass, `tile_mass` [b, h, n, n], with return_mass).
+        that mass, `tile_mass` [b, h, n, n], with return_mass). With straight_through (row routing; the student
+        pass of the end-to-end term, `training.loop`): the router's tiles at the budget instead, exactly as
+        evaluation runs them (`select_rows`), through `straight_through_tile_attention`, whose gradient reaches
+        each row's predicted mass of every candidate block, computed or not.
         train=False: the tile mask of `selection` under the budget: block_density None (the config's ρ, uniform
         over heads), a float ρ, or per-(layer, head) densities [layers, heads]; attention runs on those tiles:
         `attention` "kernel" (`block_sparse_attention`) or "reference" (`tile_masked_attention`); None: the
@@ -191,6 +196,10 @@ class RoutedAttention(nnx.Module):
             q_sg, k_sg = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
             dense_path = resolve_backend(self.execution.attention_backend, q.dtype, q.shape[-1], tile)
             out = dense_attention(q, k, v, attention=dense_path)[0]  # cuDNN on a GPU
+            if by_rows and straight_through:
+                return self.straight_through_rows(q, k, v, x, t, block_density)
+            if straight_through:
+                raise ValueError("the end-to-end term (straight_through) needs row routing: router.query=row")
             if by_rows:
                 routing = route_rows(self.router.parameters(), x, config=config, routing_heads=heads)
                 row_mass = br.row_attention_mass(q_sg, k_sg, tile=tile, routing_heads=heads)
@@ -265,6 +274,28 @@ class RoutedAttention(nnx.Module):
             aux["tiles"] = tiles
             aux["first_rows"] = first_rows
         return out, aux
+
+    def straight_through_rows(self, q, k, v, x, t: int, block_density=None):
+        """The student pass of the end-to-end term (`block_attention` with straight_through) → (out, aux): the row
+        router's tiles at the budget (`select_rows` on its scores, no gradient through the choice), attention on
+        exactly those tiles, and each row's predicted mass of each candidate block (`predicted_mass`: the scale
+        thresholds read) as the soft weight the bridge sends ∂L/∂m into; forced tiles weigh 1 (no gradient)."""
+        from llama_surgery_jax.surgery import block_routing as br
+
+        config = self.config
+        tile = config.block_size
+        rule = dict(tile=tile, window=config.window, sink=config.sink)
+        routing = route_rows(self.router.parameters(), x, config=config, routing_heads=self.router.routing_heads)
+        scores = self.row_router_scores(routing, t)
+        budgets = self.row_budgets(-(-t // tile), block_density)
+        first_rows = br.select_rows(jax.lax.stop_gradient(scores), budgets, t=t, front=config.row_front, **rule)
+        candidate = br.row_candidates(t, **rule)
+        share = br.predicted_mass(scores, candidate, br.row_share_set(config.row_share_of, t, **rule))
+        soft = jnp.where(candidate, share, 1.0)
+        out = straight_through_tile_attention(q, k, v, first_rows, soft, tile=tile,
+                                              chunk=self.execution.query_chunk)
+        return out, {"load_balance_loss": routes_balance(routing.q_routes),
+                     "block_density": br.executed_density(first_rows < tile)}
 
     def threshold_rows(self, selection: str, scores: jax.Array, budgets: jax.Array, thresholds, t: int):
         """(first_rows, peaks) of the per-row threshold rule (`block_routing.select_rows_above`) on a row selection's

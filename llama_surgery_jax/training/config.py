@@ -43,6 +43,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    # Block mode, row routing: weight of the end-to-end term, KL(dense ‖ surgery) of the next-token distributions with
+    # the surgery at the router's tiles through the straight-through bridge (METHOD.md §12), added to the tile-mass
+    # distillation; 0: distillation alone
+    output_kl: float = 0.0
     report: bool = True  # evaluate dense vs surgery and write the report at the end
     eval_context: int = 1024
     eval_windows: int = 40
@@ -62,6 +66,8 @@ class TrainConfig:
         for field in ("seq_len", "batch_size", "steps", "eval_context", "eval_windows", "checkpoint_every"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"{field} must be positive, got {getattr(self, field)}")
+        if self.output_kl < 0:
+            raise ConfigError(f"output_kl must be 0 (off) or more, got {self.output_kl}")
         if self.calibration_sequences < 0:
             raise ConfigError(f"calibration_sequences must be 0 (no calibration) or more, "
                               f"got {self.calibration_sequences}")

@@ -108,8 +108,37 @@ def lm_loss(model, tokens: jax.Array, **attention_kwargs):
     return nll.mean(), aux
 
 
+def vocab_matrix(model) -> jax.Array:
+    """The LM head as [vocab, hidden] in the compute dtype (the tied embedding where there is no head)."""
+    head = model.model.embed_tokens if model.lm_head is None else model.lm_head
+    return head.weight[...].astype(model.precision.compute)
+
+
+def output_divergence(vocab: jax.Array, dense: jax.Array, sparse: jax.Array, chunk: int = 512) -> jax.Array:
+    """Mean over positions of KL(p_dense ‖ p_sparse), the next-token distributions of two final hidden states
+    [b, t, hidden] under one LM head vocab [V, hidden]; chunked over positions under `jax.checkpoint`, so no
+    [b, t, V] logits are held (8k tokens × 49k vocab × batch 4 would be 6.4 GB each in float32)."""
+    b, t, d = dense.shape
+    chunk = min(chunk, t)
+    n_chunks = -(-t // chunk)
+    pad = ((0, 0), (0, n_chunks * chunk - t), (0, 0))
+
+    def chunks(h):
+        return jnp.moveaxis(jnp.pad(h, pad).reshape(b, n_chunks, chunk, d), 1, 0)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        dense_h, sparse_h = args
+        log_p = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", dense_h, vocab, preferred_element_type=jnp.float32))
+        log_q = jax.nn.log_softmax(jnp.einsum("btd,vd->btv", sparse_h, vocab, preferred_element_type=jnp.float32))
+        return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # [b, chunk]
+
+    per_position = jnp.moveaxis(jax.lax.map(one_chunk, (chunks(dense), chunks(sparse))), 0, 1).reshape(b, -1)[:, :t]
+    return jnp.mean(per_position)
+
+
 def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.GradientTransformation, *,
-                    remat: bool = False, block_mode: bool = False):
+                    remat: bool = False, block_mode: bool = False, output_kl: float = 0.0):
     """The pure step: (routers, opt_state, frozen, tokens, step, seed) → (routers, opt_state, metrics).
 
     Gradients are taken with respect to the router parameters alone: the frozen base enters as a
@@ -119,6 +148,8 @@ def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.Gradien
     block_mode: the loss is the self-distillation of budgeted block routing (METHOD.md §11): the frozen
     model runs dense, and each layer's router fits its soft tile scores to the dense attention's tile mass;
     otherwise the preprint's LM loss through the straight-through mask. Both add λ · load balance.
+    output_kl (block mode, row routing): plus this weight times KL(dense ‖ surgery) of the next-token distributions,
+    the surgery run at the router's tiles through the straight-through bridge (`output_divergence`).
     """
 
     def step_fn(routers, opt_state, frozen, tokens, step, seed):
@@ -129,10 +160,15 @@ def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.Gradien
         def distill_fn(routers):
             # Self-distillation (block mode): the frozen model runs dense; no LM head, no LM loss.
             model = nnx.merge(graphdef, routers, frozen)
-            _, aux, _ = model.hidden_states(tokens, remat=remat, train=True, tau=tau, rng=rng)
+            dense, aux, _ = model.hidden_states(tokens, remat=remat, train=True, tau=tau, rng=rng)
             distill = jnp.mean(jnp.stack([a["distill_loss"] for a in aux]))
             balance = jnp.mean(jnp.stack([a["load_balance_loss"] for a in aux]))
-            return distill + lam * balance, (distill, balance, None)
+            if not output_kl:
+                return distill + lam * balance, (distill, balance, None)
+            # The end-to-end term: the surgery at the router's tiles, its next-token distributions against dense's.
+            sparse, _, _ = model.hidden_states(tokens, remat=remat, train=True, tau=tau, rng=rng, straight_through=True)
+            divergence = output_divergence(vocab_matrix(model), jax.lax.stop_gradient(dense), sparse)
+            return distill + lam * balance + output_kl * divergence, (distill, balance, divergence)
 
         def loss_fn(routers):
             model = nnx.merge(graphdef, routers, frozen)
@@ -154,6 +190,8 @@ def make_train_step(graphdef, schedule: RouterSchedule, optimizer: optax.Gradien
                    "finite": finite}
         if block_mode:
             metrics["distill"] = main
+            if output_kl:
+                metrics["output_kl"] = densities
         else:
             metrics.update(ce=main, token_density=densities[0], block_density=densities[1])
         return keep(new_routers, routers), keep(new_opt_state, opt_state), metrics
@@ -202,7 +240,7 @@ def build_run(config: TrainConfig, model_dir: Path) -> Run:
     replicated = sharding.replicated(mesh)
     step_fn = jax.jit(
         make_train_step(graphdef, config.schedule, optimizer, remat=config.remat,
-                        block_mode=config.router.mode == "block"),
+                        block_mode=config.router.mode == "block", output_kl=config.output_kl),
         in_shardings=(router_shardings, opt_shardings, frozen_shardings, sharding.batch_sharding(mesh),
                       replicated, replicated),
         out_shardings=(router_shardings, opt_shardings, replicated),
@@ -227,6 +265,8 @@ def train(config: TrainConfig, out: Path, *, report: Report | None = None, progr
     if config.report and report is None:
         raise TypeError("train(): config.report is on but no report= was given: pass "
                         "report=llama_surgery_jax.evaluation.training_report.prepare, or set report=false")
+    if config.output_kl and (config.router.mode != "block" or config.router.query != "row"):
+        raise ConfigError("output_kl (the end-to-end term) needs row routing: router.mode=block router.query=row")
     if config.report and config.router.mode == "block" and not config.calibration_sequences:
         raise ConfigError("calibration_sequences=0 skips the calibration that the end-of-training report's budgets "
                           "read: set report=false too, or calibrate")
