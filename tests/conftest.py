@@ -32,9 +32,31 @@ PROSE_DIR = REPO / "tests" / "data" / "prose"
 JIT_CACHE_VARIABLE = "LLAMA_SURGERY_TEST_JIT_CACHE"
 
 
+# ---------------------------------------------------------------------------- compile time over run time
+# The suite's programs are small and most run once or twice, so compiling them is most of its time; the kernels in
+# interpret mode (each grid a loop over the kernel's body) compile longest. LLVM's optimisation level 0 for XLA's
+# CPU code (xla_backend_optimization_level: LLVM's alone; XLA's HLO passes, which decide the program, its fusions
+# and its sums, run alike at every level) roughly halves that: the kernel-path tests 191 → 116 s, 2 workers. The
+# machine code is slower, on the tests' small inputs. What it may change in a result: whether a product and a sum
+# fuse into one FMA, and the order in which the vector unit adds a reduction (XLA allows reductions to reassociate)
+# — the rounding differences of another CPU's vector width, which every float32 bound here already covers
+# (`float32_bound`); a comparison within one run compiles both sides alike. Set before any backend starts;
+# pytest-xdist's workers and the tests' subprocesses inherit it through XLA_FLAGS.
+# LLAMA_SURGERY_TEST_XLA_OPT=default compiles as users do.
+XLA_OPT_VARIABLE = "LLAMA_SURGERY_TEST_XLA_OPT"
+XLA_OPT_FLAG = "--xla_backend_optimization_level=0"
+
+
+def fast_compile() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if os.environ.get(XLA_OPT_VARIABLE) != "default" and "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_OPT_FLAG}".strip()
+
+
 def pytest_configure(config):
     import jax
 
+    fast_compile()
     folder = os.environ.get(JIT_CACHE_VARIABLE)
     if folder == "off":
         return

@@ -142,8 +142,8 @@ def one_step_command(model_dir, data_dir, out: Path) -> list[str]:
 
 
 def run_one_step(model_dir, data_dir, out: Path, devices: int, *mesh) -> float:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "llama_surgery_jax.train", *one_step_command(model_dir, data_dir, out), *mesh]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and (out / "metrics.jsonl").is_file(), done.stdout + done.stderr
@@ -172,7 +172,8 @@ def test_two_processes_with_jax_distributed(one_device_loss, tiny_model_dir, pro
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     common = one_step_command(tiny_model_dir, prose_dir, tmp_path / "multi")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
     procs = [subprocess.Popen([sys.executable, "-m", "llama_surgery_jax.train", "--coordinator",
                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *common],
                               env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
