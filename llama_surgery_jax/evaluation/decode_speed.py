@@ -16,7 +16,8 @@ surgery the runs of `inference.cache.greedy_plan` (a step that routes alone, the
 32, 4 and 1 steps that do not route). The speedup is
 surgery's against the fastest dense attention of the same (context, batch) and timing. KV bytes read per step:
 every written slot (dense kernel and cuDNN; the masked attention reads the whole cache) or the listed blocks of
-the budget's row (surgery). `profile` rows: a trace of a few steps, the device's busy time and the source lines
+the budget's row (surgery; for a row router, whose union grows through its block, the count at the block's end:
+an upper bound). `profile` rows: a trace of a few steps, the device's busy time and the source lines
 that took it (`profiling.profile`).
 """
 
