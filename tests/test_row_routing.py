@@ -95,18 +95,25 @@ def test_union_is_causal_row_by_row():
         np.testing.assert_array_equal(before[:, :, :i + 1], after[:, :, :i + 1], err_msg=f"seed {seed}, row {i}")
 
 
-def test_first_rows_mask_the_rows_above_them():
-    """tile_masked_attention with first rows against a float64 dense attention under the token mask the rule
-    defines: key j is seen by query i iff j ≤ i and tile (i // T, j // T) runs from a row ≤ i % T."""
-    seed = fresh_seed()
+def random_first_rows(seed: int, t: int, tile: int, heads: int, kv: int, d: int):
+    """Random float32 q [1, t, heads, d], k, v [1, t, kv, d] and first rows [1, kv, n, n] in 0…tile (tile: not
+    computed), the diagonal from row 0 so that every row sees itself."""
     rng = np.random.default_rng(seed)
-    t, tile, heads, kv, d = 53, 8, 4, 2, 16
     n = -(-t // tile)
     q = rng.normal(size=(1, t, heads, d)).astype(np.float32)
     k = rng.normal(size=(1, t, kv, d)).astype(np.float32)
     v = rng.normal(size=(1, t, kv, d)).astype(np.float32)
     first = rng.integers(0, tile + 1, size=(1, kv, n, n)).astype(np.int32)
-    first[..., np.arange(n), np.arange(n)] = 0  # the diagonal from row 0: every row sees itself
+    first[..., np.arange(n), np.arange(n)] = 0
+    return q, k, v, first
+
+
+def test_first_rows_mask_the_rows_above_them():
+    """tile_masked_attention with first rows against a float64 dense attention under the token mask the rule
+    defines: key j is seen by query i iff j ≤ i and tile (i // T, j // T) runs from a row ≤ i % T."""
+    seed = fresh_seed()
+    t, tile, heads, kv, d = 53, 8, 4, 2, 16
+    q, k, v, first = random_first_rows(seed, t, tile, heads, kv, d)
     tiles = first < tile
     out = np.asarray(tile_masked_attention(*(jnp.asarray(x) for x in (q, k, v)), jnp.asarray(tiles), tile=tile,
                                            chunk=16, first_rows=jnp.asarray(first)))

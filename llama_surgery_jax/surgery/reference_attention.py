@@ -131,6 +131,14 @@ def gathered_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Ar
     return out.reshape(b, heads, d).astype(q.dtype), most
 
 
+def rows_visible(first_rows: jax.Array, positions_q: jax.Array, positions_k: jax.Array, tile: int) -> jax.Array:
+    """bool [b, h, queries, keys]: key s is visible to query i iff s ≤ i and tile (i // T, s // T) runs from a row ≤
+    i % T (first_rows int [b, h, n, n], `tile` where a tile is not computed; queries past the last block read it)."""
+    rows = jnp.take(first_rows, jnp.minimum(positions_q // tile, first_rows.shape[-2] - 1), axis=2)
+    from_row = jnp.take(rows, positions_k // tile, axis=3)
+    return (from_row <= (positions_q % tile)[:, None]) & (positions_k[None, :] <= positions_q[:, None])
+
+
 def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.Array, *, tile: int,
                           chunk: int = 256, first_rows: jax.Array | None = None) -> jax.Array:
     """Causal attention inside computed tiles, chunked over query rows (memory O(chunk · t)).
@@ -155,10 +163,7 @@ def tile_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, tiles: jax.A
     def one_chunk(args):
         index, q_chunk = args
         positions_q = index * chunk + jnp.arange(chunk)
-        rows = jnp.take(first_rows, jnp.minimum(positions_q // tile, first_rows.shape[-2] - 1), axis=2)
-        from_row = jnp.take(rows, positions_k // tile, axis=3)  # [b, h, chunk, t]
-        visible = (from_row <= (positions_q % tile)[:, None]) & (positions_k[None, :] <= positions_q[:, None])
-        return attend(q_chunk, k, v, visible)
+        return attend(q_chunk, k, v, rows_visible(first_rows, positions_q, positions_k, tile))
 
     outs = jax.lax.map(one_chunk, (jnp.arange(n_chunks), q_chunks))
     return jnp.moveaxis(outs, 0, 1).reshape(b, n_chunks * chunk, heads, d)[:, :t]
@@ -200,10 +205,8 @@ def straight_through_tile_attention(q: jax.Array, k: jax.Array, v: jax.Array, fi
     def one_chunk(args):
         index, q_chunk, soft_chunk = args
         positions_q = index * chunk + jnp.arange(chunk)
-        rows = jnp.take(first_rows, jnp.minimum(positions_q // tile, n - 1), axis=2)  # [b, h, chunk, n]
-        from_row = jnp.take(rows, positions_k // tile, axis=3)  # [b, h, chunk, t]
         causal = positions_k[None, :] <= positions_q[:, None]
-        visible = (from_row <= (positions_q % tile)[:, None]) & causal
+        visible = rows_visible(first_rows, positions_q, positions_k, tile)
         weight = jnp.take(soft_chunk, positions_k // tile, axis=3).astype(jnp.float32)
         multiplier = straight_through(visible, weight)
         qg = q_chunk.reshape(b, chunk, kv, groups, d)
